@@ -1,0 +1,79 @@
+"""Pairwise dot products of a changing set of load vectors, kept up to date incrementally.
+
+The greedy strategies need v_i.v_j for the window's candidates. Recomputing the window's
+Gram matrix at every scheduling step costs O(W^2 d) (about 9 ms for W=256, d=1440 here);
+keeping it as requests come and go costs O(n d) per arrival, paid once, and lets each
+selection make its picks in O(W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+
+from caps_vllm.strategies.base import check_loads
+
+
+class PairwiseCache:
+    """Load vectors by key, with their Gram matrix; add is O(n*d), remove O(n)."""
+
+    def __init__(self, d: int, capacity: int = 64) -> None:
+        self.d = d
+        self._vecs = np.zeros((capacity, d))
+        self._gram = np.zeros((capacity, capacity))
+        self._slot: dict[Hashable, int] = {}
+        self._keys: list[Hashable] = []
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._slot
+
+    def add(self, key: Hashable, vec: np.ndarray) -> None:
+        """Validate ``vec`` once and store it with its dot products with every stored vector."""
+        vec = np.asarray(vec, dtype=np.float64)
+        if vec.shape != (self.d,):
+            raise ValueError(f"load vector for {key!r} has shape {vec.shape}, expected ({self.d},)")
+        check_loads(vec, f"load vector for {key!r}")
+        if key in self._slot:
+            self.remove(key)
+        n = len(self._keys)
+        if n == self._vecs.shape[0]:
+            self._grow()
+        self._vecs[n] = vec
+        col = self._vecs[: n + 1] @ vec
+        self._gram[n, : n + 1] = col
+        self._gram[: n + 1, n] = col
+        self._slot[key] = n
+        self._keys.append(key)
+
+    def remove(self, key: Hashable) -> None:
+        """Forget ``key`` (no-op if absent) by moving the last vector into its slot."""
+        i = self._slot.pop(key, None)
+        if i is None:
+            return
+        last = len(self._keys) - 1
+        if i != last:
+            moved = self._keys[last]
+            self._vecs[i] = self._vecs[last]
+            self._gram[i, :] = self._gram[last, :]
+            self._gram[:, i] = self._gram[:, last]
+            self._gram[i, i] = self._gram[last, last]
+            self._keys[i] = moved
+            self._slot[moved] = i
+        self._keys.pop()
+
+    def window(self, keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
+        """The vectors of ``keys`` (in that order) and their Gram matrix, ready for select()."""
+        idx = np.fromiter((self._slot[k] for k in keys), dtype=np.intp, count=len(keys))
+        return self._vecs[idx], self._gram[np.ix_(idx, idx)]
+
+    def _grow(self) -> None:
+        n = self._vecs.shape[0]
+        vecs = np.zeros((2 * n, self.d))
+        gram = np.zeros((2 * n, 2 * n))
+        vecs[:n] = self._vecs
+        gram[:n, :n] = self._gram
+        self._vecs, self._gram = vecs, gram
