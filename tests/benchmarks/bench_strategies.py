@@ -1,0 +1,75 @@
+"""Selection time per strategy: printed figures, not a test.
+
+Sizes (W, B, d): (32, 8, 60), the prototype's window, and (256, 64, 1440), a deep queue on
+Qwen1.5-MoE (24 layers x 60 experts). Three paths are timed for the large size:
+  checked  - select() validating its input (what an arbitrary caller gets),
+  trusted  - vectors validated once on arrival (checked=True), Gram computed per pick,
+  cached   - trusted + the window's Gram matrix kept by PairwiseCache (the live path).
+The median of repeated calls is reported (machines are noisy).
+
+    python tests/benchmarks/bench_strategies.py [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from caps_vllm.strategies import STRATEGIES, PairwiseCache, make_strategy
+
+
+def median_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def problem(w: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Topic-skewed integer expert counts, like the simulator's."""
+    rng = np.random.default_rng(seed)
+    topics = rng.dirichlet(np.full(d, 0.5), size=8)
+    cands = np.array([rng.multinomial(400, topics[rng.integers(8)]) for _ in range(w)], dtype=np.float64)
+    running = np.array(rng.multinomial(4000, topics[0]), dtype=np.float64)
+    return running, cands
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=200)
+    a = ap.parse_args()
+    sizes = [(32, 8, 60), (256, 64, 1440)]
+    probs = {s: problem(s[0], s[2]) for s in sizes}
+    cache = PairwiseCache(d=1440)
+    running, cands = probs[(256, 64, 1440)]
+    t0 = time.perf_counter()
+    for i, v in enumerate(cands):
+        cache.add(i, v)
+    add_ms = (time.perf_counter() - t0) * 1e3 / len(cands)
+    _, gram = cache.window(list(range(len(cands))))
+    window_ms = median_ms(lambda: cache.window(list(range(len(cands)))), a.repeat)
+
+    print(f"{'strategy':20s} {'(32,8,60)':>12s} {'(256,64,1440) checked':>22s} {'trusted':>10s} {'cached':>10s}   (ms, median)")
+    for name in STRATEGIES:
+        row = []
+        r, c = probs[(32, 8, 60)]
+        row.append(median_ms(lambda: make_strategy(name).select(r, c, 8), a.repeat))
+        s = make_strategy(name)
+        row.append(median_ms(lambda: s.select(running, cands, 64), max(10, a.repeat // 10)))
+        row.append(median_ms(lambda: s.select(running, cands, 64, checked=True), max(10, a.repeat // 10)))
+        row.append(median_ms(lambda: s.select(running, cands, 64, gram=gram, checked=True), a.repeat))
+        print(f"{name:20s} {row[0]:12.3f} {row[1]:22.3f} {row[2]:10.3f} {row[3]:10.3f}")
+    print(f"PairwiseCache.add per arrival at n<=256, d=1440: {add_ms:.3f} ms; window(256) gather: {window_ms:.3f} ms")
+    g = make_strategy("greedy_dot_product")
+    cached = median_ms(lambda: g.select(running, cands, 64, gram=gram, checked=True), a.repeat)
+    print(f"target greedy_dot_product <= 0.2 ms at (256, 64, 1440), cached path: {cached:.3f} ms -> {'met' if cached <= 0.2 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
