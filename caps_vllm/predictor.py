@@ -1,0 +1,262 @@
+"""Router dry-run predictor: each waiting request's expert load, before it runs.
+
+The dry run applies each MoE layer's router to the normalised *token embedding* (attention
+is skipped), so a token's top-k experts depend on the token id alone. We therefore compute
+them once for the whole vocabulary, a table ``[vocab, moe_layers, top_k]``, cache it on disk
+keyed by model and revision, and a request's load is a gather plus a bincount over its
+prompt tokens. Only the tensors the routers need are read from the safetensors files
+(embedding, the norm before each MoE block, each router gate), never the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("caps_vllm.predictor")
+
+TABLE_FORMAT = 1
+
+
+class PredictorUnavailable(Exception):
+    """The model has no router CAPS can dry-run (not MoE, unsupported, tensors missing)."""
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """Where a model family keeps its routers and how it picks experts."""
+
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    top_k: int
+    gate: tuple[str, ...]  # candidate tensor names with {i} for the layer, first found wins
+    norm: str = "model.layers.{i}.post_attention_layernorm.weight"
+    embed: str = "model.embed_tokens.weight"
+    eps: float = 1e-6
+    scoring: str = "softmax"  # or "sigmoid" (DeepSeek-V3)
+    bias: str | None = None  # selection-only bias (DeepSeek-V3 e_score_correction_bias)
+    n_group: int = 1  # grouped top-k (DeepSeek): keep topk_group groups, then top_k inside
+    topk_group: int = 1
+    group_score: str = "max"  # "max" (DeepSeek-V2) or "top2_sum" (DeepSeek-V3)
+
+    @property
+    def d(self) -> int:
+        return len(self.moe_layers) * self.num_experts
+
+
+def router_spec(config: dict) -> RouterSpec:
+    """The RouterSpec of a Hugging Face config.json; PredictorUnavailable if it has no routers."""
+    mt = config.get("model_type", "?")
+    n_layers = int(config.get("num_hidden_layers", 0))
+    eps = float(config.get("rms_norm_eps", 1e-6))
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        experts = int(config.get("num_experts") or config.get("num_local_experts") or 0)
+        step = int(config.get("decoder_sparse_step", 1) or 1)
+        dense = set(config.get("mlp_only_layers") or [])
+        layers = tuple(i for i in range(n_layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
+        spec = RouterSpec(layers, experts, int(config.get("num_experts_per_tok", 0)), ("model.layers.{i}.mlp.gate.weight",), eps=eps)
+    elif mt == "mixtral":
+        experts = int(config.get("num_local_experts") or 0)
+        # Original checkpoints (what vLLM loads) say block_sparse_moe; transformers 5 saves mlp.
+        spec = RouterSpec(tuple(range(n_layers)), experts, int(config.get("num_experts_per_tok", 0)),
+                          ("model.layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.mlp.gate.weight"), eps=eps)
+    elif mt in ("deepseek_v2", "deepseek_v3"):
+        experts = int(config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0)
+        first_dense = int(config.get("first_k_dense_replace", 0))
+        freq = int(config.get("moe_layer_freq", 1) or 1)
+        layers = tuple(i for i in range(n_layers) if experts > 0 and i >= first_dense and i % freq == 0)
+        v3 = mt == "deepseek_v3" or config.get("topk_method") == "noaux_tc"
+        grouped = v3 or config.get("topk_method") == "group_limited_greedy"
+        spec = RouterSpec(
+            layers, experts, int(config.get("num_experts_per_tok", 0)), ("model.layers.{i}.mlp.gate.weight",), eps=eps,
+            scoring=str(config.get("scoring_func", "sigmoid" if v3 else "softmax")),
+            bias="model.layers.{i}.mlp.gate.e_score_correction_bias" if v3 else None,
+            n_group=int(config.get("n_group") or 1) if grouped else 1,
+            topk_group=int(config.get("topk_group") or 1) if grouped else 1,
+            group_score="top2_sum" if v3 else "max",
+        )
+    else:
+        raise PredictorUnavailable(f"model type {mt!r} has no router CAPS can dry-run "
+                                   "(supported: qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3)")
+    if not spec.moe_layers or spec.num_experts <= 0 or not 0 < spec.top_k <= spec.num_experts:
+        raise PredictorUnavailable(f"model type {mt!r} has no MoE layers (experts={spec.num_experts}, top_k={spec.top_k})")
+    return spec
+
+
+def resolve_model_dir(model: str, revision: str | None = None) -> Path:
+    """A local folder, or the snapshot of ``model`` already in the Hugging Face cache (no download)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors"]))
+    except Exception as exc:  # not cached, no hub library, offline...
+        raise PredictorUnavailable(f"cannot find the files of {model!r} locally: {exc}") from None
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise PredictorUnavailable(f"no .safetensors files in {model_dir}")
+    return files
+
+
+def fingerprint(model_dir: Path, revision: str | None = None) -> str:
+    """Cache key: config, safetensors names and sizes, the revision (HF snapshots are named by commit)."""
+    h = hashlib.sha256()
+    h.update(f"format={TABLE_FORMAT};revision={revision};snapshot={model_dir.name}".encode())
+    h.update((model_dir / "config.json").read_bytes())
+    for f in _safetensors_files(model_dir):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return h.hexdigest()[:24]
+
+
+def _tensor_index(model_dir: Path) -> dict[str, Path]:
+    from safetensors import safe_open
+
+    index: dict[str, Path] = {}
+    for f in _safetensors_files(model_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                index[name] = f
+    return index
+
+
+def _load(index: dict[str, Path], *names: str):
+    """The first of ``names`` present, as float32, read from its own file; PredictorUnavailable if none."""
+    from safetensors import safe_open
+
+    name = next((n for n in names if n in index), None)
+    if name is None:
+        raise PredictorUnavailable(f"router tensor {' or '.join(map(repr, names))} not found in the checkpoint")
+    with safe_open(str(index[name]), framework="pt") as st:
+        return st.get_tensor(name).float()
+
+
+def _select(logits, spec: RouterSpec, bias):
+    """top-k expert ids per row, the way the model's router picks them."""
+    import torch
+
+    scores = torch.sigmoid(logits) if spec.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+    choice = scores + bias if bias is not None else scores
+    if spec.n_group > 1:
+        rows = choice.shape[0]
+        grouped = choice.view(rows, spec.n_group, -1)
+        if spec.group_score == "top2_sum":
+            gscore = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            gscore = grouped.max(dim=-1).values
+        keep = gscore.topk(spec.topk_group, dim=-1).indices
+        mask = torch.zeros_like(gscore).scatter_(1, keep, 1.0).bool()
+        choice = grouped.masked_fill(~mask.unsqueeze(-1), float("-inf")).view(rows, -1)
+    return choice.topk(spec.top_k, dim=-1).indices
+
+
+def build_table(model_dir: Path, spec: RouterSpec, chunk: int = 8192):
+    """[vocab, moe_layers, top_k] expert ids for every token id; logs progress per layer."""
+    import torch
+
+    index = _tensor_index(model_dir)
+    emb = _load(index, spec.embed)
+    vocab = emb.shape[0]
+    # RMSNorm statistics depend on the embedding only: compute them once for all layers.
+    normed = emb * torch.rsqrt(emb.pow(2).mean(-1, keepdim=True) + spec.eps)
+    dtype = np.uint8 if spec.num_experts <= 256 else np.int16
+    table = np.empty((vocab, len(spec.moe_layers), spec.top_k), dtype=dtype)
+    started = time.monotonic()
+    for n, layer in enumerate(spec.moe_layers):
+        norm_w = _load(index, spec.norm.format(i=layer))
+        gate = _load(index, *(g.format(i=layer) for g in spec.gate))
+        if tuple(gate.shape) != (spec.num_experts, emb.shape[1]):
+            raise PredictorUnavailable(f"router of layer {layer} has shape {tuple(gate.shape)}, "
+                                       f"expected ({spec.num_experts}, {emb.shape[1]})")
+        bias = _load(index, spec.bias.format(i=layer)) if spec.bias else None
+        with torch.no_grad():
+            for lo in range(0, vocab, chunk):
+                logits = (normed[lo : lo + chunk] * norm_w) @ gate.T
+                table[lo : lo + chunk, n] = _select(logits, spec, bias).numpy()
+        logger.info("CAPS router table: layer %d/%d done (%.1f s, vocab %d, %d experts, top-%d)",
+                    n + 1, len(spec.moe_layers), time.monotonic() - started, vocab, spec.num_experts, spec.top_k)
+    return table
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("CAPS_VLLM_CACHE", Path.home() / ".cache" / "caps_vllm"))
+
+
+def load_or_build_table(model_dir: Path, spec: RouterSpec, revision: str | None = None,
+                        cache_dir: Path | None = None) -> np.ndarray:
+    """The token table from the disk cache, or built and cached (atomically) on first use."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = fingerprint(model_dir, revision)
+    path = cache_dir / f"router_table-{re.sub(r'[^A-Za-z0-9_.-]', '_', model_dir.name)}-{key}.npy"
+    if path.exists():
+        try:
+            table = np.load(path, allow_pickle=False)
+            if table.ndim == 3 and table.shape[1:] == (len(spec.moe_layers), spec.top_k):
+                logger.info("CAPS router table loaded from %s", path)
+                return table
+        except (OSError, ValueError) as exc:
+            logger.warning("CAPS router table cache %s unreadable (%s); rebuilding", path, exc)
+    logger.info("CAPS router table: building for %s (%d MoE layers)", model_dir, len(spec.moe_layers))
+    table = build_table(model_dir, spec)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
+    np.save(tmp, table, allow_pickle=False)
+    os.replace(tmp, path)
+    logger.info("CAPS router table cached at %s", path)
+    return table
+
+
+class ExpertPredictor:
+    """Per-request expert load from prompt token ids, via the precomputed token table.
+
+    ``vector(ids)`` returns the per-layer expert counts over the prompt, flattened to
+    ``moe_layers * num_experts``, or None when no prompt token is in the table (empty
+    prompt, only added tokens): the caller then falls back to FCFS for that request.
+    Token ids outside the table are skipped and counted in ``unknown_tokens``.
+    """
+
+    def __init__(self, table: np.ndarray, num_experts: int) -> None:
+        vocab, layers, top_k = table.shape
+        self.vocab, self.layers, self.top_k, self.num_experts = vocab, layers, top_k, num_experts
+        self.d = layers * num_experts
+        offsets = (np.arange(layers, dtype=np.int32) * num_experts)[None, :, None]
+        # Flat bin per (token, layer, k): layer offset + expert id, so one bincount does all layers.
+        self._bins = (table.astype(np.int32) + offsets).reshape(vocab, layers * top_k)
+        self.unknown_tokens = 0
+
+    @classmethod
+    def from_model(cls, model: str, revision: str | None = None, cache_dir: Path | None = None) -> "ExpertPredictor":
+        model_dir = resolve_model_dir(model, revision)
+        config_path = model_dir / "config.json"
+        if not config_path.exists():
+            raise PredictorUnavailable(f"no config.json in {model_dir}")
+        config = json.loads(config_path.read_text())
+        spec = router_spec(config.get("text_config", config) if "text_config" in config else config)
+        return cls(load_or_build_table(model_dir, spec, revision, cache_dir), spec.num_experts)
+
+    def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:
+        """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        if ids.size == 0:
+            return None
+        known = (ids >= 0) & (ids < self.vocab)
+        if not known.all():
+            self.unknown_tokens += int((~known).sum())
+            ids = ids[known]
+            if ids.size == 0:
+                return None
+        counts = np.bincount(self._bins[ids].ravel(), minlength=self.d).astype(np.float64)
+        return counts / ids.size if per_token else counts
