@@ -65,6 +65,11 @@ class PairwiseCache:
             self._slot[moved] = i
         self._keys.pop()
 
+    def retain(self, keep: set) -> None:
+        """Forget every key not in ``keep`` (requests that left the queue)."""
+        for key in [k for k in self._keys if k not in keep]:
+            self.remove(key)
+
     def window(self, keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
         """The vectors of ``keys`` (in that order) and their Gram matrix, ready for select()."""
         idx = np.fromiter((self._slot[k] for k in keys), dtype=np.intp, count=len(keys))

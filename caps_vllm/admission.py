@@ -1,0 +1,131 @@
+"""Admission order: which waiting requests go to the front of vLLM's queue, and in what order.
+
+This is the whole of CAPS's policy, kept out of vLLM's budget loop (as vLLM keeps policy in
+its request queue): given the waiting requests in queue order, it returns a new order, and
+vLLM's own ``schedule()`` then admits from the front while its budgets (tokens, KV blocks,
+sequences, LoRA, ...) allow. The rules, in order:
+
+1. preempted requests stay first (vLLM put them there);
+2. requests waiting longer than ``max_wait_ms`` next, oldest first (bounded wait);
+3. the strategy ranks a window of the next ``window_size`` requests against the load already
+   running plus rules 1-2; its first pick is always the oldest of them (anti-starvation);
+   a request without a predicted vector keeps its FCFS position inside the window;
+4. everything else keeps its order.
+Below ``min_batch_trigger`` waiting requests, or with no free slot, the order is not touched.
+Under the priority policy only the leading requests of the best priority are reordered, so a
+lower priority never overtakes a higher one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from caps_vllm.config import CapsConfig
+from caps_vllm.strategies import PairwiseCache, make_strategy
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Waiting(Generic[T]):
+    """What the planner reads of one waiting request."""
+
+    item: T
+    key: Hashable
+    arrival: float  # seconds, same clock as ``now``
+    preempted: bool = False
+    priority: int = 0
+
+
+@dataclass
+class AdmissionStats:
+    """Cumulative counters (exported as metrics by the scheduler)."""
+
+    plans: int = 0  # steps where the strategy ranked a window
+    fcfs_fallback: int = 0  # steps left in FCFS order because fewer than min_batch_trigger waited
+    ranked: int = 0  # requests ranked by the strategy into the admission slots
+    bypassed: int = 0  # requests admitted ahead of the strategy by the max-wait rule (once each)
+    no_vector: int = 0  # window requests kept in FCFS position for lack of a prediction
+    last_selection_s: float = 0.0
+
+
+class AdmissionPlanner:
+    def __init__(self, cfg: CapsConfig, d: int) -> None:
+        self.cfg = cfg
+        self.d = d
+        self.strategy = make_strategy(cfg.strategy, seed=cfg.seed, **cfg.strategy_params)
+        self.pairs = PairwiseCache(d, capacity=max(64, 2 * cfg.window_size))
+        self.stats = AdmissionStats()
+        self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
+
+    def plan(
+        self,
+        waiting: Sequence[Waiting[T]],
+        vector_of: Callable[[T], np.ndarray | None],
+        running_load: np.ndarray,
+        free_slots: int,
+        now: float,
+        by_priority: bool = False,
+    ) -> list[T] | None:
+        """The new queue order, or None to keep the current one."""
+        n = len(waiting)
+        if n == 0 or free_slots <= 0:
+            return None
+        if n < self.cfg.min_batch_trigger:
+            self.stats.fcfs_fallback += 1
+            return None
+        g = n
+        if by_priority:
+            g = next((i for i, w in enumerate(waiting) if w.priority != waiting[0].priority), n)
+        group = waiting[:g]
+        front = [w for w in group if w.preempted]
+        rest = [w for w in group if not w.preempted]
+        max_wait_s = None if self.cfg.max_wait_ms is None else self.cfg.max_wait_ms / 1000.0
+        overdue = [w for w in rest if max_wait_s is not None and now - w.arrival > max_wait_s]
+        pool = [w for w in rest if not (max_wait_s is not None and now - w.arrival > max_wait_s)]
+        self._bypassed &= {w.key for w in waiting}
+        for w in overdue:
+            if w.key not in self._bypassed:
+                self._bypassed.add(w.key)
+                self.stats.bypassed += 1
+        slots = free_slots - len(front) - len(overdue)
+        window, beyond = pool[: self.cfg.window_size], pool[self.cfg.window_size :]
+        if slots <= 1 or len(window) <= 1:
+            # Nothing for the strategy to choose; the max-wait rule may still reorder.
+            if not overdue or [w.key for w in front + overdue + pool] == [w.key for w in group]:
+                return None
+            return [w.item for w in front + overdue + pool] + [w.item for w in waiting[g:]]
+
+        started = time.perf_counter()
+        load = running_load.copy()
+        for w in front + overdue:
+            v = vector_of(w.item)
+            if v is not None:
+                load += v
+        vecs = [vector_of(w.item) for w in window]
+        scored = [i for i, v in enumerate(vecs) if v is not None]
+        ranked: list[int] = []
+        if scored:
+            for i in scored:
+                if window[i].key not in self.pairs:
+                    self.pairs.add(window[i].key, vecs[i])
+            cand, gram = self.pairs.window([window[i].key for i in scored])
+            picks = self.strategy.select(load, cand, slots, gram=gram, checked=True)
+            picked = set(picks)
+            ranked = [scored[p] for p in picks] + [scored[p] for p in range(len(scored)) if p not in picked]
+        # Requests without a vector keep their FCFS place; the ranked ones fill the others.
+        it = iter(ranked)
+        order = [i if vecs[i] is None else next(it) for i in range(len(window))]
+        self.pairs.retain({w.key for w in waiting})
+        st = self.stats
+        st.plans += 1
+        st.ranked += min(slots, len(scored))
+        st.no_vector += len(window) - len(scored)
+        st.last_selection_s = time.perf_counter() - started
+        new = front + overdue + [window[i] for i in order] + beyond
+        return [w.item for w in new] + [w.item for w in waiting[g:]]

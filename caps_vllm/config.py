@@ -1,0 +1,75 @@
+"""CAPS settings, read from ``--additional-config '{"caps": {...}}'`` and checked at startup.
+
+An invalid value stops the engine before it serves, with an error that names the field and
+its valid range; no vLLM import, so it is tested without an engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from caps_vllm.strategies import STRATEGIES, make_strategy
+
+
+@dataclass(frozen=True)
+class CapsConfig:
+    #: batch-selection strategy (see caps_vllm.strategies)
+    strategy: str = "greedy_dot_product"
+    #: extra keyword arguments of the strategy, e.g. {"sample": 8} for power_of_d
+    strategy_params: dict = field(default_factory=dict)
+    #: how many of the oldest waiting requests the strategy may choose from
+    window_size: int = 32
+    #: below this many waiting requests, admission is plain FCFS
+    min_batch_trigger: int = 4
+    #: a request waiting longer than this is admitted ahead of the strategy (null: never)
+    max_wait_ms: float | None = 2000.0
+    #: "per_token": a request's load is its routing per prompt token (what it adds to each
+    #: decode step, equal mass for every request); "counts": total over the prompt
+    vectors: str = "per_token"
+    #: seed of the randomised strategies
+    seed: int = 0
+    #: router dry-run predictor on/off (off: CAPS orders like FCFS, for A/B runs)
+    predictor: bool = True
+    #: where the router token tables are cached (default ~/.cache/caps_vllm or $CAPS_VLLM_CACHE)
+    cache_dir: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "CapsConfig":
+        """Validate user input; ValueError names the field and the valid range."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ValueError(f'additional_config "caps" must be an object, got {type(raw).__name__}')
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown CAPS option(s) {unknown}; valid options: {sorted(known)}")
+        cfg = cls(**raw)
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"caps.strategy: {self.strategy!r} is not a strategy; valid: {', '.join(STRATEGIES)}")
+        if not isinstance(self.strategy_params, dict):
+            raise ValueError("caps.strategy_params: must be an object of keyword arguments")
+        make_strategy(self.strategy, seed=0, **self.strategy_params)  # raises a named ValueError
+        _int_in("window_size", self.window_size, 1, 4096)
+        _int_in("min_batch_trigger", self.min_batch_trigger, 1, 1_000_000)
+        _int_in("seed", self.seed, 0, 2**32 - 1)
+        if self.max_wait_ms is not None and (
+            isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) or not 0 < self.max_wait_ms <= 3.6e6
+        ):
+            raise ValueError(f"caps.max_wait_ms: {self.max_wait_ms!r} is out of range; valid: a number in (0, 3600000] or null")
+        if self.vectors not in ("per_token", "counts"):
+            raise ValueError(f"caps.vectors: {self.vectors!r}; valid: 'per_token' or 'counts'")
+        if not isinstance(self.predictor, bool):
+            raise ValueError(f"caps.predictor: {self.predictor!r}; valid: true or false")
+        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
+            raise ValueError(f"caps.cache_dir: {self.cache_dir!r}; valid: a path or null")
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"caps.{name}: {value!r} is out of range; valid: an integer in [{lo}, {hi}]")
