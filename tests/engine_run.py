@@ -1,0 +1,41 @@
+"""Run the embedded model with vllm.LLM and print greedy outputs (and CAPS counters) as JSON.
+
+A separate program because a vLLM engine needs its own process and a __main__ guard:
+    python tests/engine_run.py MODEL [caps_vllm.CapsScheduler] [CAPS_JSON]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine in this process: its scheduler is readable
+    from vllm import LLM, SamplingParams
+
+    from caps_vllm.tiny_model import prompt_pool
+
+    model, sched = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None)
+    caps = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    llm = LLM(model=model, scheduler_cls=sched, max_model_len=512, enforce_eager=True, seed=0, max_num_seqs=4,
+              additional_config={"caps": caps} if caps else {})
+    pool = prompt_pool()
+    # Topic bursts: runs of one category, so admission order has something to change.
+    prompts = [row["prompt"] for row in sorted(pool, key=lambda r: r["category"])][:48]
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    chats = llm.chat([[{"role": "user", "content": p}] for p in prompts[:6]], SamplingParams(temperature=0.0, max_tokens=6))
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    stats = vars(scheduler.caps_planner.stats) if hasattr(scheduler, "caps_planner") else None
+    print("RESULT " + json.dumps({
+        "scheduler": type(scheduler).__name__,
+        "outputs": [list(o.outputs[0].token_ids) for o in outs],
+        "chat": [list(o.outputs[0].token_ids) for o in chats],
+        "caps_stats": stats,
+        "caps_counters": dict(getattr(scheduler, "caps_counters", {})),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()

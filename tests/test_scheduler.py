@@ -1,0 +1,174 @@
+"""CAPS inside vLLM's scheduler, built without a model runner: order, budgets, fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+
+from caps_vllm.scheduler import CapsAsyncScheduler, CapsScheduler  # noqa: E402
+from tests.vllm_helpers import make_request, make_scheduler, step  # noqa: E402
+
+CAPS = {"min_batch_trigger": 2, "max_wait_ms": None}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return str(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    """A hot token, tokens routed like it, and tokens sharing no expert with it."""
+    from caps_vllm.predictor import ExpertPredictor
+
+    pred = ExpertPredictor.from_model(model)
+    vecs = np.array([pred.vector([t]) for t in range(pred.vocab)])
+    gram = vecs @ vecs.T
+    hot = 10
+    disjoint = [int(t) for t in np.flatnonzero(gram[hot] == 0)]
+    return hot, disjoint
+
+
+def fill(sched, specs, t0=1000.0):
+    for i, (rid, toks) in enumerate(specs):
+        sched.add_request(make_request(rid, toks, arrival=t0 + i))
+
+
+def admitted(out):
+    return [r.req_id for r in out.scheduled_new_reqs]
+
+
+def test_caps_admits_complements_of_the_running_load(model, tokens):
+    hot, cold = tokens
+    results = {}
+    for name, cls in (("fcfs", Scheduler), ("caps", CapsScheduler)):
+        s = make_scheduler(model, cls, caps=CAPS, max_num_seqs=3)
+        fill(s, [("run", [hot] * 8)])
+        step(s)  # the hot request is now running
+        fill(s, [("hot1", [hot] * 8), ("hot2", [hot] * 8), ("c1", [cold[0]] * 8), ("c2", [cold[1]] * 8)], t0=2000.0)
+        results[name] = admitted(step(s))
+    assert results["fcfs"] == ["hot1", "hot2"]
+    assert results["caps"][0] == "hot1"  # the oldest waiting request always goes first
+    assert results["caps"][1] in ("c1", "c2")  # then a complement, not the second hot one
+
+
+def test_budgets_and_no_request_lost(model, tokens):
+    """Random arrivals under tight token and sequence budgets: vLLM's budgets hold, every
+    request finishes exactly once, and the same set of requests finishes as with FCFS."""
+    hot, cold = tokens
+    rng = np.random.default_rng(0)
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=4, max_num_batched_tokens=64, num_blocks=60)
+    ids = []
+    finished = []
+    for t in range(400):
+        for k in range(int(rng.poisson(1.5)) if t < 60 else 0):
+            rid = f"r{t}-{k}"
+            ids.append(rid)
+            tok = hot if rng.random() < 0.5 else cold[int(rng.integers(len(cold)))]
+            s.add_request(make_request(rid, [int(tok)] * int(rng.integers(4, 40)), arrival=1000.0 + t,
+                                       max_tokens=int(rng.integers(1, 6))))
+        out = step(s, finished=finished)
+        assert out.total_num_scheduled_tokens <= 64
+        assert len(s.running) <= 4
+        if t >= 60 and not s.requests:
+            break
+    assert sorted(finished) == sorted(ids) and len(set(finished)) == len(finished)
+    assert s.caps_planner.stats.plans > 0 and s.caps_counters["errors"] == 0
+
+
+def test_max_wait_admits_old_requests_ahead(model, tokens):
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps={"min_batch_trigger": 2, "max_wait_ms": 50}, max_num_seqs=3)
+    fill(s, [("run", [hot] * 8)], t0=0.0)
+    step(s)
+    # hot2 has waited for ages (arrival 1.0 s after the epoch), the complement is fresh.
+    import time
+
+    now = time.time()
+    s.add_request(make_request("hot1", [hot] * 8, arrival=1.0))
+    s.add_request(make_request("hot2", [hot] * 8, arrival=2.0))
+    s.add_request(make_request("c1", [cold[0]] * 8, arrival=now))
+    assert admitted(step(s)) == ["hot1", "hot2"]
+    assert s.caps_planner.stats.bypassed >= 1
+
+
+def test_priority_keeps_its_meaning(model, tokens):
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=2, policy="priority")
+    s.add_request(make_request("low-c", [cold[0]] * 8, arrival=1.0, priority=5))
+    s.add_request(make_request("hi1", [hot] * 8, arrival=2.0, priority=0))
+    s.add_request(make_request("hi2", [hot] * 8, arrival=3.0, priority=0))
+    s.add_request(make_request("low-c2", [cold[1]] * 8, arrival=0.5, priority=5))
+    assert admitted(step(s)) == ["hi1", "hi2"]
+
+
+def test_requests_without_predictable_tokens_are_served_in_fcfs_place(model, tokens):
+    import torch
+
+    hot, _ = tokens
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=8)
+    s.add_request(make_request("emb", None, arrival=1.0, prompt_embeds=torch.zeros(6, 128)))
+    s.add_request(make_request("unknown", [5000, 6000], arrival=2.0))
+    s.add_request(make_request("ok", [hot] * 4, arrival=3.0))
+    out = step(s)
+    assert admitted(out) == ["emb", "unknown", "ok"]
+    assert s.caps_counters["predictor_fallback"] == 2
+    assert s.caps_predictor.unknown_tokens == 2
+
+
+def test_a_failing_policy_never_stops_the_engine(model, tokens, monkeypatch):
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps={"min_batch_trigger": 1}, max_num_seqs=2)
+    monkeypatch.setattr(s.caps_planner, "plan", lambda *a, **k: 1 / 0)
+    fill(s, [("a", [hot] * 4), ("c", [hot] * 4), ("b", [cold[0]] * 4)])
+    assert admitted(step(s)) == ["a", "c"]  # FCFS for that step
+    step(s)
+    assert s.caps_counters["errors"] == 2
+
+
+def test_invalid_configuration_stops_startup(model):
+    with pytest.raises(ValueError, match=r"caps\.window_size.*\[1, 4096\]"):
+        make_scheduler(model, CapsScheduler, caps={"window_size": 0})
+    with pytest.raises(ValueError, match="valid: fcfs"):
+        make_scheduler(model, CapsScheduler, caps={"strategy": "fastest"})
+
+
+def test_async_engines_get_the_async_class(model):
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, async_scheduling=True)
+    assert isinstance(s, CapsAsyncScheduler) and isinstance(s, AsyncScheduler)
+    sync = make_scheduler(model, CapsScheduler, caps=CAPS)
+    assert type(sync) is CapsScheduler and not isinstance(sync, AsyncScheduler)
+
+
+def test_model_without_moe_layers_falls_back_to_fcfs(tmp_path, caplog):
+    import torch
+    import transformers
+
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    s = make_scheduler(str(tmp_path), CapsScheduler, caps=CAPS)
+    assert s.caps_predictor is None
+    fill(s, [("a", [1] * 4), ("b", [2] * 4)])
+    assert admitted(step(s)) == ["a", "b"]
+
+
+def test_missing_router_tensors_fall_back_to_fcfs(tiny_model, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "broken"
+    shutil.copytree(tiny_model, copy)
+    w = load_file(copy / "model.safetensors")
+    del w["model.layers.1.mlp.gate.weight"]
+    save_file(w, copy / "model.safetensors")
+    s = make_scheduler(str(copy), CapsScheduler, caps=CAPS)
+    assert s.caps_predictor is None
