@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench sim-paper sim-trace clean
+.PHONY: setup test test-fast bench sim-paper sim-trace model serve vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,7 @@ test-fast: setup
 bench: setup
 	$(PY) tests/benchmarks/bench_strategies.py
 	$(PY) tests/benchmarks/bench_sweep.py
+	$(PY) tests/benchmarks/bench_scheduler.py
 
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup
@@ -43,6 +44,22 @@ sim-paper: setup
 sim-trace: setup
 	$(PY) -m sim.evaluate --requests 3000 --seeds 42 123 --rates 150 300 --patterns trace \
 		--trace ../shared/data/traces/azure_llm_2023_conv.csv --out sim/results/trace
+
+# The embedded default model (random-weight Qwen2-MoE, local tokenizer) in ~/.cache/caps_vllm.
+model: setup
+	$(PY) -m caps_vllm.tiny_model
+
+# vllm serve with CAPS on the embedded model, on loopback (Ctrl-C stops it).
+PORT ?= 8000
+CAPS_CONFIG ?= {"caps": {"strategy": "greedy_dot_product"}}
+serve: model
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VENV)/bin/vllm serve "$$($(PY) -m caps_vllm.tiny_model)" \
+		--served-model-name tiny --host 127.0.0.1 --port $(PORT) --max-model-len 1024 --enforce-eager \
+		--scheduler-cls caps_vllm.CapsScheduler --additional-config '$(CAPS_CONFIG)'
+
+# vLLM's own scheduler unit tests (from its source distribution), stock and with CAPS substituted.
+vllm-invariants: setup
+	$(PY) tests/vllm_invariants/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -11,13 +11,15 @@ sequences, LoRA, ...) allow. The rules, in order:
    running plus rules 1-2; its first pick is always the oldest of them (anti-starvation);
    a request without a predicted vector keeps its FCFS position inside the window;
 4. everything else keeps its order.
-Below ``min_batch_trigger`` waiting requests, or with no free slot, the order is not touched.
+Below ``min_batch_trigger`` waiting requests, with no free slot, or when every waiting request
+fits in the free slots (no admission decision to make), the order is not touched.
 Under the priority policy only the leading requests of the best priority are reordered, so a
 lower priority never overtakes a higher one.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from caps_vllm.strategies import PairwiseCache, make_strategy
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Waiting(Generic[T]):
     """What the planner reads of one waiting request."""
 
@@ -51,7 +53,7 @@ class AdmissionStats:
     ranked: int = 0  # requests ranked by the strategy into the admission slots
     bypassed: int = 0  # requests admitted ahead of the strategy by the max-wait rule (once each)
     no_vector: int = 0  # window requests kept in FCFS position for lack of a prediction
-    last_selection_s: float = 0.0
+    last_selection_s: float = 0.0  # wall time of the last plan that ranked a window
 
 
 class AdmissionPlanner:
@@ -79,16 +81,20 @@ class AdmissionPlanner:
         if n < self.cfg.min_batch_trigger:
             self.stats.fcfs_fallback += 1
             return None
+        if n <= free_slots:
+            return None
+        started = time.perf_counter()
         g = n
         if by_priority:
             g = next((i for i, w in enumerate(waiting) if w.priority != waiting[0].priority), n)
-        group = waiting[:g]
-        front = [w for w in group if w.preempted]
-        rest = [w for w in group if not w.preempted]
-        max_wait_s = None if self.cfg.max_wait_ms is None else self.cfg.max_wait_ms / 1000.0
-        overdue = [w for w in rest if max_wait_s is not None and now - w.arrival > max_wait_s]
-        pool = [w for w in rest if not (max_wait_s is not None and now - w.arrival > max_wait_s)]
-        self._bypassed &= {w.key for w in waiting}
+        alive = {w.key for w in waiting}
+        front: list[Waiting[T]] = []  # preempted
+        overdue: list[Waiting[T]] = []
+        pool: list[Waiting[T]] = []
+        oldest_ok = -math.inf if self.cfg.max_wait_ms is None else now - self.cfg.max_wait_ms / 1000.0
+        for w in waiting[:g]:
+            (front if w.preempted else overdue if w.arrival < oldest_ok else pool).append(w)
+        self._bypassed &= alive
         for w in overdue:
             if w.key not in self._bypassed:
                 self._bypassed.add(w.key)
@@ -97,11 +103,11 @@ class AdmissionPlanner:
         window, beyond = pool[: self.cfg.window_size], pool[self.cfg.window_size :]
         if slots <= 1 or len(window) <= 1:
             # Nothing for the strategy to choose; the max-wait rule may still reorder.
-            if not overdue or [w.key for w in front + overdue + pool] == [w.key for w in group]:
+            new = front + overdue + pool
+            if not overdue or all(a is b for a, b in zip(new, waiting)):
                 return None
-            return [w.item for w in front + overdue + pool] + [w.item for w in waiting[g:]]
+            return [w.item for w in new] + [w.item for w in waiting[g:]]
 
-        started = time.perf_counter()
         load = running_load.copy()
         for w in front + overdue:
             v = vector_of(w.item)
@@ -121,7 +127,7 @@ class AdmissionPlanner:
         # Requests without a vector keep their FCFS place; the ranked ones fill the others.
         it = iter(ranked)
         order = [i if vecs[i] is None else next(it) for i in range(len(window))]
-        self.pairs.retain({w.key for w in waiting})
+        self.pairs.retain(alive)
         st = self.stats
         st.plans += 1
         st.ranked += min(slots, len(scored))

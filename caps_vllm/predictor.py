@@ -232,9 +232,11 @@ class ExpertPredictor:
         vocab, layers, top_k = table.shape
         self.vocab, self.layers, self.top_k, self.num_experts = vocab, layers, top_k, num_experts
         self.d = layers * num_experts
-        offsets = (np.arange(layers, dtype=np.int32) * num_experts)[None, :, None]
-        # Flat bin per (token, layer, k): layer offset + expert id, so one bincount does all layers.
-        self._bins = (table.astype(np.int32) + offsets).reshape(vocab, layers * top_k)
+        # Flat bin per (token, layer, k): layer offset + expert id, so one bincount does all
+        # layers; int16 where it fits (half the memory and a little faster than int32).
+        dtype = np.int16 if self.d < 2**15 else np.int32
+        offsets = (np.arange(layers, dtype=dtype) * num_experts)[None, :, None]
+        self._bins = (table.astype(dtype) + offsets).reshape(vocab, layers * top_k)
         self.unknown_tokens = 0
 
     @classmethod

@@ -155,6 +155,8 @@ class _CapsMixin:
         max_active = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
         free = max_active - len(self.running) - getattr(self, "num_waiting_for_streaming_input", 0) \
             - len(getattr(self, "kv_holding_waiting", ()))
+        if free <= 0 or len(waiting) <= free:
+            return  # nobody or everybody gets a slot: no admission decision to make
         items = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority) for r in waiting]
         order = self.caps_planner.plan(items, self._caps_vector, self._caps_update_running_load(), free,
                                        time.time(), by_priority=self.policy == SchedulingPolicy.PRIORITY)

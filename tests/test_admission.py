@@ -93,8 +93,15 @@ def test_pairwise_cache_forgets_requests_that_left():
     p = planner()
     p.plan(waiting(("hot1", 5), ("b", 4), ("c", 3)), vec, np.zeros(D), free_slots=2, now=100.0)
     assert len(p.pairs) == 3
-    p.plan(waiting(("c", 3), ("d", 1)), vec, np.zeros(D), free_slots=2, now=100.0)
-    assert len(p.pairs) == 2 and "hot1" not in p.pairs
+    p.plan(waiting(("c", 3), ("d", 1), ("b5", 0.5)), vec, np.zeros(D), free_slots=2, now=100.0)
+    assert len(p.pairs) == 3 and "hot1" not in p.pairs
+
+
+def test_no_decision_when_everyone_fits():
+    p = planner()
+    w = waiting(("hot1", 5), ("hot2", 4), ("b", 3))
+    assert p.plan(w, vec, np.array([8.0, 0, 0, 0]), free_slots=3, now=100.0) is None
+    assert p.stats.plans == 0
 
 
 def test_config_defaults_and_errors():

@@ -73,7 +73,7 @@ class PairwiseCache:
     def window(self, keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
         """The vectors of ``keys`` (in that order) and their Gram matrix, ready for select()."""
         idx = np.fromiter((self._slot[k] for k in keys), dtype=np.intp, count=len(keys))
-        return self._vecs[idx], self._gram[np.ix_(idx, idx)]
+        return self._vecs[idx], self._gram[idx][:, idx]
 
     def _grow(self) -> None:
         n = self._vecs.shape[0]
