@@ -175,3 +175,16 @@ def test_missing_router_tensors_fall_back_to_fcfs(tiny_model, tmp_path):
     save_file(w, copy / "model.safetensors")
     s = make_scheduler(str(copy), CapsScheduler, caps=CAPS)
     assert s.caps_predictor is None
+
+
+def test_multimodal_placeholders_are_not_predicted(model, tokens):
+    """Placeholder positions stand for image features, not for those token ids' routing."""
+    from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalKwargsItem, PlaceholderRange
+
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps=CAPS)
+    req = make_request("mm", [cold[0]] * 3 + [hot] * 5, arrival=1.0)
+    req.mm_features = [MultiModalFeatureSpec(data=MultiModalKwargsItem.dummy(), modality="image", identifier="img0",
+                                             mm_position=PlaceholderRange(offset=3, length=5))]
+    plain = make_request("plain", [cold[0]] * 3, arrival=2.0)
+    np.testing.assert_allclose(s._caps_vector(req), s._caps_vector(plain))
