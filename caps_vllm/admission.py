@@ -73,9 +73,15 @@ class AdmissionPlanner:
         free_slots: int,
         now: float,
         by_priority: bool = False,
+        queue_len: int | None = None,
     ) -> list[T] | None:
-        """The new queue order, or None to keep the current one."""
-        n = len(waiting)
+        """The new order of ``waiting``, or None to keep the current one.
+
+        ``waiting`` may be just the head of a longer queue (``queue_len`` requests): the
+        window_size + free_slots oldest are all the rules can move, since the tail is in
+        arrival order and younger than the window.
+        """
+        n = len(waiting) if queue_len is None else queue_len
         if n == 0 or free_slots <= 0:
             return None
         if n < self.cfg.min_batch_trigger:
@@ -87,7 +93,7 @@ class AdmissionPlanner:
         g = n
         if by_priority:
             g = next((i for i, w in enumerate(waiting) if w.priority != waiting[0].priority), n)
-        alive = {w.key for w in waiting}
+        alive = {w.key for w in waiting[:g]}
         front: list[Waiting[T]] = []  # preempted
         overdue: list[Waiting[T]] = []
         pool: list[Waiting[T]] = []
@@ -117,9 +123,8 @@ class AdmissionPlanner:
         scored = [i for i, v in enumerate(vecs) if v is not None]
         ranked: list[int] = []
         if scored:
-            for i in scored:
-                if window[i].key not in self.pairs:
-                    self.pairs.add(window[i].key, vecs[i])
+            new = [i for i in scored if window[i].key not in self.pairs]
+            self.pairs.add_many([window[i].key for i in new], [vecs[i] for i in new])
             cand, gram = self.pairs.window([window[i].key for i in scored])
             picks = self.strategy.select(load, cand, slots, gram=gram, checked=True)
             picked = set(picks)

@@ -17,6 +17,7 @@ logged once and that step is left in FCFS order: the scheduler never crashes the
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -48,26 +49,23 @@ def _route_logs_through_vllm() -> None:
 class PriorityOrderQueue(FCFSRequestQueue):
     """The priority policy as an ordered deque, so CAPS can reorder inside a priority level.
 
-    A new request goes after every request of the same or better priority; a preempted or
-    skipped one goes to the front of its priority level. Lower values are served first, as
-    in vLLM's heap-based queue.
+    Requests are kept in vLLM's priority order (``Request.__lt__``: priority, then arrival
+    time, then id), inserted from the back, so new arrivals cost O(1) and vLLM's own order
+    holds exactly until CAPS reorders the leading requests of the best priority.
     """
 
     def add_request(self, request: Request) -> None:
         i = len(self)
-        while i > 0 and self[i - 1].priority > request.priority:
+        while i > 0 and request < self[i - 1]:
             i -= 1
         self.insert(i, request)
 
     def prepend_request(self, request: Request) -> None:
-        i = 0
-        while i < len(self) and self[i].priority < request.priority:
-            i += 1
-        self.insert(i, request)
+        self.add_request(request)  # as in vLLM's priority queue: no front, only order
 
     def prepend_requests(self, requests) -> None:
         for request in requests:
-            self.prepend_request(request)
+            self.add_request(request)
 
 
 class _CapsMixin:
@@ -135,15 +133,17 @@ class _CapsMixin:
         return v
 
     def _caps_update_running_load(self) -> np.ndarray:
-        current = {r.request_id: r for r in self.running}
-        for rid in [rid for rid in self._caps_running if rid not in current]:
-            self._caps_running_load -= self._caps_running.pop(rid)
-        for rid, req in current.items():
-            if rid not in self._caps_running:
+        known = self._caps_running
+        for req in self.running:
+            if req.request_id not in known:
                 v = self._caps_vector(req)
                 v = v if v is not None else np.zeros_like(self._caps_running_load)
-                self._caps_running[rid] = v
+                known[req.request_id] = v
                 self._caps_running_load += v
+        if len(known) > len(self.running):
+            current = {r.request_id for r in self.running}
+            for rid in [rid for rid in known if rid not in current]:
+                self._caps_running_load -= known.pop(rid)
         np.maximum(self._caps_running_load, 0.0, out=self._caps_running_load)  # float drift
         return self._caps_running_load
 
@@ -157,13 +157,17 @@ class _CapsMixin:
             - len(getattr(self, "kv_holding_waiting", ()))
         if free <= 0 or len(waiting) <= free:
             return  # nobody or everybody gets a slot: no admission decision to make
-        items = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority) for r in waiting]
-        order = self.caps_planner.plan(items, self._caps_vector, self._caps_update_running_load(), free,
-                                       time.time(), by_priority=self.policy == SchedulingPolicy.PRIORITY)
+        # Only the head can move (see AdmissionPlanner.plan): O(window + free), not O(queue).
+        head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority)
+                for r in itertools.islice(waiting, self.caps_config.window_size + free)]
+        order = self.caps_planner.plan(head, self._caps_vector, self._caps_update_running_load(), free, time.time(),
+                                       by_priority=self.policy == SchedulingPolicy.PRIORITY, queue_len=len(waiting))
         if order is not None:
-            assert len(order) == len(waiting), "CAPS must neither drop nor duplicate a request"
+            assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
+            tail = list(itertools.islice(waiting, len(head), None))
             waiting.clear()
             waiting.extend(order)
+            waiting.extend(tail)
 
     def schedule(self, *args, **kwargs):
         if self.caps_predictor is not None and self.waiting:

@@ -196,3 +196,20 @@ def test_pairwise_cache_tracks_the_gram_matrix():
         cache.add("nan", np.full(5, np.nan))
     with pytest.raises(ValueError):
         cache.add("short", np.ones(4))
+
+
+def test_pairwise_cache_batch_add_equals_one_by_one():
+    rng = np.random.default_rng(4)
+    vecs = rng.integers(0, 5, (9, 6)).astype(float)
+    one, many = PairwiseCache(6, capacity=2), PairwiseCache(6, capacity=2)
+    for i in range(4):
+        one.add(i, vecs[i])
+        many.add(i, vecs[i])
+    for i in range(4, 9):
+        one.add(i, vecs[i])
+    many.add_many(list(range(4, 9)), list(vecs[4:]))
+    keys = [8, 0, 5, 2]
+    for a, b in zip(one.window(keys), many.window(keys)):
+        np.testing.assert_allclose(a, b)
+    with pytest.raises(ValueError, match="duplicate"):
+        many.add_many([1, 1], [vecs[0], vecs[1]])

@@ -33,21 +33,30 @@ class PairwiseCache:
 
     def add(self, key: Hashable, vec: np.ndarray) -> None:
         """Validate ``vec`` once and store it with its dot products with every stored vector."""
-        vec = np.asarray(vec, dtype=np.float64)
-        if vec.shape != (self.d,):
-            raise ValueError(f"load vector for {key!r} has shape {vec.shape}, expected ({self.d},)")
-        check_loads(vec, f"load vector for {key!r}")
-        if key in self._slot:
+        self.add_many([key], [vec])
+
+    def add_many(self, keys: Sequence[Hashable], vecs: Sequence[np.ndarray]) -> None:
+        """Add several vectors with one matrix product (a key already present is replaced)."""
+        if not keys:
+            return
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate keys in {list(keys)!r}")
+        block = np.asarray(vecs, dtype=np.float64)
+        if block.shape != (len(keys), self.d):
+            raise ValueError(f"load vectors for {list(keys)!r} have shape {block.shape}, expected ({len(keys)}, {self.d})")
+        check_loads(block, f"load vectors for {list(keys)!r}")
+        for key in keys:
             self.remove(key)
-        n = len(self._keys)
-        if n == self._vecs.shape[0]:
+        n, m = len(self._keys), len(keys)
+        while n + m > self._vecs.shape[0]:
             self._grow()
-        self._vecs[n] = vec
-        col = self._vecs[: n + 1] @ vec
-        self._gram[n, : n + 1] = col
-        self._gram[: n + 1, n] = col
-        self._slot[key] = n
-        self._keys.append(key)
+        self._vecs[n : n + m] = block
+        dots = self._vecs[: n + m] @ block.T  # (n + m, m)
+        self._gram[: n + m, n : n + m] = dots
+        self._gram[n : n + m, : n + m] = dots.T
+        for i, key in enumerate(keys):
+            self._slot[key] = n + i
+        self._keys.extend(keys)
 
     def remove(self, key: Hashable) -> None:
         """Forget ``key`` (no-op if absent) by moving the last vector into its slot."""

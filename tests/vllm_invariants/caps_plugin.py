@@ -36,7 +36,22 @@ _reorders = [0]
 
 
 def pytest_configure(config) -> None:
+    import json
+    import os
+
     from caps_vllm.admission import AdmissionPlanner
+    from caps_vllm.config import CapsConfig
+
+    # vLLM's create_scheduler() passes no additional_config: CAPS runs with its defaults,
+    # unless the runner asks for others (--caps-config), e.g. to make CAPS reorder more often.
+    overrides = json.loads(os.environ.get("CAPS_INVARIANTS_CONFIG") or "{}")
+    if overrides:
+        from_dict = CapsConfig.from_dict.__func__
+
+        def with_overrides(cls, raw):
+            return from_dict(cls, {**overrides, **(raw or {})})
+
+        CapsConfig.from_dict = classmethod(with_overrides)
 
     plan = AdmissionPlanner.plan
 

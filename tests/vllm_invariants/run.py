@@ -108,6 +108,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "vllm-tests"))
     ap.add_argument("--tests", default="tests/v1/core", help="path inside vLLM's source tree")
+    ap.add_argument("--caps-config", default="", help='CAPS settings for the CAPS run (JSON), e.g. '
+                    '\'{"min_batch_trigger": 1, "max_wait_ms": null}\'; default: CAPS\'s own defaults')
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     a = ap.parse_args()
     work = Path(a.workdir).resolve()
@@ -117,6 +119,7 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
     tree = fetch_tests(vllm_version(), work)
     env = dict(os.environ, HF_HOME=str(stand_in_model(work)), HF_HUB_OFFLINE="1", CAPS_VLLM_CACHE=str(work / "caps"),
+               CAPS_INVARIANTS_CONFIG=a.caps_config,
                PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]))
     results = {}
     for caps in (False, True):
@@ -128,7 +131,7 @@ def main() -> int:
     broken = sorted(t for t in passed_stock if caps.get(t, ("missing", 0))[0] != "passed")
     engaged = sum(1 for t in passed_stock if caps.get(t, ("", 0))[1] > 0)
     count = lambda res, s: sum(1 for v in res.values() if v[0] == s)  # noqa: E731
-    print(f"\nvLLM {vllm_version()} {a.tests}: {len(stock)} tests")
+    print(f"\nvLLM {vllm_version()} {a.tests}: {len(stock)} tests; CAPS settings: {a.caps_config or 'defaults'}")
     for label, res in (("stock", stock), ("CAPS ", caps)):
         print(f"  {label}: {count(res, 'passed')} passed, {count(res, 'failed')} failed, "
               f"{count(res, 'error')} errors, {count(res, 'skipped')} skipped")
