@@ -164,10 +164,9 @@ class _CapsMixin:
                                        by_priority=self.policy == SchedulingPolicy.PRIORITY, queue_len=len(waiting))
         if order is not None:
             assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
-            tail = list(itertools.islice(waiting, len(head), None))
+            new = order + list(itertools.islice(waiting, len(head), None))  # built before the queue is touched
             waiting.clear()
-            waiting.extend(order)
-            waiting.extend(tail)
+            waiting.extend(new)
 
     def schedule(self, *args, **kwargs):
         if self.caps_predictor is not None and self.waiting:
