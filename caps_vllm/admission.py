@@ -65,6 +65,15 @@ class AdmissionPlanner:
         self.stats = AdmissionStats()
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
 
+    def engaged(self, queue_len: int, free_slots: int) -> bool:
+        """Whether there is an admission decision to make (counts the FCFS-fallback steps)."""
+        if queue_len == 0 or free_slots <= 0:
+            return False
+        if queue_len < self.cfg.min_batch_trigger:
+            self.stats.fcfs_fallback += 1
+            return False
+        return queue_len > free_slots  # else everybody gets a slot
+
     def plan(
         self,
         waiting: Sequence[Waiting[T]],
@@ -82,23 +91,19 @@ class AdmissionPlanner:
         arrival order and younger than the window.
         """
         n = len(waiting) if queue_len is None else queue_len
-        if n == 0 or free_slots <= 0:
-            return None
-        if n < self.cfg.min_batch_trigger:
-            self.stats.fcfs_fallback += 1
-            return None
-        if n <= free_slots:
+        if not self.engaged(n, free_slots):
             return None
         started = time.perf_counter()
         g = n
         if by_priority:
             g = next((i for i, w in enumerate(waiting) if w.priority != waiting[0].priority), n)
-        alive = {w.key for w in waiting[:g]}
+        group = waiting[:g]
+        alive = {w.key for w in group}
         front: list[Waiting[T]] = []  # preempted
         overdue: list[Waiting[T]] = []
         pool: list[Waiting[T]] = []
         oldest_ok = -math.inf if self.cfg.max_wait_ms is None else now - self.cfg.max_wait_ms / 1000.0
-        for w in waiting[:g]:
+        for w in group:
             (front if w.preempted else overdue if w.arrival < oldest_ok else pool).append(w)
         self._bypassed &= alive
         for w in overdue:
@@ -123,8 +128,8 @@ class AdmissionPlanner:
         scored = [i for i, v in enumerate(vecs) if v is not None]
         ranked: list[int] = []
         if scored:
-            new = [i for i in scored if window[i].key not in self.pairs]
-            self.pairs.add_many([window[i].key for i in new], [vecs[i] for i in new])
+            missing = [i for i in scored if window[i].key not in self.pairs]
+            self.pairs.add_many([window[i].key for i in missing], [vecs[i] for i in missing])
             cand, gram = self.pairs.window([window[i].key for i in scored])
             picks = self.strategy.select(load, cand, slots, gram=gram, checked=True)
             picked = set(picks)

@@ -246,7 +246,7 @@ class ExpertPredictor:
         if not config_path.exists():
             raise PredictorUnavailable(f"no config.json in {model_dir}")
         config = json.loads(config_path.read_text())
-        spec = router_spec(config.get("text_config", config) if "text_config" in config else config)
+        spec = router_spec(config.get("text_config", config))  # multimodal wrappers nest the LM config
         return cls(load_or_build_table(model_dir, spec, revision, cache_dir), spec.num_experts)
 
     def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:

@@ -100,10 +100,10 @@ class _CapsMixin:
             logger.warning("CAPS router table covers %d token ids, the model %d: others are skipped", pred.vocab, vocab)
         return pred
 
-    def _caps_warn_once(self, reason: str, msg: str, *args) -> None:
+    def _caps_warn_once(self, reason: str, msg: str, *args, log=logger.warning) -> None:
         if reason not in self._caps_warned:
             self._caps_warned.add(reason)
-            logger.warning(msg, *args)
+            log(msg, *args)
 
     def _caps_vector(self, request: Request) -> np.ndarray | None:
         """The request's predicted load, computed once and kept on the request."""
@@ -149,14 +149,11 @@ class _CapsMixin:
 
     def _caps_reorder(self) -> None:
         waiting = self.waiting
-        if len(waiting) < self.caps_config.min_batch_trigger:
-            self.caps_planner.stats.fcfs_fallback += 1
-            return
         max_active = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
         free = max_active - len(self.running) - getattr(self, "num_waiting_for_streaming_input", 0) \
             - len(getattr(self, "kv_holding_waiting", ()))
-        if free <= 0 or len(waiting) <= free:
-            return  # nobody or everybody gets a slot: no admission decision to make
+        if not self.caps_planner.engaged(len(waiting), free):
+            return  # checked before any per-step work: most steps stop here
         # Only the head can move (see AdmissionPlanner.plan): O(window + free), not O(queue).
         head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority)
                 for r in itertools.islice(waiting, self.caps_config.window_size + free)]
@@ -174,9 +171,8 @@ class _CapsMixin:
                 self._caps_reorder()
             except Exception:  # never let the policy take the engine down
                 self.caps_counters["errors"] += 1
-                if "error" not in self._caps_warned:
-                    self._caps_warned.add("error")
-                    logger.exception("CAPS admission failed; this step stays FCFS (further errors are only counted)")
+                self._caps_warn_once("error", "CAPS admission failed; this step stays FCFS (further errors are only "
+                                     "counted)", log=logger.exception)
         return super().schedule(*args, **kwargs)
 
 
