@@ -31,6 +31,10 @@ class CapsConfig:
     seed: int = 0
     #: router dry-run predictor on/off (off: CAPS orders like FCFS, for A/B runs)
     predictor: bool = True
+    #: count the experts the model actually routed to, per step, on the workers
+    capture: bool = True
+    #: export CAPS's Prometheus metrics (see README, "Metrics")
+    metrics: bool = True
     #: where the router token tables are cached (default ~/.cache/caps_vllm or $CAPS_VLLM_CACHE)
     cache_dir: str | None = None
 
@@ -64,8 +68,9 @@ class CapsConfig:
             raise ValueError(f"caps.max_wait_ms: {self.max_wait_ms!r} is out of range; valid: a number in (0, 3600000] or null")
         if self.vectors not in ("per_token", "counts"):
             raise ValueError(f"caps.vectors: {self.vectors!r}; valid: 'per_token' or 'counts'")
-        if not isinstance(self.predictor, bool):
-            raise ValueError(f"caps.predictor: {self.predictor!r}; valid: true or false")
+        for name in ("predictor", "capture", "metrics"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"caps.{name}: {getattr(self, name)!r}; valid: true or false")
         if self.cache_dir is not None and not isinstance(self.cache_dir, str):
             raise ValueError(f"caps.cache_dir: {self.cache_dir!r}; valid: a path or null")
 

@@ -228,9 +228,11 @@ class ExpertPredictor:
     Token ids outside the table are skipped and counted in ``unknown_tokens``.
     """
 
-    def __init__(self, table: np.ndarray, num_experts: int) -> None:
+    def __init__(self, table: np.ndarray, num_experts: int, moe_layers: tuple[int, ...] | None = None) -> None:
         vocab, layers, top_k = table.shape
         self.vocab, self.layers, self.top_k, self.num_experts = vocab, layers, top_k, num_experts
+        #: decoder-layer index of each table layer (the model's MoE layers, in order)
+        self.moe_layers = tuple(moe_layers) if moe_layers is not None else tuple(range(layers))
         self.d = layers * num_experts
         # Flat bin per (token, layer, k): layer offset + expert id, so one bincount does all
         # layers; int16 where it fits (half the memory and a little faster than int32).
@@ -247,7 +249,7 @@ class ExpertPredictor:
             raise PredictorUnavailable(f"no config.json in {model_dir}")
         config = json.loads(config_path.read_text())
         spec = router_spec(config.get("text_config", config))  # multimodal wrappers nest the LM config
-        return cls(load_or_build_table(model_dir, spec, revision, cache_dir), spec.num_experts)
+        return cls(load_or_build_table(model_dir, spec, revision, cache_dir), spec.num_experts, spec.moe_layers)
 
     def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:
         """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""

@@ -30,20 +30,12 @@ from vllm.v1.request import Request, RequestStatus
 
 from caps_vllm.admission import AdmissionPlanner, Waiting
 from caps_vllm.config import CapsConfig
+from caps_vllm.plugin import route_logs_through_vllm
 from caps_vllm.predictor import ExpertPredictor, PredictorUnavailable
+from caps_vllm.routing import RoutingRecord, counts_from_rows
 
 logger = logging.getLogger("caps_vllm.scheduler")
 _NO_VECTOR = object()
-
-
-def _route_logs_through_vllm() -> None:
-    """Show caps_vllm's INFO logs (table building, fallbacks) in vLLM's own log stream."""
-    ours, theirs = logging.getLogger("caps_vllm"), logging.getLogger("vllm")
-    if not ours.handlers and theirs.handlers:
-        for handler in theirs.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
 
 
 class PriorityOrderQueue(FCFSRequestQueue):
@@ -73,7 +65,7 @@ class _CapsMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        _route_logs_through_vllm()
+        route_logs_through_vllm()
         vllm_config = self.vllm_config
         raw = (vllm_config.additional_config or {}).get("caps")
         self.caps_config = CapsConfig.from_dict(raw)  # an invalid value stops startup here
@@ -86,6 +78,8 @@ class _CapsMixin:
         self._caps_warned: set[str] = set()
         if self.policy == SchedulingPolicy.PRIORITY:
             self.waiting = PriorityOrderQueue()
+        self.caps_observer = self._caps_make_observer(vllm_config) if self.caps_config.metrics else None
+        self._caps_ranked_step: int | None = None
         logger.info("CAPS scheduler (%s): %s", "async" if isinstance(self, AsyncScheduler) else "sync", self.caps_config)
 
     def _caps_load_predictor(self, vllm_config) -> ExpertPredictor | None:
@@ -99,6 +93,19 @@ class _CapsMixin:
         if vocab != pred.vocab:
             logger.warning("CAPS router table covers %d token ids, the model %d: others are skipped", pred.vocab, vocab)
         return pred
+
+    def _caps_make_observer(self, vllm_config):
+        from caps_vllm.metrics import CapsMetrics, exported
+        from caps_vllm.observer import RoutingObserver
+
+        mc, pred = vllm_config.model_config, self.caps_predictor
+        metrics = CapsMetrics(str(mc.served_model_name), str(vllm_config.parallel_config.data_parallel_rank))
+        if not exported():
+            logger.info("CAPS metrics are kept in this process's prometheus registry: PROMETHEUS_MULTIPROC_DIR is "
+                        "not set (vllm serve sets it up automatically; other launchers must export it)")
+        if pred is None:
+            return RoutingObserver(metrics, None, 1, 1, 1)
+        return RoutingObserver(metrics, lambda ids: pred.vector(ids), pred.layers, pred.num_experts, pred.top_k)
 
     def _caps_warn_once(self, reason: str, msg: str, *args, log=logger.warning) -> None:
         if reason not in self._caps_warned:
@@ -154,6 +161,7 @@ class _CapsMixin:
             - len(getattr(self, "kv_holding_waiting", ()))
         if not self.caps_planner.engaged(len(waiting), free):
             return  # checked before any per-step work: most steps stop here
+        plans = self.caps_planner.stats.plans
         # Only the head can move (see AdmissionPlanner.plan): O(window + free), not O(queue).
         head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority)
                 for r in itertools.islice(waiting, self.caps_config.window_size + free)]
@@ -164,16 +172,80 @@ class _CapsMixin:
             new = order + list(itertools.islice(waiting, len(head), None))  # built before the queue is touched
             waiting.clear()
             waiting.extend(new)
+        if self.caps_planner.stats.plans > plans:
+            self._caps_ranked_step = self.caps_planner.stats.ranked
 
     def schedule(self, *args, **kwargs):
+        st = self.caps_planner.stats
+        before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"])
+        self._caps_ranked_step = None
         if self.caps_predictor is not None and self.waiting:
             try:
                 self._caps_reorder()
             except Exception:  # never let the policy take the engine down
                 self.caps_counters["errors"] += 1
+                if self.caps_observer is not None:
+                    self.caps_observer.metrics.inc("vllm:caps_errors")
                 self._caps_warn_once("error", "CAPS admission failed; this step stays FCFS (further errors are only "
                                      "counted)", log=logger.exception)
-        return super().schedule(*args, **kwargs)
+        out = super().schedule(*args, **kwargs)
+        if self.caps_observer is not None:
+            self._caps_guard(self._caps_observe_schedule, out, before)
+        return out
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        if self.caps_observer is not None:  # before vLLM frees the requests that finished
+            self._caps_guard(self._caps_observe_output, scheduler_output, model_runner_output)
+        return super().update_from_output(scheduler_output, model_runner_output)
+
+    def _caps_guard(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # metrics must never take the engine down either
+            self.caps_counters["errors"] += 1
+            self._caps_warn_once("metrics", "CAPS metrics failed; further errors are only counted",
+                                 log=logger.exception)
+
+    def _caps_observe_schedule(self, out, before) -> None:
+        st, obs = self.caps_planner.stats, self.caps_observer
+        ranked = None if self._caps_ranked_step is None else st.ranked - before[0]
+        obs.on_admission(len(out.scheduled_new_reqs), ranked, st.bypassed - before[1],
+                         self.caps_counters["predictor_fallback"] - before[2],
+                         st.last_selection_s if ranked is not None else None)
+        reqs = self.requests
+        obs.on_schedule(out.num_scheduled_tokens, lambda rid: getattr(reqs.get(rid), "caps_vector", None))
+
+    def _caps_observe_output(self, scheduler_output, model_runner_output) -> None:
+        record = getattr(model_runner_output, "caps_routing", None)
+        aux = getattr(model_runner_output, "aux_output_connector_output", None)
+        if record is None and aux and self.caps_predictor is not None:
+            record = self._caps_record_from_rows(aux)
+        reqs = self.requests
+
+        def prompt_of(rid):
+            r = reqs.get(rid)
+            if r is None or r.prompt_token_ids is None or r.mm_features:
+                return None  # gone, or a prompt whose routed tokens are not its token ids
+            return r.prompt_token_ids, r.num_computed_tokens >= r.num_prompt_tokens
+
+        self.caps_observer.on_output(record, prompt_of)
+
+    def _caps_record_from_rows(self, aux) -> RoutingRecord:
+        """GPU path: vLLM's routed-experts rows (``--enable-return-routed-experts``) as a record."""
+        pred = self.caps_predictor
+        layers = list(pred.moe_layers)
+        total = np.zeros((len(layers), pred.num_experts), dtype=np.int64)
+        rec = RoutingRecord(tuple(layers), total, 0)
+        for rid, out in aux.items():
+            rows = np.asarray(out.rows)[:, layers]
+            total += counts_from_rows(rows, pred.num_experts)
+            rec.num_tokens += len(rows)
+            r = self.requests.get(rid)
+            in_prompt = 0 if r is None else max(0, min(len(rows), r.num_prompt_tokens - out.token_start))
+            if in_prompt:
+                rec.prompt_counts[rid] = counts_from_rows(rows[:in_prompt], pred.num_experts)
+                rec.prompt_start[rid] = out.token_start
+        return rec
 
 
 class CapsAsyncScheduler(_CapsMixin, AsyncScheduler):

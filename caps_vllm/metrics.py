@@ -1,0 +1,119 @@
+"""CAPS's Prometheus metrics, created in the EngineCore process by the scheduler.
+
+They appear on ``vllm serve``'s own ``/metrics`` through prometheus_client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, which :mod:`caps_vllm.plugin` sets up for ``vllm serve``).
+Names follow vLLM's (``vllm:`` prefix, ``_seconds``/``_total`` suffixes, ``model_name`` and
+``engine`` labels); the only other label is ``layer``, bounded by the model's MoE layers, so
+the number of series never grows with requests. Only histograms and counters are used: they
+aggregate correctly across processes in multiprocess mode without a gauge mode to choose.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+
+from caps_vllm.routing import LoadShape
+
+_CV = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+_MAX_OVER_MEAN = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
+_DISTINCT = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+_FRACTION = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_SECONDS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25)
+
+_LABELS = ("model_name", "engine")
+
+#: name -> (kind, help, buckets, extra labels); the README's metrics reference is this table
+SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
+    "vllm:caps_predicted_load_cv": ("histogram", "Per step: coefficient of variation of the predicted per-expert "
+                                    "load of the scheduled tokens, averaged over MoE layers", _CV, ()),
+    "vllm:caps_actual_load_cv": ("histogram", "Per step: coefficient of variation of the per-expert load the "
+                                 "routers actually produced, averaged over MoE layers", _CV, ()),
+    "vllm:caps_predicted_load_max_over_mean": ("histogram", "Per step: max/mean predicted per-expert load, averaged "
+                                               "over MoE layers", _MAX_OVER_MEAN, ()),
+    "vllm:caps_actual_load_max_over_mean": ("histogram", "Per step: max/mean actual per-expert load, averaged over "
+                                            "MoE layers", _MAX_OVER_MEAN, ()),
+    "vllm:caps_actual_layer_load_max_over_mean": ("histogram", "Per step and MoE layer: max/mean actual "
+                                                  "per-expert load", _MAX_OVER_MEAN, ("layer",)),
+    "vllm:caps_predicted_distinct_experts": ("histogram", "Per step: experts with a predicted load of at least one "
+                                             "token, per MoE layer (mean over layers)", _DISTINCT, ()),
+    "vllm:caps_actual_distinct_experts": ("histogram", "Per step: experts that received at least one token, per "
+                                          "MoE layer (mean over layers)", _DISTINCT, ()),
+    "vllm:caps_predictor_cosine": ("histogram", "Per request: cosine of the predicted and the actual expert "
+                                   "histogram of its prompt tokens", _FRACTION, ()),
+    "vllm:caps_predictor_topk_overlap": ("histogram", "Per request: share of the actual top-k experts of its prompt "
+                                         "that the predictor also ranked top-k (mean over layers)", _FRACTION, ()),
+    "vllm:caps_selection_seconds": ("histogram", "Per ranked step: time CAPS took to order the waiting queue",
+                                    _SECONDS, ()),
+    "vllm:caps_steps": ("counter", "Scheduler steps that scheduled tokens", None, ()),
+    "vllm:caps_scheduled_tokens": ("counter", "Tokens scheduled by vLLM", None, ()),
+    "vllm:caps_routed_tokens": ("counter", "Tokens whose routing was captured", None, ()),
+    "vllm:caps_admitted_requests": ("counter", "Requests admitted from the waiting queue for the first time",
+                                    None, ()),
+    "vllm:caps_ranked_requests": ("counter", "Requests placed into free slots by the CAPS strategy", None, ()),
+    "vllm:caps_max_wait_bypass_requests": ("counter", "Requests admitted ahead of the strategy because they "
+                                           "waited longer than max_wait_ms", None, ()),
+    "vllm:caps_fcfs_fallback_requests": ("counter", "Requests admitted in steps where CAPS left the FCFS order "
+                                         "(fewer than min_batch_trigger waiting, no choice to make, no predictor, "
+                                         "or an error)", None, ()),
+    "vllm:caps_predictor_fallback_requests": ("counter", "Requests without a prediction (no known prompt token, "
+                                              "prompt embeddings): kept in FCFS place", None, ()),
+    "vllm:caps_errors": ("counter", "Exceptions inside CAPS (the step stayed FCFS)", None, ()),
+}
+
+_families: dict[str, Counter | Histogram] = {}
+
+
+def _family(name: str) -> Counter | Histogram:
+    """One metric family per process, however many schedulers it builds (tests build many)."""
+    fam = _families.get(name)
+    if fam is None:
+        kind, doc, buckets, extra = SPEC[name]
+        if kind == "counter":  # prometheus_client appends _total
+            fam = Counter(name, doc, _LABELS + extra)
+        else:
+            fam = Histogram(name, doc, _LABELS + extra, buckets=buckets)
+        _families[name] = fam
+    return fam
+
+
+def exported() -> bool:
+    """Whether the metrics reach ``vllm serve``'s /metrics (multiprocess mode is on)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+
+
+@dataclass
+class CapsMetrics:
+    """The label-bound children of every CAPS metric for one engine."""
+
+    model_name: str
+    engine: str
+
+    def __post_init__(self) -> None:
+        base = (self.model_name, self.engine)
+        self._m = {name: _family(name).labels(*base) for name, spec in SPEC.items() if not spec[3]}
+        self._per_layer: list = []  # one child per MoE layer, made on first use
+
+    def inc(self, name: str, amount: float = 1) -> None:
+        if amount:
+            self._m[name].inc(amount)
+
+    def observe(self, name: str, value: float) -> None:
+        self._m[name].observe(value)
+
+    def observe_load(self, source: str, shape: LoadShape) -> None:
+        """One step's imbalance figures; ``source`` is 'predicted' or 'actual'."""
+        self.observe(f"vllm:caps_{source}_load_cv", shape.cv)
+        self.observe(f"vllm:caps_{source}_load_max_over_mean", shape.max_over_mean)
+        self.observe(f"vllm:caps_{source}_distinct_experts", shape.distinct)
+        if source == "actual":
+            per_layer = np.asarray(shape.per_layer_max_over_mean)
+            fam = _family("vllm:caps_actual_layer_load_max_over_mean")
+            while len(self._per_layer) < len(per_layer):
+                self._per_layer.append(fam.labels(self.model_name, self.engine, str(len(self._per_layer))))
+            for child, value in zip(self._per_layer, per_layer):
+                if value > 0:
+                    child.observe(float(value))

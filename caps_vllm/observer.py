@@ -1,0 +1,114 @@
+"""Turns scheduler steps and routing records into CAPS's metrics.
+
+Kept apart from the scheduler (which only decides order) and free of vLLM, so what each figure
+means is tested on plain arrays: the predicted load of a step is every scheduled request's
+per-token prediction times its scheduled tokens; the actual load is what the routers counted;
+a request's predictor accuracy compares the prediction over exactly the prompt positions that
+were routed (prefix-cache hits are never routed) with what was routed for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from caps_vllm.metrics import CapsMetrics
+from caps_vllm.routing import RoutingRecord, cosine, load_shape, topk_overlap
+
+logger = logging.getLogger("caps_vllm.observer")
+
+
+class RoutingObserver:
+    """Per-engine state behind the metrics: prompt-count accumulators, warn-once flags."""
+
+    def __init__(self, metrics: CapsMetrics, predict: Callable[[Sequence[int]], np.ndarray | None] | None,
+                 layers: int, num_experts: int, top_k: int) -> None:
+        self.metrics = metrics
+        self.predict = predict  # prompt ids -> flat [layers * experts] counts, or None
+        self.shape = (layers, num_experts)
+        self.top_k = top_k
+        self._prompts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (first routed position, counts)
+        self._warned: set[str] = set()
+
+    def _warn_once(self, key: str, msg: str, *args) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg, *args)
+
+    def on_schedule(self, scheduled: Mapping[str, int], vector_of: Callable[[str], np.ndarray | None]) -> None:
+        """A step was scheduled: ``scheduled`` maps request id -> tokens this step."""
+        total = sum(scheduled.values())
+        if total == 0:
+            return
+        m = self.metrics
+        m.inc("vllm:caps_steps")
+        m.inc("vllm:caps_scheduled_tokens", total)
+        d = self.shape[0] * self.shape[1]
+        load = np.zeros(d)
+        for rid, n in scheduled.items():
+            v = vector_of(rid)
+            if v is not None and v.shape == (d,):
+                mass = v.sum()
+                if mass > 0:  # per-token routing distribution (sums to layers * top_k)
+                    load += v * (n * self.shape[0] * self.top_k / mass)
+        shape = load_shape(load.reshape(self.shape))
+        if shape is not None:
+            m.observe_load("predicted", shape)
+
+    def on_admission(self, admitted: int, ranked: int | None, bypassed: int, no_vector: int,
+                     selection_s: float | None) -> None:
+        """What one scheduling step did with the queue; ``ranked`` is None if CAPS left it FCFS."""
+        m = self.metrics
+        m.inc("vllm:caps_admitted_requests", admitted)
+        m.inc("vllm:caps_max_wait_bypass_requests", bypassed)
+        m.inc("vllm:caps_predictor_fallback_requests", no_vector)
+        if ranked is None:
+            m.inc("vllm:caps_fcfs_fallback_requests", admitted)
+        else:
+            m.inc("vllm:caps_ranked_requests", ranked)
+        if selection_s is not None:
+            m.observe("vllm:caps_selection_seconds", selection_s)
+
+    def on_output(self, record: RoutingRecord | None,
+                  prompt_of: Callable[[str], tuple[Sequence[int], bool] | None]) -> None:
+        """A step's routing came back; ``prompt_of(req)`` gives (prompt ids, prompt fully routed),
+        or None for a request that is gone."""
+        if record is None:
+            return
+        m = self.metrics
+        m.inc("vllm:caps_routed_tokens", record.num_tokens)
+        shape = load_shape(record.layer_counts)
+        if shape is not None:
+            m.observe_load("actual", shape)
+        if self.predict is None or not record.prompt_counts and not self._prompts:
+            return
+        if record.layer_counts.shape != self.shape:
+            self._warn_once("shape", "CAPS: routing has shape %s, the predictor %s; predictor accuracy is not "
+                            "measured", record.layer_counts.shape, self.shape)
+            return
+        for rid, counts in record.prompt_counts.items():
+            start, acc = self._prompts.get(rid, (record.prompt_start.get(rid, 0), None))
+            self._prompts[rid] = (start, counts if acc is None else acc + counts)
+        for rid in list(self._prompts):
+            info = prompt_of(rid)
+            if info is None:
+                del self._prompts[rid]  # finished or aborted before its prompt was routed
+                continue
+            ids, done = info
+            if done:
+                start, acc = self._prompts.pop(rid)
+                self._score(ids[start:], acc)
+
+    def _score(self, ids: Sequence[int], actual: np.ndarray) -> None:
+        predicted = self.predict(ids)
+        if predicted is None:
+            return
+        predicted = predicted.reshape(self.shape)
+        cos = cosine(predicted, actual)
+        overlap = topk_overlap(predicted, actual, self.top_k)
+        if cos is not None:
+            self.metrics.observe("vllm:caps_predictor_cosine", cos)
+        if overlap is not None:
+            self.metrics.observe("vllm:caps_predictor_topk_overlap", overlap)
