@@ -188,3 +188,71 @@ def test_multimodal_placeholders_are_not_predicted(model, tokens):
                                              mm_position=PlaceholderRange(offset=3, length=5))]
     plain = make_request("plain", [cold[0]] * 3, arrival=2.0)
     np.testing.assert_allclose(s._caps_vector(req), s._caps_vector(plain))
+
+
+def _routed_rows(pred, ids) -> np.ndarray:
+    """[tokens, layers, top_k] as the gating-only router would route these tokens."""
+    offsets = (np.arange(pred.layers) * pred.num_experts)[None, :, None]
+    return pred._bins[np.asarray(ids)].reshape(len(ids), pred.layers, pred.top_k) - offsets
+
+
+def _metric(name: str, model: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return sum(s.value for fam in REGISTRY.collect() for s in fam.samples
+               if s.name == name and s.labels.get("model_name") == model)
+
+
+@pytest.mark.parametrize("path", ["capture", "routed_experts_rows"])
+def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path):
+    """What the workers send back (our capture, or vLLM's routed-experts rows on GPUs) is
+    counted per step, and a prediction equal to the routing scores cosine 1."""
+    from vllm.distributed.aux_output_connector.connector import AuxRequestOutput
+
+    from caps_vllm.routing import RoutingRecord, counts_from_rows
+
+    model = str(tmp_path / f"m-{path}")  # its own model_name label
+    import shutil
+    shutil.copytree(tiny_model, model)
+    sched = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_batched_tokens=16)
+    pred = sched.caps_predictor
+    hot, disjoint = tokens
+    fill(sched, [("a", [hot] * 12), ("b", disjoint[:20]), ("c", disjoint[20:30])])
+
+    def worker(out, mro):
+        per_req, total = {}, []
+        for rid, n in out.num_scheduled_tokens.items():
+            r = sched.requests[rid]
+            start = r.num_computed_tokens - n  # schedule() already advanced it
+            ids = list(r.all_token_ids)[start : start + n]
+            rows = _routed_rows(pred, [t if t < pred.vocab else 0 for t in ids])
+            total.append(rows)
+            per_req[rid] = (start, rows)
+        if not total:
+            return  # nothing ran
+        if path == "capture":
+            rows = np.concatenate(total)
+            rec = RoutingRecord(pred.moe_layers, counts_from_rows(rows, pred.num_experts), len(rows))
+            for rid, (start, rows) in per_req.items():
+                k = max(0, min(len(rows), sched.requests[rid].num_prompt_tokens - start))
+                if k:
+                    rec.prompt_counts[rid] = counts_from_rows(rows[:k], pred.num_experts)
+                    rec.prompt_start[rid] = start
+            mro.caps_routing = rec
+        else:
+            mro.aux_output_connector_output = {rid: AuxRequestOutput(start, rows.astype(np.uint8))
+                                               for rid, (start, rows) in per_req.items()}
+
+    done: list[str] = []
+    for _ in range(30):
+        if sched.has_requests():
+            step(sched, finished=done, worker=worker)
+    assert sorted(done) == ["a", "b", "c"]
+    assert _metric("vllm:caps_predictor_cosine_count", model) == 3
+    assert _metric("vllm:caps_predictor_cosine_sum", model) == pytest.approx(3.0)
+    assert _metric("vllm:caps_predictor_topk_overlap_sum", model) == pytest.approx(3.0)
+    assert _metric("vllm:caps_routed_tokens_total", model) == _metric("vllm:caps_scheduled_tokens_total", model) \
+        == 12 + 20 + 10 + 3 * 3  # prompts, then 3 of each 4 output tokens are fed back
+    assert _metric("vllm:caps_admitted_requests_total", model) == 3
+    assert _metric("vllm:caps_actual_load_cv_count", model) == _metric("vllm:caps_steps_total", model)
+    assert sched.caps_counters["errors"] == 0

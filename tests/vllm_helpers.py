@@ -52,10 +52,11 @@ def make_request(rid: str, tokens: list[int] | None, arrival: float, max_tokens:
                    arrival_time=arrival, priority=priority, prompt_embeds=prompt_embeds, block_hasher=_hasher)
 
 
-def step(scheduler, token: int = 7, finished: list[str] | None = None):
+def step(scheduler, token: int = 7, finished: list[str] | None = None, worker=None):
     """One engine step: schedule, then feed back one sampled token per request that finished
     its prefill (chunked prefills get none). Returns the SchedulerOutput; the ids of requests
-    that finished in this step are appended to ``finished``."""
+    that finished in this step are appended to ``finished``. ``worker(out, mro)`` may add
+    what a model runner would attach to the output (routing)."""
     out = scheduler.schedule()
     ids = list(out.num_scheduled_tokens)
     sampled = []
@@ -64,6 +65,8 @@ def step(scheduler, token: int = 7, finished: list[str] | None = None):
         sampled.append([token] if req.num_computed_tokens >= req.num_prompt_tokens else [])
     mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
                             logprobs=None, prompt_logprobs_dict={}, pooler_output=[])
+    if worker is not None:
+        worker(out, mro)
     engine_outputs = scheduler.update_from_output(out, mro)
     if finished is not None:
         for eco in engine_outputs.values():

@@ -1,0 +1,213 @@
+"""Routing arithmetic, the metrics observer and the plugin's process-level pieces (no engine)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from caps_vllm.routing import RoutingRecord, cosine, counts_from_rows, load_shape, topk_overlap
+
+pytest.importorskip("prometheus_client")
+from prometheus_client import REGISTRY  # noqa: E402
+
+from caps_vllm import plugin  # noqa: E402
+from caps_vllm.metrics import SPEC, CapsMetrics  # noqa: E402
+from caps_vllm.observer import RoutingObserver  # noqa: E402
+
+
+def test_load_shape_by_hand():
+    load = np.array([[4, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]])
+    s = load_shape(load)
+    # layer 0: mean 1, max 4, std sqrt(3); layer 1: flat; layer 2: empty, left out
+    assert s.cv == pytest.approx((np.sqrt(3) + 0) / 2)
+    assert s.max_over_mean == pytest.approx((4 + 1) / 2)
+    assert s.distinct == pytest.approx((1 + 4) / 2)
+    assert list(s.per_layer_max_over_mean) == [4.0, 1.0, 0.0]
+    assert load_shape(np.zeros((2, 3))) is None
+
+
+def test_counts_from_rows():
+    rows = np.array([[[0, 1], [2, 0]], [[1, 2], [2, 1]]])  # 2 tokens, 2 layers, top-2
+    assert counts_from_rows(rows, 3).tolist() == [[1, 2, 1], [1, 1, 2]]
+    assert counts_from_rows(np.zeros((0, 2, 2), dtype=np.uint8), 3).tolist() == [[0, 0, 0], [0, 0, 0]]
+    with pytest.raises(ValueError, match="tokens, layers, top_k"):
+        counts_from_rows(np.zeros((2, 2)), 3)
+
+
+def test_cosine_and_topk_overlap():
+    assert cosine([1, 0], [2, 0]) == pytest.approx(1.0)
+    assert cosine([1, 0], [0, 3]) == pytest.approx(0.0)
+    assert cosine([0, 0], [1, 1]) is None
+    pred = np.array([[5, 4, 0, 0], [0, 0, 1, 9]])
+    act = np.array([[3, 0, 2, 0], [0, 0, 0, 0]])  # layer 1 routed nothing: skipped
+    assert topk_overlap(pred, act, 2) == pytest.approx(0.5)  # {0,1} vs {0,2}
+    assert topk_overlap(pred, np.zeros((2, 4)), 2) is None
+
+
+def _samples(name: str) -> dict:
+    return {tuple(sorted(s.labels.items())): s.value
+            for fam in REGISTRY.collect() for s in fam.samples if s.name == name}
+
+
+def _value(name: str, model: str) -> float:
+    return sum(v for labels, v in _samples(name).items() if ("model_name", model) in labels)
+
+
+def _observer(model: str, predict=None) -> RoutingObserver:
+    return RoutingObserver(CapsMetrics(model, "0"), predict, layers=2, num_experts=4, top_k=2)
+
+
+def test_predicted_step_load_weights_each_request_by_its_scheduled_tokens():
+    obs = _observer("t-pred")
+    vecs = {"a": np.array([2.0, 0, 0, 0, 0, 2, 0, 0]), "b": np.array([0, 0, 0, 2.0, 0, 0, 0, 2])}
+    obs.on_schedule({"a": 3, "b": 1, "c": 2}, vecs.get)  # c: no prediction
+    # a's per-token mass is 4 = layers*top_k: load layer0 = [3,0,0,1] -> max/mean = 3/1
+    assert _value("vllm:caps_predicted_load_max_over_mean_sum", "t-pred") == pytest.approx((3 + 3) / 2)
+    assert _value("vllm:caps_scheduled_tokens_total", "t-pred") == 6
+    assert _value("vllm:caps_steps_total", "t-pred") == 1
+    obs.on_schedule({}, vecs.get)  # an empty step is not a step
+    assert _value("vllm:caps_steps_total", "t-pred") == 1
+
+
+def test_predictor_accuracy_is_scored_once_the_prompt_is_routed_over_the_routed_positions():
+    seen = []
+
+    def predict(ids):
+        seen.append(list(ids))
+        return np.array([1.0, 1, 0, 0, 0, 0, 1, 1])
+
+    obs = _observer("t-acc", predict)
+    chunk1 = np.array([[1, 1, 0, 0], [0, 0, 1, 1]])
+    rec = RoutingRecord((0, 1), chunk1, 2, {"r": chunk1}, {"r": 3})  # prefix cache hit: routed from 3
+    prompts = {"r": ([9, 9, 9, 5, 6, 7], False)}
+    obs.on_output(rec, prompts.get)
+    assert _value("vllm:caps_predictor_cosine_count", "t-acc") == 0  # prompt not done yet
+    prompts["r"] = ([9, 9, 9, 5, 6, 7], True)
+    obs.on_output(RoutingRecord((0, 1), chunk1, 2, {"r": chunk1}, {"r": 5}), prompts.get)
+    assert seen == [[5, 6, 7]]
+    assert _value("vllm:caps_predictor_cosine_count", "t-acc") == 1
+    assert _value("vllm:caps_predictor_cosine_sum", "t-acc") == pytest.approx(1.0)
+    assert _value("vllm:caps_predictor_topk_overlap_sum", "t-acc") == pytest.approx(1.0)
+    assert _value("vllm:caps_routed_tokens_total", "t-acc") == 4
+    # a request that disappears before its prompt is routed is forgotten, not scored
+    obs.on_output(RoutingRecord((0, 1), chunk1, 2, {"gone": chunk1}, {"gone": 0}), {}.get)
+    assert obs._prompts == {} and _value("vllm:caps_predictor_cosine_count", "t-acc") == 1
+
+
+def test_admission_counters():
+    obs = _observer("t-adm")
+    obs.on_admission(admitted=3, ranked=2, bypassed=1, no_vector=1, selection_s=1e-4)
+    obs.on_admission(admitted=2, ranked=None, bypassed=0, no_vector=0, selection_s=None)
+    got = {n: _value(n, "t-adm") for n in ("vllm:caps_admitted_requests_total", "vllm:caps_ranked_requests_total",
+                                           "vllm:caps_max_wait_bypass_requests_total",
+                                           "vllm:caps_fcfs_fallback_requests_total",
+                                           "vllm:caps_predictor_fallback_requests_total",
+                                           "vllm:caps_selection_seconds_count")}
+    assert list(got.values()) == [5, 2, 1, 2, 1, 1]
+
+
+def test_series_do_not_grow_with_requests():
+    obs = _observer("t-card", lambda ids: np.ones(8))
+    rng = np.random.default_rng(0)
+
+    def series() -> int:
+        return sum(1 for fam in REGISTRY.collect() for s in fam.samples if s.labels.get("model_name") == "t-card")
+
+    def traffic(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            counts = rng.integers(0, 5, size=(2, 4))
+            obs.on_schedule({f"r{i}": 3}, lambda rid: np.ones(8))
+            obs.on_output(RoutingRecord((0, 1), counts, 3, {f"r{i}": counts}, {f"r{i}": 0}),
+                          lambda rid: ([1, 2, 3], True))
+            obs.on_admission(1, 1, 0, 0, 1e-4)
+
+    traffic(0, 10)
+    before = series()
+    traffic(10, 500)
+    assert series() == before
+    assert _value("vllm:caps_predictor_cosine_count", "t-card") == 510
+
+
+def test_metric_names_follow_vllm_conventions():
+    for name, (kind, doc, _, extra) in SPEC.items():
+        assert name.startswith("vllm:caps_") and doc
+        assert set(extra) <= {"layer"}
+        assert not name.endswith("_total")  # prometheus_client adds it to counters
+        if kind == "histogram" and "seconds" in name:
+            assert name.endswith("_seconds")
+
+
+def test_remove_stale_files_keeps_live_processes(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    for name in (f"counter_{dead_pid}.db", f"histogram_{os.getpid()}.db", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    assert plugin.remove_stale_files(str(tmp_path)) == [f"counter_{dead_pid}.db"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"histogram_{os.getpid()}.db", "notes.txt"]
+
+
+def _in_subprocess(code: str, env: dict | None = None) -> dict:
+    full_env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+    full_env.update(env or {})
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_vllm_serve_gets_a_private_metrics_folder_removed_at_exit():
+    got = _in_subprocess("""
+        import json, os, prometheus_client.values as v
+        from caps_vllm.plugin import prepare_metrics_dir
+        other = prepare_metrics_dir(["python", "train.py"])
+        folder = prepare_metrics_dir(["/x/bin/vllm", "serve", "model"])
+        print(json.dumps({"other": other, "folder": folder, "env": os.environ["PROMETHEUS_MULTIPROC_DIR"],
+                          "exists": os.path.isdir(folder), "value": v.ValueClass.__name__}))
+    """)
+    assert got["other"] is None
+    assert got["folder"] == got["env"] and got["exists"]
+    assert got["value"] != "MutexValue"  # metrics made from now on are written to the folder
+    assert not os.path.exists(got["folder"])  # removed when that process exited
+
+
+def test_a_user_metrics_folder_is_kept_but_cleaned(tmp_path):
+    (tmp_path / "counter_999999999.db").write_text("stale")
+    got = _in_subprocess("""
+        import json
+        from caps_vllm.plugin import prepare_metrics_dir
+        print(json.dumps({"folder": prepare_metrics_dir(["/x/bin/vllm", "serve", "m"])}))
+    """, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    assert got["folder"] == str(tmp_path) and tmp_path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_after_import_runs_the_hook_once_on_first_import(tmp_path, monkeypatch):
+    (tmp_path / "caps_probe_mod.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    calls = []
+    plugin.after_import("caps_probe_mod", lambda m: calls.append(m.X))
+    assert calls == []
+    import caps_probe_mod  # noqa: F401
+
+    assert calls == [1]
+    plugin.after_import("caps_probe_mod", lambda m: calls.append(2))  # already imported: runs now
+    assert calls == [1, 2]
+    sys.modules.pop("caps_probe_mod")
+
+
+@pytest.mark.parametrize("cls,caps,want", [
+    ("caps_vllm.CapsScheduler", None, True),
+    ("caps_vllm.CapsScheduler", {"capture": False}, False),
+    ("vllm.v1.core.sched.scheduler.Scheduler", None, False),
+])
+def test_capture_only_with_the_caps_scheduler(cls, caps, want):
+    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(scheduler_cls=cls),
+                          additional_config={"caps": caps} if caps else {})
+    assert plugin.capture_wanted(cfg) is want
