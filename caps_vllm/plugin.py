@@ -33,6 +33,7 @@ from pathlib import Path
 
 logger = logging.getLogger("caps_vllm.plugin")
 
+OWNED_ENV = "CAPS_VLLM_OWNS_METRICS_DIR"
 _RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.cpu_model_runner")
 _registered = False
 
@@ -52,7 +53,6 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    route_logs_through_vllm()
     if multiprocessing.parent_process() is None:  # children inherit the environment
         prepare_metrics_dir()
     for name in _RUNNER_MODULES:
@@ -100,12 +100,11 @@ def prepare_metrics_dir(argv: list[str] | None = None) -> str | None:
         return None
     folder = tempfile.mkdtemp(prefix="caps_vllm_metrics_")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    os.environ[OWNED_ENV] = folder  # tells the scheduler's startup log who made it
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     values = sys.modules.get("prometheus_client.values")
     if values is not None:  # imported already: switch the value class before any metric exists
         values.ValueClass = values.get_value_class()
-    logger.info("CAPS: PROMETHEUS_MULTIPROC_DIR=%s (private to this server, removed at exit), so the "
-                "EngineCore's CAPS metrics appear on /metrics", folder)
     return folder
 
 
@@ -160,6 +159,7 @@ def capture_wanted(vllm_config) -> bool:
 
 
 def _install(runner) -> None:
+    route_logs_through_vllm()  # vLLM configures its logging after plugins load: route on first use
     runner.caps_capture = None
     runner.caps_pending = None
     if not capture_wanted(runner.vllm_config):

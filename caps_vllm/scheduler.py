@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 
@@ -30,7 +31,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from caps_vllm.admission import AdmissionPlanner, Waiting
 from caps_vllm.config import CapsConfig
-from caps_vllm.plugin import route_logs_through_vllm
+from caps_vllm.plugin import OWNED_ENV, route_logs_through_vllm
 from caps_vllm.predictor import ExpertPredictor, PredictorUnavailable
 from caps_vllm.routing import RoutingRecord, counts_from_rows
 
@@ -100,9 +101,17 @@ class _CapsMixin:
 
         mc, pred = vllm_config.model_config, self.caps_predictor
         metrics = CapsMetrics(str(mc.served_model_name), str(vllm_config.parallel_config.data_parallel_rank))
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not exported():
-            logger.info("CAPS metrics are kept in this process's prometheus registry: PROMETHEUS_MULTIPROC_DIR is "
-                        "not set (vllm serve sets it up automatically; other launchers must export it)")
+            logger.warning("CAPS metrics stay in this process's prometheus registry: PROMETHEUS_MULTIPROC_DIR is not "
+                           "set (vllm serve sets it up by itself; another launcher must export an empty folder "
+                           "before it starts vLLM)")
+        elif os.environ.get(OWNED_ENV) == folder:
+            logger.info("CAPS metrics: on vllm serve's /metrics via PROMETHEUS_MULTIPROC_DIR=%s (made for this "
+                        "server, removed at exit)", folder)
+        else:
+            logger.info("CAPS metrics: on /metrics via your PROMETHEUS_MULTIPROC_DIR=%s (files of finished "
+                        "processes were removed at startup)", folder)
         if pred is None:
             return RoutingObserver(metrics, None, 1, 1, 1)
         return RoutingObserver(metrics, lambda ids: pred.vector(ids), pred.layers, pred.num_experts, pred.top_k)
@@ -212,8 +221,9 @@ class _CapsMixin:
         obs.on_admission(len(out.scheduled_new_reqs), ranked, st.bypassed - before[1],
                          self.caps_counters["predictor_fallback"] - before[2],
                          st.last_selection_s if ranked is not None else None)
-        reqs = self.requests
-        obs.on_schedule(out.num_scheduled_tokens, lambda rid: getattr(reqs.get(rid), "caps_vector", None))
+        reqs, predicted = self.requests, self.caps_predictor is not None
+        obs.on_schedule(out.num_scheduled_tokens,
+                        lambda rid: self._caps_vector(reqs[rid]) if predicted and rid in reqs else None)
 
     def _caps_observe_output(self, scheduler_output, model_runner_output) -> None:
         record = getattr(model_runner_output, "caps_routing", None)

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
+from tests.servers import ROOT, Server
+
 pytest.importorskip("vllm")
-ROOT = Path(__file__).resolve().parents[1]
 CAPS = {"min_batch_trigger": 2, "max_wait_ms": 60000}
 
 
@@ -41,63 +36,21 @@ def test_caps_changes_admission_not_results(tiny_model):
     assert all(len(o) == 12 for o in caps["outputs"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`vllm serve` started by the test, stopped by pid."""
-
-    def __init__(self, model, extra: list[str], log: Path):
-        self.port = _free_port()
-        self.log = log
-        vllm = Path(sys.executable).with_name("vllm")
-        self.proc = subprocess.Popen(
-            [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "tiny",
-             "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4", *extra],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-        )
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url("/health"), timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1)
-        raise AssertionError("server not ready in time:\n" + self.log.read_text()[-3000:])
-
-    def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-
 @pytest.mark.server
 def test_vllm_serve_with_caps(tiny_model, tmp_path):
     from caps_vllm.tiny_model import prompt_pool
 
+    # A metrics folder of the user's, holding what a previous server left: a counter of a
+    # process that has exited. It must not leak into this server's /metrics.
+    folder = tmp_path / "prom"
+    folder.mkdir()
+    subprocess.run([sys.executable, "-c", "from prometheus_client import Counter; Counter('vllm:caps_steps', 'x', "
+                    "['model_name', 'engine']).labels('tiny', '0').inc(1e6)"],
+                   env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}, check=True)
+    assert list(folder.glob("counter_*.db"))
     srv = Server(tiny_model, ["--scheduler-cls", "caps_vllm.CapsScheduler", "--additional-config",
-                              json.dumps({"caps": CAPS})], tmp_path / "serve.log")
+                              json.dumps({"caps": CAPS})], tmp_path / "serve.log",
+                 env={"PROMETHEUS_MULTIPROC_DIR": str(folder)})
     try:
         srv.wait_ready()
         prompts = [r["prompt"] for r in prompt_pool()][:24]
@@ -114,6 +67,8 @@ def test_vllm_serve_with_caps(tiny_model, tmp_path):
             choice = a["choices"][0]
             assert a["usage"]["completion_tokens"] > 0
             assert ("message" in choice) if i % 2 else ("text" in choice)
+        steps = [ln for ln in srv.get("/metrics").splitlines() if ln.startswith("vllm:caps_steps_total")]
+        assert len(steps) == 1 and 0 < float(steps[0].split()[-1]) < 1e6
     finally:
         srv.stop()
     assert srv.proc.returncode is not None
