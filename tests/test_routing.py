@@ -211,3 +211,19 @@ def test_capture_only_with_the_caps_scheduler(cls, caps, want):
     cfg = SimpleNamespace(scheduler_config=SimpleNamespace(scheduler_cls=cls),
                           additional_config={"caps": caps} if caps else {})
     assert plugin.capture_wanted(cfg) is want
+
+
+def test_incremental_predicted_load_equals_recomputation():
+    """The running sum over steps whose scheduled sets change equals summing from scratch."""
+    rng = np.random.default_rng(1)
+    vecs = {f"r{i}": (rng.dirichlet(np.ones(8)) * 4 if i % 5 else None) for i in range(40)}
+    obs = _observer("t-incr")
+    expected = 0.0
+    for _ in range(60):
+        ids = rng.choice(40, size=rng.integers(1, 12), replace=False)
+        scheduled = {f"r{i}": int(rng.choice([1, 1, 1, 5])) for i in ids}
+        obs.on_schedule(scheduled, vecs.get)
+        load = sum((vecs[r] * n for r, n in scheduled.items() if vecs[r] is not None), np.zeros(8))
+        shape = load_shape(load.reshape(2, 4))
+        expected += shape.max_over_mean if shape is not None else 0.0
+    assert _value("vllm:caps_predicted_load_max_over_mean_sum", "t-incr") == pytest.approx(expected, rel=1e-9)

@@ -1,0 +1,102 @@
+"""What routing capture and CAPS metrics cost: engine throughput with them on and off.
+
+Printed figures, not a test. The embedded tiny model in vllm.LLM (CPU, eager, in-process),
+CAPS scheduler both times with the same strategy; "on" = capture + metrics (the default),
+"off" = `{"capture": false, "metrics": false}`. Each configuration runs in its own process
+(one engine per process); each times ROUNDS generate() calls of PROMPTS prompts x TOKENS
+tokens after one warm-up call, and the two run alternately REPEATS times (the machine is
+noisy). Reported: median generate() wall time per configuration and the ratio on/off.
+
+    python tests/benchmarks/bench_observability.py [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPTS, TOKENS, ROUNDS = 32, 24, 3
+
+
+def child(model: str, caps: dict) -> None:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+
+    from caps_vllm.tiny_model import prompt_pool
+
+    llm = LLM(model=model, scheduler_cls="caps_vllm.CapsScheduler", max_model_len=512, enforce_eager=True, seed=0,
+              max_num_seqs=8, additional_config={"caps": caps})
+    prompts = [r["prompt"] for r in sorted(prompt_pool(), key=lambda r: r["category"])][:PROMPTS]
+    sp = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
+    llm.generate(prompts, sp, use_tqdm=False)  # warm-up
+    times = []
+    for _ in range(ROUNDS):
+        t0 = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    print("RESULT " + json.dumps(times), flush=True)
+
+
+def observer_step_cost(layers: int = 24, experts: int = 60, top_k: int = 4, running: int = 256) -> None:
+    """The scheduler-side cost per step at Qwen1.5-MoE shape: a decode step of ``running``
+    requests (predicted load, imbalance of both, histograms) — what the tiny model cannot show."""
+    import numpy as np
+
+    from caps_vllm.metrics import CapsMetrics
+    from caps_vllm.observer import RoutingObserver
+    from caps_vllm.routing import RoutingRecord
+
+    rng = np.random.default_rng(0)
+    d = layers * experts
+    vecs = {f"r{i}": rng.dirichlet(np.ones(d)) * layers * top_k for i in range(running)}
+    obs = RoutingObserver(CapsMetrics("bench", "0"), lambda ids: None, layers, experts, top_k)
+    sched = {rid: 1 for rid in vecs}
+    rec = RoutingRecord(tuple(range(layers)), rng.integers(0, 20, size=(layers, experts)), running)
+    samples = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        obs.on_schedule(sched, vecs.get)
+        obs.on_output(rec, lambda rid: None)
+        samples.append(time.perf_counter() - t0)
+    print(f"observer per decode step, {running} running, {layers}x{experts} experts: "
+          f"median {statistics.median(samples) * 1e3:.3f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    observer_step_cost()
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
+    model = subprocess.run([sys.executable, "-m", "caps_vllm.tiny_model"], capture_output=True, text=True,
+                           check=True, env=env).stdout.strip().splitlines()[-1]
+    configs = {"on": {}, "off": {"capture": False, "metrics": False}}
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    for _ in range(args.repeats):
+        for name, caps in configs.items():
+            out = subprocess.run([sys.executable, __file__, "--child", model, json.dumps(caps)], capture_output=True,
+                                 text=True, env=env, timeout=900)
+            line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{name} run failed:\n{out.stderr[-3000:]}")
+            times[name] += json.loads(line[7:])
+    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    n = PROMPTS * TOKENS
+    print(f"routing capture + metrics, tiny model, {PROMPTS} prompts x {TOKENS} tokens, "
+          f"{len(times['on'])} timed generate() calls each")
+    print(f"  off: {off:.3f} s ({n / off:.0f} tok/s)   on: {on:.3f} s ({n / on:.0f} tok/s)   on/off = {on / off:.3f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2], json.loads(sys.argv[3]))
+    else:
+        main()
