@@ -39,6 +39,7 @@ bench: setup
 	$(PY) tests/benchmarks/bench_strategies.py
 	$(PY) tests/benchmarks/bench_sweep.py
 	$(PY) tests/benchmarks/bench_scheduler.py
+	$(PY) tests/benchmarks/bench_observability.py
 
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup
