@@ -227,3 +227,33 @@ def test_incremental_predicted_load_equals_recomputation():
         shape = load_shape(load.reshape(2, 4))
         expected += shape.max_over_mean if shape is not None else 0.0
     assert _value("vllm:caps_predicted_load_max_over_mean_sum", "t-incr") == pytest.approx(expected, rel=1e-9)
+
+
+def test_readme_documents_every_metric():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name, (kind, *_rest) in SPEC.items():
+        assert (f"`{name}_total`" if kind == "counter" else f"`{name}") in readme or f"{name}_total" in readme, name
+
+
+def test_deploy_files_agree():
+    from pathlib import Path
+
+    yaml = pytest.importorskip("yaml")
+    deploy = Path(__file__).resolve().parents[1] / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    prom = yaml.safe_load((deploy / "prometheus" / "prometheus.yml").read_text())
+    target = prom["scrape_configs"][0]["static_configs"][0]["targets"][0]
+    assert target == "vllm:8000" and "--port=8000" in compose["services"]["vllm"]["command"]
+    assert "--scheduler-cls=caps_vllm.CapsScheduler" in compose["services"]["vllm"]["command"]
+    for svc in compose["services"].values():
+        for vol in svc.get("volumes", []):
+            src = vol.split(":")[0]
+            if src.startswith("./"):
+                assert (deploy / src).exists(), src
+    ds = yaml.safe_load((deploy / "grafana/provisioning/datasources/prometheus.yml").read_text())
+    dash = json.loads((deploy / "grafana/dashboards/caps-vllm.json").read_text())
+    uids = {p["datasource"]["uid"] for p in dash["panels"]}
+    assert uids == {ds["datasources"][0]["uid"]}
+    assert (deploy / compose["services"]["vllm"]["build"]["dockerfile"].removeprefix("deploy/")).exists()
