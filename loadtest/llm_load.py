@@ -1,0 +1,281 @@
+"""Locust load against vLLM's OpenAI endpoint: streaming completions and chat completions.
+
+Imported by ``loadtest/locustfile.py`` and the shape files (by package name, so Locust's
+listeners are registered once):
+
+    locust -f loadtest/locustfile.py,loadtest/shapes/bursty.py --headless -H http://127.0.0.1:8000 \
+        --rate 4 --duration 60 --summary out/summary.json
+
+The shape file picks the pattern (``shapes/bursty.py``, ``shapes/poisson.py``,
+``shapes/trace.py``); the arrival schedule is built from ``--seed`` at test start, so two runs
+send the same requests at the same times. Each Locust user takes the next arrival, waits for its
+time and sends it; ``--concurrency`` users bound the requests in flight (an arrival that finds
+every user busy is sent late, and the summary says by how much).
+
+Every request fires Locust request events named ``TTFT``, ``ITL`` (one per gap between streamed
+chunks) and ``E2E``, under request type ``completions`` or ``chat``, so Locust's CSVs hold them.
+A failure (server down, time-out, an HTTP error, a broken stream, no token) is an ``E2E``
+failure with its reason and never stops the run. ``--summary`` writes p50/p90/p99 of TTFT, ITL
+and E2E, throughput, goodput under the SLO (``--slo-ttft``, ``--slo-e2e``) and failures by
+reason; ``--samples`` writes one JSON line per request.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import gevent
+import requests
+from locust import LoadTestShape, User, events, task
+
+from loadtest.workload import PATTERNS, Arrival, build, load_prompts
+
+
+@events.init_command_line_parser.add_listener
+def _options(parser) -> None:
+    g = parser.add_argument_group("caps-vllm load")
+    g.add_argument("--prompts", default="", help="JSON-lines prompt pool with prompt, category (default: the project's)")
+    g.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (bursty, poisson)")
+    g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
+    g.add_argument("--max-requests", type=int, default=1000, help="at most this many requests")
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (cap for traces)")
+    g.add_argument("--burst-len", type=float, default=16.0, help="mean run length of one topic (bursty)")
+    g.add_argument("--chat-share", type=float, default=0.5, help="share of chat completions")
+    g.add_argument("--trace", default="", help="trace CSV (trace pattern)")
+    g.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--concurrency", type=int, default=64, help="users = requests in flight at most")
+    g.add_argument("--model", default="", help="served model name (default: the server's first)")
+    g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
+    g.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO: TTFT seconds")
+    g.add_argument("--slo-e2e", type=float, default=20.0, help="goodput SLO: end-to-end seconds")
+    g.add_argument("--summary", default="", help="write the JSON summary here")
+    g.add_argument("--samples", default="", help="write one JSON line per request here")
+
+
+class Run:
+    """One run's schedule and results, shared by the users (gevent: no locks needed)."""
+
+    def __init__(self, env, pattern: str) -> None:
+        o = env.parsed_options
+        self.options = o
+        self.pattern = pattern
+        self.arrivals: list[Arrival] = build(
+            pattern, load_prompts(o.prompts or None), rate=o.rate, duration=o.duration,
+            max_requests=o.max_requests, max_tokens=o.max_tokens, burst_len=o.burst_len, chat_share=o.chat_share,
+            seed=o.seed, trace=o.trace or None, speedup=o.speedup)
+        self.next = 0
+        self.in_flight = 0
+        self.start = time.monotonic()
+        self.results: list[dict] = []
+        self.model = o.model
+
+    def take(self) -> Arrival | None:
+        """The next arrival, counted in flight from now until its answer (or failure)."""
+        if self.next >= len(self.arrivals):
+            return None
+        self.next += 1
+        self.in_flight += 1
+        return self.arrivals[self.next - 1]
+
+    @property
+    def done(self) -> bool:
+        return self.next >= len(self.arrivals) and self.in_flight == 0
+
+
+RUN: Run | None = None
+
+
+def start_run(env, pattern: str) -> None:
+    global RUN
+    if pattern not in PATTERNS:
+        raise ValueError(pattern)
+    RUN = Run(env, pattern)
+
+
+class ArrivalShape(LoadTestShape):
+    """Users enough for ``--concurrency`` requests in flight until every arrival is answered."""
+
+    abstract = True
+    use_common_options = True  # --run-time still bounds the run
+    pattern = ""
+
+    def tick(self):
+        if RUN is None:
+            start_run(self.runner.environment, self.pattern)
+        run, o = RUN, RUN.options
+        if run.done or self.get_run_time() > o.duration + o.request_timeout + 10:
+            return None
+        return o.concurrency, float(o.concurrency)
+
+
+@events.test_start.add_listener
+def _no_shape(environment, **_kw) -> None:
+    if RUN is None and environment.shape_class is None:  # plain -u/-r run: the bursty schedule
+        start_run(environment, "bursty")
+
+
+def _served_model(base: str, timeout: float) -> str:
+    r = requests.get(base + "/v1/models", timeout=timeout)
+    r.raise_for_status()
+    return r.json()["data"][0]["id"]
+
+
+def _fire(env, kind: str, name: str, seconds: float, length: int = 0, exc: Exception | None = None) -> None:
+    env.events.request.fire(request_type=kind, name=name, response_time=seconds * 1000.0, response_length=length,
+                            exception=exc, context={})
+
+
+class LLMUser(User):
+    """Sends the run's arrivals, streaming, and times them."""
+
+    # A User, not an HttpUser: Locust's own request event would time only the response headers.
+    def on_start(self) -> None:
+        self.session = requests.Session()
+
+    @task
+    def next_request(self) -> None:
+        run = RUN
+        if run is None:
+            gevent.sleep(0.1)
+            return
+        arrival = run.take()
+        if arrival is None:
+            gevent.sleep(0.2)
+            return
+        try:
+            delay = arrival.t - (time.monotonic() - run.start)
+            if delay > 0:
+                gevent.sleep(delay)
+            run.results.append(self._send(run, arrival))
+        finally:
+            run.in_flight -= 1
+
+    def _send(self, run: Run, a: Arrival) -> dict:
+        o, env = run.options, self.environment
+        kind = "chat" if a.chat else "completions"
+        sent = time.monotonic()
+        rec = {"t": a.t, "late_s": sent - run.start - a.t, "category": a.category, "kind": kind,
+               "ttft_s": None, "itl_s": [], "e2e_s": None, "tokens": 0, "error": None}
+        try:
+            if not run.model:
+                run.model = _served_model(self.host, o.request_timeout)
+            body = {"model": run.model, "max_tokens": a.max_tokens, "stream": True, "temperature": 0.0,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            if a.chat:
+                body["messages"] = [{"role": "user", "content": a.prompt}]
+                path = "/v1/chat/completions"
+            else:
+                body["prompt"] = a.prompt
+                path = "/v1/completions"
+            with self.session.post(self.host + path, json=body, stream=True, timeout=o.request_timeout) as r:
+                if r.status_code >= 400:
+                    raise RequestFailed(f"http {r.status_code}: {r.text[:120]}")
+                last, finished = None, False
+                for line in r.iter_lines(decode_unicode=True):
+                    if not line or not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        finished = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise RequestFailed(f"stream error: {str(chunk['error'])[:120]}")
+                    choices = chunk.get("choices") or []
+                    text = (choices[0].get("delta", {}).get("content") if a.chat else choices[0].get("text")) \
+                        if choices else None
+                    if text:  # a token (chat's first chunk only carries the role)
+                        now = time.monotonic()
+                        if last is None:
+                            rec["ttft_s"] = now - sent
+                            _fire(env, kind, "TTFT", rec["ttft_s"])
+                        else:
+                            rec["itl_s"].append(now - last)
+                            _fire(env, kind, "ITL", now - last)
+                        last = now
+                    if chunk.get("usage"):
+                        rec["tokens"] = chunk["usage"].get("completion_tokens", 0)
+                if not finished:
+                    raise RequestFailed("broken stream: ended without [DONE]")
+                if last is None:
+                    raise RequestFailed("no token streamed")
+            rec["e2e_s"] = time.monotonic() - sent
+            _fire(env, kind, "E2E", rec["e2e_s"], rec["tokens"])
+        except Exception as exc:  # every failure is counted with its reason; the run goes on
+            rec["error"] = _reason(exc)
+            _fire(env, kind, "E2E", time.monotonic() - sent, 0, RequestFailed(rec["error"]))
+        return rec
+
+
+class RequestFailed(Exception):
+    pass
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, RequestFailed):
+        return str(exc)
+    if isinstance(exc, requests.exceptions.ConnectionError) and not isinstance(exc, requests.exceptions.ReadTimeout):
+        if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+            return "broken stream: connection closed mid-response"
+        return "connection: server down or refusing"
+    if isinstance(exc, (requests.exceptions.Timeout,)):
+        return "timeout"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "broken stream: connection closed mid-response"
+    if isinstance(exc, (ValueError, KeyError, IndexError, TypeError)):
+        return f"broken stream: bad chunk ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _quantiles(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "n": 0}
+    a = sorted(xs)
+
+    def q(p: float) -> float:  # nearest-rank
+        return a[min(len(a) - 1, max(0, math.ceil(p * len(a)) - 1))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(a) / len(a), "n": len(a)}
+
+
+def summarize(run: Run, wall_s: float) -> dict:
+    o = run.options
+    ok = [r for r in run.results if r["error"] is None]
+    good = [r for r in ok if r["ttft_s"] <= o.slo_ttft and r["e2e_s"] <= o.slo_e2e]
+    return {
+        "pattern": run.pattern, "seed": o.seed, "scheduled": len(run.arrivals), "sent": len(run.results),
+        "completed": len(ok), "failures": len(run.results) - len(ok),
+        "failure_reasons": dict(Counter(r["error"] for r in run.results if r["error"])),
+        "wall_s": wall_s,
+        "ttft_s": _quantiles([r["ttft_s"] for r in ok]),
+        "itl_s": _quantiles([x for r in ok for x in r["itl_s"]]),
+        "e2e_s": _quantiles([r["e2e_s"] for r in ok]),
+        "late_s": _quantiles([r["late_s"] for r in run.results]),
+        "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0,
+        "throughput_tok_s": sum(r["tokens"] for r in ok) / wall_s if wall_s > 0 else 0.0,
+        "slo": {"ttft_s": o.slo_ttft, "e2e_s": o.slo_e2e},
+        "goodput_rps": len(good) / wall_s if wall_s > 0 else 0.0,
+        "goodput_share": len(good) / len(run.results) if run.results else 0.0,
+    }
+
+
+@events.quitting.add_listener
+def _write(environment, **_kw) -> None:
+    run = RUN
+    if run is None:
+        return
+    o = run.options
+    summary = summarize(run, time.monotonic() - run.start)
+    if o.summary:
+        Path(o.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(o.summary).write_text(json.dumps(summary, indent=2))
+    if o.samples:
+        Path(o.samples).parent.mkdir(parents=True, exist_ok=True)
+        Path(o.samples).write_text("".join(json.dumps(r) + "\n" for r in run.results))
+    if summary["failures"]:
+        environment.process_exit_code = 1

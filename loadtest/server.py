@@ -1,0 +1,81 @@
+"""A `vllm serve` process on loopback, started and stopped by pid (its own process group)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM to the process group, SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+class VllmServer:
+    """``vllm serve MODEL ARGS`` on 127.0.0.1; the log goes to ``log``."""
+
+    def __init__(self, model: str | Path, args: list[str], log: Path, env: dict | None = None,
+                 name: str = "tiny", port: int | None = None, cwd: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        vllm = Path(sys.executable).with_name("vllm")
+        # The metrics folder is the caller's choice, never inherited from the shell.
+        base = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
+        base.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        self.proc = subprocess.Popen(
+            [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+             "--served-model-name", name, *args],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
+            env={**base, **(env or {})},
+        )
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url("/health"), timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(1)
+        raise RuntimeError(f"vllm serve not ready after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(self.url(path), timeout=30) as r:
+            return r.read().decode()
+
+    def post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+
+    def stop(self) -> None:
+        stop_group(self.proc)

@@ -1,0 +1,109 @@
+"""Arrival schedules for the load tests: who asks what, when (no Locust, no server).
+
+A schedule is a list of :class:`Arrival` in time order, built once per run from a seed, so a
+run against the stock scheduler and one against CAPS replay exactly the same requests. Three
+patterns, as in the simulator:
+
+* ``bursty``: Poisson arrivals at ``rate``; topics in runs (geometric, mean ``burst_len``) of
+  one category, then another — semantic hotspots;
+* ``poisson``: Poisson arrivals at ``rate``, every request's topic drawn independently;
+* ``trace``: arrival times and output lengths from a trace CSV (the simulator's formats),
+  prompts from the pool, the one closest to the trace's prompt length (≈ 4 characters a token).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "caps_vllm" / "data" / "topic_prompts.jsonl"
+PATTERNS = ("bursty", "poisson", "trace")
+
+
+@dataclass(frozen=True)
+class Arrival:
+    t: float  # seconds from the start of the run
+    prompt: str
+    category: str
+    max_tokens: int
+    chat: bool  # /v1/chat/completions (else /v1/completions)
+
+
+def load_prompts(path: str | Path | None = None) -> list[dict]:
+    """``{"prompt", "category"}`` rows from a JSON-lines pool (the project's own by default)."""
+    path = Path(path) if path else DEFAULT_PROMPTS
+    rows = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, category = row["prompt"], row["category"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' and 'category' ({exc})") from None
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{path}:{n}: empty prompt")
+            rows.append({"prompt": prompt, "category": str(category)})
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def _topic_runs(n: int, topics: int, mean_len: float, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty(n, dtype=np.int64)
+    pos, cur = 0, int(rng.integers(topics))
+    while pos < n:
+        run = int(rng.geometric(1.0 / max(mean_len, 1.0)))
+        out[pos : pos + run] = cur
+        pos += run
+        if topics > 1:
+            cur = (cur + 1 + int(rng.integers(topics - 1))) % topics
+    return out
+
+
+def build(pattern: str, prompts: list[dict], *, rate: float = 4.0, duration: float = 60.0, max_requests: int = 1000,
+          max_tokens: int = 32, burst_len: float = 16.0, chat_share: float = 0.5, seed: int = 0,
+          trace: str | Path | None = None, speedup: float = 1.0) -> list[Arrival]:
+    """The run's requests, bounded by ``duration`` seconds and ``max_requests``."""
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern {pattern!r}: valid: {', '.join(PATTERNS)}")
+    if rate <= 0 or duration <= 0 or max_requests < 1 or max_tokens < 1 or speedup <= 0:
+        raise ValueError("rate, duration, speedup must be > 0; max_requests, max_tokens >= 1")
+    rng = np.random.default_rng(seed)
+    cats = sorted({p["category"] for p in prompts})
+    by_cat = {c: [p for p in prompts if p["category"] == c] for c in cats}
+    if pattern == "trace":
+        if trace is None:
+            raise ValueError("pattern 'trace' needs a trace CSV")
+        from sim.workload import load_trace
+
+        times, prompt_tokens, output_tokens = load_trace(trace)
+        keep = times / speedup <= duration
+        times, prompt_tokens, output_tokens = times[keep] / speedup, prompt_tokens[keep], output_tokens[keep]
+        n = min(len(times), max_requests)
+        lengths = np.array([len(p["prompt"]) for p in prompts])
+        picks = [prompts[int(np.argmin(np.abs(lengths - 4 * pt)))] for pt in prompt_tokens[:n]]
+        outs = np.clip(output_tokens[:n], 1, max_tokens)
+        return [Arrival(float(times[i]), picks[i]["prompt"], picks[i]["category"], int(outs[i]),
+                        bool(rng.random() < chat_share)) for i in range(n)]
+    gaps = rng.exponential(1.0 / rate, size=max_requests)
+    times = np.cumsum(gaps) - gaps[0]
+    n = int(np.searchsorted(times, duration, side="right"))
+    if pattern == "bursty":
+        topic = _topic_runs(n, len(cats), burst_len, rng)
+    else:
+        topic = rng.integers(len(cats), size=n)
+    out = []
+    for i in range(n):
+        pool = by_cat[cats[topic[i]]]
+        p = pool[int(rng.integers(len(pool)))]
+        out.append(Arrival(float(times[i]), p["prompt"], p["category"], max_tokens, bool(rng.random() < chat_share)))
+    return out
+
+
+def to_json(arrivals: list[Arrival]) -> str:
+    return json.dumps([asdict(a) for a in arrivals])
