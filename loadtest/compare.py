@@ -135,7 +135,7 @@ ROWS = [  # (label, getter, unit)
     ("actual distinct experts/layer/step", lambda r: r["metrics"]["vllm:caps_actual_distinct_experts"], ""),
     ("predicted imbalance max/mean", lambda r: r["metrics"]["vllm:caps_predicted_load_max_over_mean"], ""),
     ("predictor cosine (mean/request)", lambda r: r["metrics"]["vllm:caps_predictor_cosine"], ""),
-    ("requests ranked by CAPS", lambda r: r["metrics"]["vllm:caps_ranked_requests_total"], ""),
+    ("requests ordered by the strategy", lambda r: r["metrics"]["vllm:caps_ranked_requests_total"], ""),
     ("engine steps", lambda r: r["metrics"]["vllm:caps_steps_total"], ""),
     ("preemptions", lambda r: r["metrics"]["vllm:num_preemptions_total"], ""),
 ]

@@ -12,8 +12,8 @@ send the same requests at the same times. Each Locust user takes the next arriva
 time and sends it; ``--concurrency`` users bound the requests in flight (an arrival that finds
 every user busy is sent late, and the summary says by how much).
 
-Every request fires Locust request events named ``TTFT``, ``ITL`` (one per gap between streamed
-chunks) and ``E2E``, under request type ``completions`` or ``chat``, so Locust's CSVs hold them.
+Every request fires Locust request events named ``TTFT``, ``ITL`` (one per generated token after
+the first: a chunk's gap divided over the tokens it carries, from per-chunk usage) and ``E2E``, under request type ``completions`` or ``chat``, so Locust's CSVs hold them.
 A failure (server down, time-out, an HTTP error, a broken stream, no token) is an ``E2E``
 failure with its reason and never stops the run. ``--summary`` writes p50/p90/p99 of TTFT, ITL
 and E2E, throughput, goodput under the SLO (``--slo-ttft``, ``--slo-e2e``) and failures by
@@ -165,7 +165,7 @@ class LLMUser(User):
             if not run.model:
                 run.model = _served_model(self.host, o.request_timeout)
             body = {"model": run.model, "max_tokens": a.max_tokens, "stream": True, "temperature": 0.0,
-                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+                    "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
             if a.chat:
                 body["messages"] = [{"role": "user", "content": a.prompt}]
                 path = "/v1/chat/completions"
@@ -186,20 +186,23 @@ class LLMUser(User):
                     chunk = json.loads(data)
                     if "error" in chunk:
                         raise RequestFailed(f"stream error: {str(chunk['error'])[:120]}")
-                    choices = chunk.get("choices") or []
-                    text = (choices[0].get("delta", {}).get("content") if a.chat else choices[0].get("text")) \
-                        if choices else None
-                    if text:  # a token (chat's first chunk only carries the role)
+                    # Per-chunk usage (continuous_usage_stats) says how many tokens a chunk carries:
+                    # under load vLLM sends several per chunk. Chat's first chunk only has the role.
+                    usage = chunk.get("usage") or {}
+                    new_tokens = usage.get("completion_tokens", rec["tokens"]) - rec["tokens"]
+                    if new_tokens > 0:
+                        rec["tokens"] += new_tokens
                         now = time.monotonic()
                         if last is None:
                             rec["ttft_s"] = now - sent
                             _fire(env, kind, "TTFT", rec["ttft_s"])
+                            gaps = [0.0] * (new_tokens - 1)  # the first chunk's other tokens came with it
                         else:
-                            rec["itl_s"].append(now - last)
-                            _fire(env, kind, "ITL", now - last)
+                            gaps = [(now - last) / new_tokens] * new_tokens
+                        for gap in gaps:
+                            rec["itl_s"].append(gap)
+                            _fire(env, kind, "ITL", gap)
                         last = now
-                    if chunk.get("usage"):
-                        rec["tokens"] = chunk["usage"].get("completion_tokens", 0)
                 if not finished:
                     raise RequestFailed("broken stream: ended without [DONE]")
                 if last is None:

@@ -72,8 +72,9 @@ class _Faulty(BaseHTTPRequestHandler):
         if mode == 5:
             self.wfile.write(b"data: {not json\n\n")
             return
-        for tok in ("a", "b", "c"):
-            body = {"choices": [{"text": tok, "delta": {"content": tok}, "finish_reason": None}]}
+        for i, tok in enumerate(("a", "b", "c")):
+            body = {"choices": [{"text": tok, "delta": {"content": tok}, "finish_reason": None}],
+                    "usage": {"completion_tokens": i + 1}}
             self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
             self.wfile.flush()
             time.sleep(0.01)
@@ -124,8 +125,8 @@ def test_a_server_that_is_down_is_a_counted_failure(tmp_path):
 def test_side_by_side_against_live_servers(tiny_model, tmp_path):
     """`python -m loadtest.compare`: stock-order and CAPS servers, the same bursty load, a report."""
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tiny_model), "--rate", "8", "--duration", "15",
-           "--max-requests", "100", "--max-tokens", "8", "--max-num-seqs", "4", "--poll", "1", "--out", str(out),
+    cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tiny_model), "--rate", "40", "--duration", "4",
+           "--max-requests", "150", "--max-tokens", "8", "--max-num-seqs", "4", "--poll", "1", "--out", str(out),
            "--caps-config", json.dumps({"min_batch_trigger": 2})]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
