@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -16,7 +17,10 @@ import pytest
 from loadtest.workload import build, load_prompts
 from tests.servers import ROOT
 
-pytest.importorskip("locust")
+# Never import locust here: it monkey-patches the whole process with gevent, which would hang
+# later tests that fork (the simulator's worker pool). Locust runs in its own process.
+if importlib.util.find_spec("locust") is None:
+    pytest.skip("locust is not installed (the loadtest extra)", allow_module_level=True)
 
 
 def test_schedules_are_seeded_bounded_and_shaped(tmp_path):
