@@ -1,0 +1,123 @@
+"""MoE-layer time as a function of the per-expert token counts, with the kernel that serves.
+
+Raw measurements for the step-cost model (issue 6), not a test. On CPU: vLLM's fused-MoE op
+(`ops.cpu_fused_moe`, the path vLLM's CPU backend runs, weights prepacked as vLLM prepacks
+them), bf16, for a Qwen1.5-MoE-A2.7B-shaped layer (hidden 2048, 60 experts of 1408, top-4) and
+a half-width one (hidden 1024, 60 experts of 704, top-4). For each number of tokens per step,
+the routing goes from fully concentrated (every token on the same top-k experts) to spread
+over ``distinct`` experts with equal load, plus a Zipf-skewed load over all experts. Each
+point: median of ``--reps`` timed calls after one warm-up. Writes CSV rows as it goes, so a
+time budget (``--budget-s``) cuts the sweep cleanly; the machine's description goes to a
+``.machine.txt`` beside the CSV.
+
+    python tests/benchmarks/bench_moe_kernel.py --out tests/benchmarks/results/moe_kernel_cpu.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = {"qwen1.5-moe": (2048, 1408, 60, 4), "half": (1024, 704, 60, 4)}
+TOKENS = (1, 4, 16, 32, 64, 128, 256, 512)
+
+
+def routing(tokens: int, experts: int, top_k: int, distinct: int, pattern: str, rng) -> np.ndarray:
+    """[tokens, top_k] expert ids: ``distinct`` experts in equal load, or Zipf over all."""
+    if pattern == "zipf":
+        p = 1.0 / np.arange(1, experts + 1) ** 1.2
+        p /= p.sum()
+        ids = np.stack([rng.choice(experts, size=top_k, replace=False, p=p) for _ in range(tokens)])
+        return ids
+    chosen = rng.permutation(experts)[:distinct]
+    slots = np.resize(chosen, tokens * top_k).reshape(tokens, top_k)  # round robin: equal loads
+    if distinct > top_k:
+        # each token's k experts must differ: shift rows so no id repeats within a row
+        slots = np.stack([np.roll(chosen, -((i * top_k) % distinct))[:top_k] for i in range(tokens)])
+    return slots
+
+
+def machine() -> str:
+    lines = [f"platform: {platform.platform()}", f"cpus: {os.cpu_count()}"]
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        lines += [ln for ln in lscpu.splitlines() if ln.split(":")[0] in ("Model name", "Flags", "L3 cache")]
+    except OSError:
+        pass
+    import torch
+    import vllm
+
+    lines += [f"torch: {torch.__version__}", f"vllm: {vllm.__version__}", f"torch threads: {torch.get_num_threads()}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="tests/benchmarks/results/moe_kernel_cpu.csv")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--budget-s", type=float, default=900.0)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    args = ap.parse_args()
+
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()  # vLLM's kernels for this CPU's ISA (AVX2 here)
+    if hasattr(torch._C, "_cpu") and hasattr(torch._C._cpu, "_init_amx"):
+        torch._C._cpu._init_amx()  # needed on AMX machines, or the op dies with "Illegal instruction"
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".machine.txt").write_text(machine())
+    rng = np.random.default_rng(0)
+    started = time.monotonic()
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["shape", "hidden", "intermediate", "experts", "top_k", "tokens", "pattern", "distinct",
+                    "max_load", "cv", "median_ms", "min_ms", "max_ms", "reps"])
+        for name in args.shapes:
+            hidden, inter, experts, top_k = SHAPES[name]
+            torch.manual_seed(0)
+            w13 = ops.cpu_prepack_moe_weight((torch.randn(experts, 2 * inter, hidden) * 0.02).bfloat16(), "vec")
+            w2 = ops.cpu_prepack_moe_weight((torch.randn(experts, hidden, inter) * 0.02).bfloat16(), "vec")
+            for tokens in args.tokens:
+                x = torch.randn(tokens, hidden).bfloat16()
+                res = torch.empty_like(x)
+                ladder = sorted({top_k, *[d for d in (8, 16, 32, 48, 60) if d <= min(experts, tokens * top_k)]})
+                for pattern, distinct in [("equal", d) for d in ladder] + [("zipf", 0)]:
+                    if time.monotonic() - started > args.budget_s:
+                        print(f"time budget reached; stopped before {name} tokens={tokens}")
+                        return
+                    ids = routing(tokens, experts, top_k, distinct, pattern, rng)
+                    counts = np.bincount(ids.ravel(), minlength=experts)
+                    topk_ids = torch.from_numpy(ids.astype(np.int32))
+                    topk_w = torch.full((tokens, top_k), 1.0 / top_k, dtype=torch.float32)
+
+                    def call() -> float:
+                        t0 = time.perf_counter()
+                        ops.cpu_fused_moe(res, x, w13, w2, None, None, topk_w, topk_ids, "silu", "vec")
+                        return (time.perf_counter() - t0) * 1e3
+
+                    call()  # warm-up
+                    times = [call() for _ in range(args.reps)]
+                    live = counts[counts > 0]
+                    w.writerow([name, hidden, inter, experts, top_k, tokens, pattern, int((counts > 0).sum()),
+                                int(counts.max()), round(float(counts.std() / counts.mean()), 4),
+                                round(statistics.median(times), 3), round(min(times), 3), round(max(times), 3),
+                                args.reps])
+                    f.flush()
+                    print(f"{name} tokens={tokens:4d} {pattern:5s} distinct={len(live):2d} "
+                          f"max={counts.max():4d}: {statistics.median(times):8.2f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
