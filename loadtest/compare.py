@@ -24,7 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from loadtest.server import VllmServer
+from loadtest.server import VllmServer, metric_sums
+from loadtest.workload import add_load_options, load_option_args
 
 ROOT = Path(__file__).resolve().parents[1]
 #: /metrics series kept per poll (summed over labels)
@@ -38,15 +39,7 @@ COUNTERS = ("vllm:caps_ranked_requests_total", "vllm:caps_fcfs_fallback_requests
 
 def scrape(text: str) -> dict[str, float]:
     """``name_sum``/``name_count`` of SERIES and COUNTERS, summed over labels."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    want = {f"{n}_{k}" for n in SERIES for k in ("sum", "count")} | set(COUNTERS)
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name in want:
-                out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
+    return metric_sums(text, {f"{n}_{k}" for n in SERIES for k in ("sum", "count")} | set(COUNTERS))
 
 
 class Poller(threading.Thread):
@@ -88,15 +81,7 @@ def run_one(label: str, sched_args: list[str], args, out: Path) -> dict:
         cmd = [sys.executable, "-m", "locust", "-f", f"{ROOT / 'loadtest' / 'locustfile.py'},{shape}", "--headless",
                "-H", server.url(""), "--only-summary", "--loglevel", "WARNING", "--csv", str(d / "locust"),
                "--summary", str(d / "summary.json"), "--samples", str(d / "samples.jsonl"),
-               "--run-time", f"{int(args.duration + args.request_timeout + 30)}s",
-               "--rate", str(args.rate), "--duration", str(args.duration), "--max-requests", str(args.max_requests),
-               "--max-tokens", str(args.max_tokens), "--burst-len", str(args.burst_len), "--seed", str(args.seed),
-               "--concurrency", str(args.concurrency), "--request-timeout", str(args.request_timeout),
-               "--slo-ttft", str(args.slo_ttft), "--slo-e2e", str(args.slo_e2e), "--chat-share", str(args.chat_share)]
-        if args.prompts:
-            cmd += ["--prompts", args.prompts]
-        if args.trace:
-            cmd += ["--trace", args.trace, "--speedup", str(args.speedup)]
+               "--run-time", f"{int(args.duration + args.request_timeout + 30)}s", *load_option_args(args)]
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                               timeout=args.duration + args.request_timeout + 120)
         (d / "locust.log").write_text(proc.stdout + proc.stderr)
@@ -221,20 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="", help="model path or name (default: the embedded tiny MoE)")
     ap.add_argument("--pattern", choices=("bursty", "poisson", "trace"), default="bursty")
-    ap.add_argument("--rate", type=float, default=6.0)
-    ap.add_argument("--duration", type=float, default=60.0)
-    ap.add_argument("--max-requests", type=int, default=1000)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--burst-len", type=float, default=16.0)
-    ap.add_argument("--chat-share", type=float, default=0.5)
-    ap.add_argument("--prompts", default="", help="JSON-lines prompt pool (default: the project's)")
-    ap.add_argument("--trace", default="")
-    ap.add_argument("--speedup", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--request-timeout", type=float, default=120.0)
-    ap.add_argument("--slo-ttft", type=float, default=2.0)
-    ap.add_argument("--slo-e2e", type=float, default=20.0)
+    add_load_options(ap)
+    ap.set_defaults(rate=6.0)
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="let vLLM compile (slower start; default --enforce-eager)")

@@ -32,27 +32,14 @@ import gevent
 import requests
 from locust import LoadTestShape, User, events, task
 
-from loadtest.workload import PATTERNS, Arrival, build, load_prompts
+from loadtest.workload import PATTERNS, Arrival, add_load_options, build, load_prompts
 
 
 @events.init_command_line_parser.add_listener
 def _options(parser) -> None:
     g = parser.add_argument_group("caps-vllm load")
-    g.add_argument("--prompts", default="", help="JSON-lines prompt pool with prompt, category (default: the project's)")
-    g.add_argument("--rate", type=float, default=4.0, help="mean arrivals per second (bursty, poisson)")
-    g.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals")
-    g.add_argument("--max-requests", type=int, default=1000, help="at most this many requests")
-    g.add_argument("--max-tokens", type=int, default=32, help="tokens generated per request (cap for traces)")
-    g.add_argument("--burst-len", type=float, default=16.0, help="mean run length of one topic (bursty)")
-    g.add_argument("--chat-share", type=float, default=0.5, help="share of chat completions")
-    g.add_argument("--trace", default="", help="trace CSV (trace pattern)")
-    g.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--concurrency", type=int, default=64, help="users = requests in flight at most")
+    add_load_options(g)
     g.add_argument("--model", default="", help="served model name (default: the server's first)")
-    g.add_argument("--request-timeout", type=float, default=120.0, help="seconds per request")
-    g.add_argument("--slo-ttft", type=float, default=2.0, help="goodput SLO: TTFT seconds")
-    g.add_argument("--slo-e2e", type=float, default=20.0, help="goodput SLO: end-to-end seconds")
     g.add_argument("--summary", default="", help="write the JSON summary here")
     g.add_argument("--samples", default="", help="write one JSON line per request here")
 
@@ -220,15 +207,14 @@ class RequestFailed(Exception):
 
 
 def _reason(exc: Exception) -> str:
+    err = requests.exceptions
     if isinstance(exc, RequestFailed):
         return str(exc)
-    if isinstance(exc, requests.exceptions.ConnectionError) and not isinstance(exc, requests.exceptions.ReadTimeout):
-        if isinstance(exc, requests.exceptions.ChunkedEncodingError):
-            return "broken stream: connection closed mid-response"
+    if isinstance(exc, err.ConnectionError):  # ConnectTimeout included: nobody answered
         return "connection: server down or refusing"
-    if isinstance(exc, (requests.exceptions.Timeout,)):
+    if isinstance(exc, err.Timeout):
         return "timeout"
-    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+    if isinstance(exc, err.ChunkedEncodingError):
         return "broken stream: connection closed mid-response"
     if isinstance(exc, (ValueError, KeyError, IndexError, TypeError)):
         return f"broken stream: bad chunk ({type(exc).__name__})"

@@ -20,6 +20,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric_sums(text: str, names: set[str] | None = None) -> dict[str, float]:
+    """Each series on a /metrics page summed over its labels (only ``names`` if given)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if names is None or s.name in names:
+                out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
 def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGTERM to the process group, SIGKILL if it lingers."""
     if proc.poll() is None:

@@ -32,6 +32,35 @@ class Arrival:
     chat: bool  # /v1/chat/completions (else /v1/completions)
 
 
+#: The load's options, shared by the Locust file and the side-by-side runner (which forwards them).
+LOAD_OPTIONS: tuple[tuple[str, type, object, str], ...] = (
+    ("--prompts", str, "", "JSON-lines prompt pool with prompt, category (default: the project's)"),
+    ("--rate", float, 4.0, "mean arrivals per second (bursty, poisson)"),
+    ("--duration", float, 60.0, "seconds of arrivals"),
+    ("--max-requests", int, 1000, "at most this many requests"),
+    ("--max-tokens", int, 32, "tokens generated per request (cap for traces)"),
+    ("--burst-len", float, 16.0, "mean run length of one topic (bursty)"),
+    ("--chat-share", float, 0.5, "share of chat completions"),
+    ("--trace", str, "", "trace CSV (trace pattern)"),
+    ("--speedup", float, 1.0, "trace time compression"),
+    ("--seed", int, 0, "seed of the schedule"),
+    ("--concurrency", int, 64, "users = requests in flight at most"),
+    ("--request-timeout", float, 120.0, "seconds per request"),
+    ("--slo-ttft", float, 2.0, "goodput SLO: TTFT seconds"),
+    ("--slo-e2e", float, 20.0, "goodput SLO: end-to-end seconds"),
+)
+
+
+def add_load_options(parser) -> None:
+    for flag, kind, default, doc in LOAD_OPTIONS:
+        parser.add_argument(flag, type=kind, default=default, help=doc)
+
+
+def load_option_args(ns) -> list[str]:
+    """``ns``'s load options as command-line arguments, to pass them on to Locust."""
+    return [a for flag, *_ in LOAD_OPTIONS for a in (flag, str(getattr(ns, flag[2:].replace("-", "_"))))]
+
+
 def load_prompts(path: str | Path | None = None) -> list[dict]:
     """``{"prompt", "category"}`` rows from a JSON-lines pool (the project's own by default)."""
     path = Path(path) if path else DEFAULT_PROMPTS

@@ -11,21 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from loadtest.server import metric_sums
 from tests.servers import ROOT, Monitor, Server
 
 pytest.importorskip("vllm")
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "caps-vllm.json"
-
-
-def _served(text: str) -> dict[str, float]:
-    """Sum of every sample of each series name on a /metrics page (over labels)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[s.name] = out.get(s.name, 0.0) + s.value
-    return out
 
 
 def _dashboard_metrics() -> set[str]:
@@ -76,7 +66,7 @@ def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, 
             answers = list(pool.map(call, range(len(prompts))))
         prompt_tokens = sum(a["usage"]["prompt_tokens"] for a in answers)
         gen_tokens = sum(a["usage"]["completion_tokens"] for a in answers)
-        served = _served(srv.get("/metrics"))
+        served = metric_sums(srv.get("/metrics"))
 
         # Wait for a scrape taken after the last request (the counters no longer move).
         deadline = time.monotonic() + 60

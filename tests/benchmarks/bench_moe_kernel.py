@@ -35,14 +35,11 @@ def routing(tokens: int, experts: int, top_k: int, distinct: int, pattern: str, 
     if pattern == "zipf":
         p = 1.0 / np.arange(1, experts + 1) ** 1.2
         p /= p.sum()
-        ids = np.stack([rng.choice(experts, size=top_k, replace=False, p=p) for _ in range(tokens)])
-        return ids
+        return np.stack([rng.choice(experts, size=top_k, replace=False, p=p) for _ in range(tokens)])
     chosen = rng.permutation(experts)[:distinct]
-    slots = np.resize(chosen, tokens * top_k).reshape(tokens, top_k)  # round robin: equal loads
-    if distinct > top_k:
-        # each token's k experts must differ: shift rows so no id repeats within a row
-        slots = np.stack([np.roll(chosen, -((i * top_k) % distinct))[:top_k] for i in range(tokens)])
-    return slots
+    # Round robin over the chosen experts (equal loads), k consecutive ones per token, so no id
+    # repeats within a token's top-k.
+    return np.stack([np.roll(chosen, -((i * top_k) % distinct))[:top_k] for i in range(tokens)])
 
 
 def machine() -> str:
