@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench bench-moe sim-paper sim-trace model serve monitor loadtest vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost sim-paper sim-trace model serve monitor loadtest vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -41,10 +41,15 @@ bench: setup
 	$(PY) tests/benchmarks/bench_scheduler.py
 	$(PY) tests/benchmarks/bench_observability.py
 
-# MoE-layer time vs per-expert token counts with vLLM's CPU fused-MoE op (about 15 minutes here);
+# MoE-layer time vs per-expert token counts with vLLM's CPU fused-MoE op (about 18 minutes here);
 # raw CSV + machine description for the step-cost model (issue 6).
 bench-moe: setup
 	$(PY) tests/benchmarks/bench_moe_kernel.py --out tests/benchmarks/results/moe_kernel_cpu.csv
+	$(MAKE) fit-step-cost
+
+# Fit the step-cost model to the measured kernel times (writes caps_vllm/data/step_cost.json).
+fit-step-cost: setup
+	$(PY) tests/benchmarks/fit_step_cost.py --csv tests/benchmarks/results/moe_kernel_cpu.csv
 
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup

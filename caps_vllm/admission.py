@@ -57,10 +57,14 @@ class AdmissionStats:
 
 
 class AdmissionPlanner:
-    def __init__(self, cfg: CapsConfig, d: int) -> None:
+    def __init__(self, cfg: CapsConfig, d: int, deployment: dict | None = None) -> None:
+        """``deployment``: what the strategy may know of the serving setup (see make_strategy)."""
         self.cfg = cfg
         self.d = d
-        self.strategy = make_strategy(cfg.strategy, seed=cfg.seed, **cfg.strategy_params)
+        try:
+            self.strategy = make_strategy(cfg.strategy, seed=cfg.seed, deployment=deployment, **cfg.strategy_params)
+        except ValueError as exc:
+            raise ValueError(f"caps.strategy_params: {exc}") from None
         self.pairs = PairwiseCache(d, capacity=max(64, 2 * cfg.window_size))
         self.stats = AdmissionStats()
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule

@@ -58,7 +58,10 @@ class CapsConfig:
             raise ValueError(f"caps.strategy: {self.strategy!r} is not a strategy; valid: {', '.join(STRATEGIES)}")
         if not isinstance(self.strategy_params, dict):
             raise ValueError("caps.strategy_params: must be an object of keyword arguments")
-        make_strategy(self.strategy, seed=0, **self.strategy_params)  # raises a named ValueError
+        if not STRATEGIES[self.strategy].deployment_params:
+            # (deployment-aware ones are checked when the scheduler knows the model and vLLM's
+            # parallel layout, still before the engine serves)
+            make_strategy(self.strategy, seed=0, **self.strategy_params)  # raises a named ValueError
         _int_in("window_size", self.window_size, 1, 4096)
         _int_in("min_batch_trigger", self.min_batch_trigger, 1, 1_000_000)
         _int_in("seed", self.seed, 0, 2**32 - 1)

@@ -73,7 +73,7 @@ class _CapsMixin:
         self.caps_counters: Counter[str] = Counter()
         self.caps_predictor = self._caps_load_predictor(vllm_config) if self.caps_config.predictor else None
         d = self.caps_predictor.d if self.caps_predictor is not None else 1
-        self.caps_planner = AdmissionPlanner(self.caps_config, d)
+        self.caps_planner = AdmissionPlanner(self.caps_config, d, self._caps_deployment(vllm_config))
         self._caps_running: dict[str, np.ndarray] = {}
         self._caps_running_load = np.zeros(d)
         self._caps_warned: set[str] = set()
@@ -94,6 +94,23 @@ class _CapsMixin:
         if vocab != pred.vocab:
             logger.warning("CAPS router table covers %d token ids, the model %d: others are skipped", pred.vocab, vocab)
         return pred
+
+    def _caps_deployment(self, vllm_config) -> dict:
+        """Experts per layer and vLLM's expert-parallel layout, for deployment-aware strategies.
+
+        vLLM's expert-parallel group spans data x tensor (x prefill-context) parallel ranks.
+        Every data-parallel engine has its own scheduler, which sees only its own requests.
+        """
+        if self.caps_predictor is None:
+            return {}
+        pc = vllm_config.parallel_config
+        ranks = 1
+        if pc.enable_expert_parallel:
+            ranks = pc.data_parallel_size * pc.tensor_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
+            if getattr(pc, "enable_eplb", False):
+                logger.warning("CAPS: EPLB moves experts while serving; deployment-aware strategies assume vLLM's "
+                               "initial %s placement", pc.expert_placement_strategy)
+        return {"experts": self.caps_predictor.num_experts, "ranks": ranks, "placement": pc.expert_placement_strategy}
 
     def _caps_make_observer(self, vllm_config):
         from caps_vllm.metrics import CapsMetrics, exported

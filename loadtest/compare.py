@@ -1,8 +1,10 @@
 """FCFS vs CAPS, side by side, on live `vllm serve` processes: the same model, workload and seed.
 
     python -m loadtest.compare --pattern bursty --rate 6 --duration 60 --out loadtest/results/x
+    python -m loadtest.compare --strategies fcfs greedy_dot_product step_cost ...
 
-For each of the two configurations, one after the other: start `vllm serve` on loopback, run
+For each configuration (baseline and CAPS, or one per ``--strategies`` name, the first being
+the baseline), one after the other: start `vllm serve` on loopback, run
 the same Locust shape against it (headless, bounded in time and requests), scrape `/metrics`
 (vLLM's and CAPS's) every ``--poll`` seconds while it runs, stop the server by pid. Then write
 ``report.md`` (figures side by side with their ratio), ``compare.json``, and PNG plots (latency
@@ -132,22 +134,30 @@ def _fmt(x) -> str:
     return f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def report(base: dict, caps: dict, args, command: str, out: Path) -> str:
-    lines = [f"# FCFS vs CAPS: {args.pattern} load, live vllm serve", "",
+def report(runs: list[dict], args, command: str, out: Path) -> str:
+    """Figures of every run side by side, and each run's ratio to the first (the baseline)."""
+    base, others = runs[0], runs[1:]
+    labels = [r["label"] for r in runs]
+    lines = [f"# {' vs '.join(labels)}: {args.pattern} load, live vllm serve", "",
              f"Command: `{command}`", "",
              f"Model `{args.model}`, max_num_seqs {args.max_num_seqs}, {args.max_tokens} output tokens/request, "
              f"rate {args.rate}/s for {args.duration:g} s (≤ {args.max_requests} requests), seed {args.seed}, "
              f"concurrency ≤ {args.concurrency}, SLO TTFT ≤ {args.slo_ttft:g} s and E2E ≤ {args.slo_e2e:g} s. "
-             f"Baseline: {base['label']}; CAPS: `{args.caps_config}`.", "",
-             f"| figure | {base['label']} | caps | caps / {base['label']} |", "|---|---|---|---|"]
+             f"Baseline: {base['label']}; CAPS settings: `{args.caps_config}`.", "",
+             "| figure | " + " | ".join(labels) + " | " + " | ".join(f"{r['label']} / {base['label']}" for r in others) + " |",
+             "|---" * (2 * len(runs)) + "|"]
     for name, get, unit in ROWS:
-        try:
-            a, b = get(base), get(caps)
-        except (KeyError, TypeError):
-            a = b = None
-        ratio = b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
-        lines.append(f"| {name}{f' ({unit})' if unit else ''} | {_fmt(a)} | {_fmt(b)} | {_fmt(ratio)} |")
-    for r in (base, caps):
+        vals = []
+        for r in runs:
+            try:
+                vals.append(get(r))
+            except (KeyError, TypeError):
+                vals.append(None)
+        a = vals[0]
+        ratios = [b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None for b in vals[1:]]
+        cells = " | ".join(_fmt(v) for v in vals + ratios)
+        lines.append(f"| {name}{f' ({unit})' if unit else ''} | {cells} |")
+    for r in runs:
         reasons = r["summary"]["failure_reasons"]
         if reasons:
             lines.append(f"\n{r['label']} failures: " + ", ".join(f"{k}: {v}" for k, v in reasons.items()))
@@ -158,7 +168,7 @@ def report(base: dict, caps: dict, args, command: str, out: Path) -> str:
     return text
 
 
-def plots(base: dict, caps: dict, out: Path) -> None:
+def plots(runs: list[dict], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,7 +179,7 @@ def plots(base: dict, caps: dict, out: Path) -> None:
         return [json.loads(x) for x in (out / label / "samples.jsonl").read_text().splitlines() if x.strip()]
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for r in (base, caps):
+    for r in runs:
         rows = [s for s in load_samples(r["label"]) if s["error"] is None]
         for ax, key in zip(axes, ("ttft_s", "itl_s", "e2e_s")):
             xs = np.sort([x for s in rows for x in s[key]] if key == "itl_s" else [s[key] for s in rows])
@@ -187,7 +197,7 @@ def plots(base: dict, caps: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
     name = "vllm:caps_actual_load_max_over_mean"
-    for r in (base, caps):
+    for r in runs:
         ts = r["timeseries"]
         pts = [(t1, mean_between(a, b, name)) for (t0, a), (t1, b) in zip(ts, ts[1:])]
         pts = [(t, v) for t, v in pts if v is not None]
@@ -213,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compile", action="store_true", help="let vLLM compile (slower start; default --enforce-eager)")
     ap.add_argument("--caps-config", default='{"strategy": "greedy_dot_product"}', help="the CAPS run's caps object")
     ap.add_argument("--baseline", choices=("fcfs", "stock"), default="fcfs")
+    ap.add_argument("--strategies", nargs="+", metavar="NAME",
+                    help="instead of baseline + CAPS: one run per CAPS strategy, the first is the baseline "
+                         "(--caps-config gives the other settings)")
     ap.add_argument("--poll", type=float, default=2.0, help="seconds between /metrics scrapes")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--out", default="loadtest/results/latest")
@@ -231,9 +244,18 @@ def main(argv: list[str] | None = None) -> None:
     caps_cls = ["--scheduler-cls", "caps_vllm.CapsScheduler"]
     base_args = [] if args.baseline == "stock" else \
         [*caps_cls, "--additional-config", json.dumps({"caps": {**caps, "strategy": "fcfs"}})]
+    if args.strategies:
+        from caps_vllm.strategies import STRATEGIES
+
+        unknown = [n for n in args.strategies if n not in STRATEGIES]
+        if unknown:
+            ap.error(f"unknown strategies {unknown}; valid: {', '.join(STRATEGIES)}")
+        plan = [(n, [*caps_cls, "--additional-config", json.dumps({"caps": {**caps, "strategy": n}})])
+                for n in args.strategies]
+    else:
+        plan = [(args.baseline, base_args), ("caps", [*caps_cls, "--additional-config", json.dumps({"caps": caps})])]
     runs = []
-    for label, sched in ((args.baseline, base_args),
-                         ("caps", [*caps_cls, "--additional-config", json.dumps({"caps": caps})])):
+    for label, sched in plan:
         print(f"[{label}] serving {args.model} and running the {args.pattern} load ...", flush=True)
         runs.append(run_one(label, sched, args, out))
         s = runs[-1]["summary"]
@@ -243,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     (out / "compare.json").write_text(json.dumps(
         {"command": command, "args": vars(args), "runs": [{k: r[k] for k in ("label", "summary", "metrics")}
                                                            for r in runs]}, indent=2))
-    text = report(runs[0], runs[1], args, command, out)
-    plots(runs[0], runs[1], out)
+    text = report(runs, args, command, out)
+    plots(runs, out)
     print(text)
 
 

@@ -76,7 +76,7 @@ def simulate(wl: Workload, vectors: np.ndarray, strategy: Strategy, server: Serv
         for p in sorted(picks, reverse=True):
             del queue[p]
         load = vectors[batch].sum(axis=0)
-        t += model.batch_time(wl.prompt_tokens[batch], wl.output_tokens[batch], load)
+        t += model.batch_time(wl.prompt_tokens[batch], wl.output_tokens[batch], vectors[batch])
         ready = t
         completion[batch] = t
         loads.append(load)

@@ -24,23 +24,26 @@ import numpy as np
 from caps_vllm.strategies import STRATEGIES, make_strategy
 from sim import workload as wlmod
 from sim.engine import ServerConfig, simulate
-from sim.execution import CVModel
+from caps_vllm.step_cost import PLACEMENTS, StepCostModel, expert_placement
+from sim.execution import CVModel, ExecutionModel, StepModel
 from sim.metrics import summarize
 
 PATTERNS = ("bursty", "poisson", "trace")
+EXECUTION = ("cv", "fitted", "expert_parallel")
 METRICS = ("p50", "p90", "p99", "throughput", "imbalance")
 
 
 def _run_cell(args: tuple) -> tuple[str, float, int, dict[str, dict[str, float]]]:
     """One workload, all strategies: the unit of parallel work."""
-    pattern, rate, seed, n, strategies, wcfg, server, model, trace_path = args
+    pattern, rate, seed, n, strategies, wcfg, server, model, trace_path, deployment = args
     rng = np.random.default_rng(seed)
     if pattern == "trace":
         wl = wlmod.trace(trace_path, rate, n, wcfg, rng)
     else:
         wl = getattr(wlmod, pattern)(rate, n, wcfg, rng)
     vectors = wlmod.expert_vectors(wl, wcfg, rng)
-    out = {name: summarize(simulate(wl, vectors, make_strategy(name, seed=seed), server, model)) for name in strategies}
+    out = {name: summarize(simulate(wl, vectors, make_strategy(name, seed=seed, deployment=deployment), server, model))
+           for name in strategies}
     return pattern, rate, seed, out
 
 
@@ -75,17 +78,24 @@ def sweep(
     strategies: list[str],
     wcfg: wlmod.WorkloadConfig,
     server: ServerConfig,
-    model: CVModel,
+    model: ExecutionModel,
     trace_path: str | None = None,
     jobs: int = 1,
     progress: bool = False,
+    deployment: dict | None = None,
 ) -> dict:
-    """Run the sweep and return the results document (the prototype's results.json schema)."""
+    """Run the sweep and return the results document (the prototype's results.json schema).
+
+    ``deployment`` tells deployment-aware strategies (step_cost) what the execution model
+    is, as the live scheduler tells them what vLLM runs; by default it is read off ``model``.
+    """
+    if deployment is None:
+        deployment = deployment_of(model, wcfg)
     for name in strategies:
-        make_strategy(name)  # unknown names fail before any work starts
+        make_strategy(name, deployment=deployment)  # unknown names fail before any work starts
     if "trace" in patterns and not trace_path:
         raise ValueError("pattern 'trace' needs --trace PATH")
-    todo = [(p, r, s, requests, strategies, wcfg, server, model, trace_path) for p in patterns for r in rates for s in seeds]
+    todo = [(p, r, s, requests, strategies, wcfg, server, model, trace_path, deployment) for p in patterns for r in rates for s in seeds]
     started = time.perf_counter()
     if jobs > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -101,8 +111,9 @@ def sweep(
             "patterns": patterns,
             "workload": asdict(wcfg),
             "server": asdict(server),
-            "execution": {"model": "cv", **asdict(model)},
+            "execution": {"model": type(model).__name__, **asdict(model)},
             "trace": trace_path,
+            "deployment": deployment,
             "generated": datetime.now().isoformat(timespec="seconds"),
             "wall_s": round(time.perf_counter() - started, 2),
         },
@@ -119,6 +130,28 @@ def sweep(
     return doc
 
 
+def execution_model(
+    kind: str, wcfg: wlmod.WorkloadConfig, sensitivity: float = CVModel.sensitivity, ranks: int = 4,
+    placement: str = "linear", shape: str | None = None,
+) -> ExecutionModel:
+    """The prototype's CV curve, or the step-cost model fitted to measured kernel times on one
+    device ("fitted") or on ``ranks`` expert-parallel ranks ("expert_parallel")."""
+    if kind == "cv":
+        return replace(CVModel(), sensitivity=sensitivity)
+    if kind not in EXECUTION:
+        raise ValueError(f"execution model {kind!r}; valid: {', '.join(EXECUTION)}")
+    where = tuple(expert_placement(wcfg.num_experts, ranks, placement).tolist()) if kind == "expert_parallel" else None
+    return StepModel(StepCostModel.load(shape=shape), wcfg.num_experts, wcfg.vectors, placement=where)
+
+
+def deployment_of(model: ExecutionModel, wcfg: wlmod.WorkloadConfig) -> dict:
+    """Experts per layer and expert-parallel placement of an execution model."""
+    placement = getattr(model, "placement", None)
+    if placement is None:
+        return {"experts": wcfg.num_experts, "ranks": 1}
+    return {"experts": wcfg.num_experts, "ranks": max(placement) + 1, "placement": list(placement)}
+
+
 def _progress(it, total: int, enabled: bool):
     if not enabled:
         return it
@@ -133,11 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--rates", type=float, nargs="+", default=[200.0], help="arrival rates, req/s")
     ap.add_argument("--patterns", nargs="+", default=["bursty", "poisson"], choices=PATTERNS)
-    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help="strategy names (default: all 12)")
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help="strategy names (default: all)")
     ap.add_argument("--trace", help="trace CSV for the 'trace' pattern (Azure or arrival_s,prompt_tokens,output_tokens)")
     ap.add_argument("--vectors", choices=("counts", "per_token"), default="counts", help="request load vectors")
     ap.add_argument("--layers", type=int, default=1, help="MoE layers per vector (d = layers x 60)")
-    ap.add_argument("--sensitivity", type=float, default=CVModel.sensitivity, help="CV sensitivity of the execution model")
+    ap.add_argument("--hot-share", type=float, default=wlmod.WorkloadConfig.hot_share,
+                    help="share of a topic's routing on its hot experts (how strong the hotspots are)")
+    ap.add_argument("--execution", choices=EXECUTION, default="cv",
+                    help="cv: the prototype's 1 + CV x sensitivity; fitted: measured step cost on one device; "
+                         "expert_parallel: the same per rank, each layer waits for its slowest rank")
+    ap.add_argument("--sensitivity", type=float, default=CVModel.sensitivity, help="CV sensitivity (--execution cv)")
+    ap.add_argument("--ep-ranks", type=int, default=4, help="expert-parallel ranks (--execution expert_parallel)")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="linear", help="expert placement over the ranks, as vLLM's")
+    ap.add_argument("--cost-shape", help="which fitted layer shape in caps_vllm/data/step_cost.json (default: its default)")
+
     ap.add_argument("--out", default="sim/results/latest", help="folder for results.json and figures")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
     ap.add_argument("--no-figures", action="store_true")
@@ -146,15 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.requests < 1 or any(r <= 0 for r in a.rates):
         ap.error("--requests and --rates must be positive")
     try:
+        wcfg = replace(wlmod.WorkloadConfig(), vectors=a.vectors, layers=a.layers, hot_share=a.hot_share)
+        model = execution_model(a.execution, wcfg, a.sensitivity, a.ep_ranks, a.placement, a.cost_shape)
         doc = sweep(
             a.requests,
             a.seeds,
             a.rates,
             a.patterns,
             a.strategies,
-            replace(wlmod.WorkloadConfig(), vectors=a.vectors, layers=a.layers),
+            wcfg,
             ServerConfig(),
-            replace(CVModel(), sensitivity=a.sensitivity),
+            model,
             trace_path=a.trace,
             jobs=a.jobs,
             progress=not a.no_progress,

@@ -127,22 +127,24 @@ def test_a_server_that_is_down_is_a_counted_failure(tmp_path):
 
 @pytest.mark.server
 def test_side_by_side_against_live_servers(tiny_model, tmp_path):
-    """`python -m loadtest.compare`: stock-order and CAPS servers, the same bursty load, a report."""
+    """`python -m loadtest.compare --strategies`: FCFS-order and step_cost servers (the
+    deployment-aware strategy live), the same bursty load, a report."""
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tiny_model), "--rate", "40", "--duration", "4",
            "--max-requests", "150", "--max-tokens", "8", "--max-num-seqs", "4", "--poll", "1", "--out", str(out),
-           "--caps-config", json.dumps({"min_batch_trigger": 2})]
+           "--caps-config", json.dumps({"min_batch_trigger": 2}), "--strategies", "fcfs", "step_cost"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     runs = {r["label"]: r for r in json.loads((out / "compare.json").read_text())["runs"]}
-    assert set(runs) == {"fcfs", "caps"}
+    assert set(runs) == {"fcfs", "step_cost"}
     for r in runs.values():
         s = r["summary"]
         assert s["failures"] == 0 and s["completed"] == s["sent"] == s["scheduled"] > 50
         assert s["e2e_s"]["p99"] >= s["e2e_s"]["p50"] > 0 and s["itl_s"]["n"] == 7 * s["completed"]
         assert r["metrics"]["vllm:caps_actual_load_max_over_mean"] >= 1.0
         assert r["metrics"]["vllm:caps_admitted_requests_total"] == s["completed"]
-    assert runs["caps"]["metrics"]["vllm:caps_ranked_requests_total"] > 0  # CAPS had choices to make
+    assert runs["step_cost"]["metrics"]["vllm:caps_ranked_requests_total"] > 0  # CAPS had choices to make
     assert runs["fcfs"]["metrics"]["vllm:caps_predicted_load_max_over_mean"] is not None
-    assert [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| E2E p99")]
+    e2e = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| E2E p99")]
+    assert len(e2e) == 1 and e2e[0].count("|") == 5  # figure, two runs, one ratio
     assert (out / "latency_cdf.png").stat().st_size > 0 and (out / "imbalance_over_time.png").stat().st_size > 0

@@ -256,3 +256,31 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
     assert _metric("vllm:caps_admitted_requests_total", model) == 3
     assert _metric("vllm:caps_actual_load_cv_count", model) == _metric("vllm:caps_steps_total", model)
     assert sched.caps_counters["errors"] == 0
+
+
+def test_step_cost_batches_requests_on_the_experts_already_read(model, tokens):
+    """On one device (the shipped CPU fit, memory bound at this size) step_cost admits the
+    request routed like the running one, where greedy_dot_product admits a complement."""
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost"}, max_num_seqs=3)
+    assert s.caps_planner.strategy.experts == s.caps_predictor.num_experts
+    assert s.caps_planner.strategy.placement is None
+    fill(s, [("run", [hot] * 8)])
+    step(s)
+    fill(s, [("hot1", [hot] * 8), ("c1", [cold[0]] * 8), ("c2", [cold[1]] * 8), ("hot2", [hot] * 8)], t0=2000.0)
+    assert admitted(step(s)) == ["hot1", "hot2"]
+
+
+def test_step_cost_reads_the_expert_parallel_layout_from_vllm(model):
+    s = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost"})
+    experts = s.caps_predictor.num_experts
+    pc = s.vllm_config.parallel_config
+    pc.enable_expert_parallel, pc.data_parallel_size, pc.tensor_parallel_size = True, 2, 2
+    pc.expert_placement_strategy = "round_robin"
+    deployment = s._caps_deployment(s.vllm_config)
+    assert deployment == {"experts": experts, "ranks": 4, "placement": "round_robin"}
+    from caps_vllm.strategies import make_strategy
+
+    assert make_strategy("step_cost", deployment=deployment).placement.tolist() == (np.arange(experts) % 4).tolist()
+    with pytest.raises(ValueError, match=r"caps\.strategy_params: .*placement lists 2 experts"):
+        make_scheduler(model, CapsScheduler, caps={"strategy": "step_cost", "strategy_params": {"placement": [0, 1]}})

@@ -53,7 +53,7 @@ def test_without_imbalance_cost_every_strategy_matches_fcfs():
 
 
 class FixedTime:
-    def batch_time(self, prompt_tokens, output_tokens, load):
+    def batch_time(self, prompt_tokens, output_tokens, vectors):
         return 1.0
 
 
@@ -77,8 +77,8 @@ def test_tiny_case_by_hand():
 
 def test_cv_model_costs_imbalance():
     model = CVModel(fixed_s=0.0, prefill_s_per_token=0.0, decode_s_per_step=0.01, sensitivity=2.0)
-    even = model.batch_time(np.array([5]), np.array([10]), np.array([2.0, 2, 2, 2]))
-    skew = model.batch_time(np.array([5]), np.array([10]), np.array([8.0, 0, 0, 0]))
+    even = model.batch_time(np.array([5]), np.array([10]), np.array([[2.0, 2, 2, 2]]))
+    skew = model.batch_time(np.array([5]), np.array([10]), np.array([[8.0, 0, 0, 0]]))
     assert even == pytest.approx(0.1)
     assert skew == pytest.approx(0.1 * (1 + np.sqrt(3) * 2))
 

@@ -56,10 +56,11 @@ class Window:
     mass: np.ndarray | None = None  # (W,) sum of v_i
     load_mass: float = 0.0  # sum of L
     load_sq: float = 0.0  # ||L||^2
+    running: np.ndarray | None = None  # the load before any pick
 
     @classmethod
     def build(cls, running: np.ndarray, vecs: np.ndarray, gram: np.ndarray | None, stats: bool) -> "Window":
-        w = cls(vecs=vecs, dots=vecs @ running, gram=gram)
+        w = cls(vecs=vecs, dots=vecs @ running, gram=gram, running=running)
         if stats:
             w.norms = gram.diagonal().copy() if gram is not None else np.einsum("ij,ij->i", vecs, vecs)
             w.mass = vecs @ np.ones(vecs.shape[1])
@@ -92,6 +93,8 @@ class Strategy:
     uses_window: bool = True
     #: whether the scores need norms, masses and load statistics besides the dot products
     uses_stats: bool = True
+    #: parameters the live scheduler fills in from the deployment (see make_strategy)
+    deployment_params: tuple[str, ...] = ()
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed

@@ -6,7 +6,8 @@ them), bf16, for a Qwen1.5-MoE-A2.7B-shaped layer (hidden 2048, 60 experts of 14
 a half-width one (hidden 1024, 60 experts of 704, top-4). For each number of tokens per step,
 the routing goes from fully concentrated (every token on the same top-k experts) to spread
 over ``distinct`` experts with equal load, plus a Zipf-skewed load over all experts. Each
-point: median of ``--reps`` timed calls after one warm-up. Writes CSV rows as it goes, so a
+point: median of ``--reps`` timed calls after one warm-up. The per-expert counts go to the CSV too
+(``counts``, space separated), because the cost model is fitted on them. Writes CSV rows as it goes, so a
 time budget (``--budget-s``) cuts the sweep cleanly; the machine's description goes to a
 ``.machine.txt`` beside the CSV.
 
@@ -27,13 +28,20 @@ from pathlib import Path
 import numpy as np
 
 SHAPES = {"qwen1.5-moe": (2048, 1408, 60, 4), "half": (1024, 704, 60, 4)}
-TOKENS = (1, 4, 16, 32, 64, 128, 256, 512)
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+#: Dirichlet concentrations of the random routings (held out from the fit): 0.05 puts most
+#: tokens on a few experts, 1.0 spreads them.
+ALPHAS = (0.05, 0.3, 1.0)
 
 
 def routing(tokens: int, experts: int, top_k: int, distinct: int, pattern: str, rng) -> np.ndarray:
-    """[tokens, top_k] expert ids: ``distinct`` experts in equal load, or Zipf over all."""
-    if pattern == "zipf":
-        p = 1.0 / np.arange(1, experts + 1) ** 1.2
+    """[tokens, top_k] expert ids: ``distinct`` experts in equal load, Zipf over all, or a
+    Dirichlet draw (``dirichlet-<alpha>``) of expert popularity."""
+    if pattern == "zipf" or pattern.startswith("dirichlet"):
+        if pattern == "zipf":
+            p = 1.0 / np.arange(1, experts + 1) ** 1.2
+        else:
+            p = rng.dirichlet(np.full(experts, float(pattern.split("-")[1]))) + 1e-9
         p /= p.sum()
         return np.stack([rng.choice(experts, size=top_k, replace=False, p=p) for _ in range(tokens)])
     chosen = rng.permutation(experts)[:distinct]
@@ -59,8 +67,8 @@ def machine() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="tests/benchmarks/results/moe_kernel_cpu.csv")
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--budget-s", type=float, default=900.0)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--budget-s", type=float, default=1800.0)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     args = ap.parse_args()
@@ -80,7 +88,7 @@ def main() -> None:
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["shape", "hidden", "intermediate", "experts", "top_k", "tokens", "pattern", "distinct",
-                    "max_load", "cv", "median_ms", "min_ms", "max_ms", "reps"])
+                    "max_load", "cv", "median_ms", "min_ms", "max_ms", "reps", "counts"])
         for name in args.shapes:
             hidden, inter, experts, top_k = SHAPES[name]
             torch.manual_seed(0)
@@ -90,7 +98,8 @@ def main() -> None:
                 x = torch.randn(tokens, hidden).bfloat16()
                 res = torch.empty_like(x)
                 ladder = sorted({top_k, *[d for d in (8, 16, 32, 48, 60) if d <= min(experts, tokens * top_k)]})
-                for pattern, distinct in [("equal", d) for d in ladder] + [("zipf", 0)]:
+                randoms = [("zipf", 0)] + [(f"dirichlet-{a:g}", 0) for a in ALPHAS]
+                for pattern, distinct in [("equal", d) for d in ladder] + randoms:
                     if time.monotonic() - started > args.budget_s:
                         print(f"time budget reached; stopped before {name} tokens={tokens}")
                         return
@@ -110,9 +119,9 @@ def main() -> None:
                     w.writerow([name, hidden, inter, experts, top_k, tokens, pattern, int((counts > 0).sum()),
                                 int(counts.max()), round(float(counts.std() / counts.mean()), 4),
                                 round(statistics.median(times), 3), round(min(times), 3), round(max(times), 3),
-                                args.reps])
+                                args.reps, " ".join(map(str, counts.tolist()))])
                     f.flush()
-                    print(f"{name} tokens={tokens:4d} {pattern:5s} distinct={len(live):2d} "
+                    print(f"{name} tokens={tokens:4d} {pattern:13s} distinct={len(live):2d} "
                           f"max={counts.max():4d}: {statistics.median(times):8.2f} ms", flush=True)
 
 

@@ -1,5 +1,5 @@
 """Wall time of the prototype's full sweep (3000 requests, 4 seeds, 4 rates, 2 patterns,
-12 strategies), all cores, no figures: a printed figure, not a test (target <= 30 s).
+every strategy), all cores, no figures: a printed figure, not a test (target <= 30 s).
 
     python tests/benchmarks/bench_sweep.py
 """

@@ -1,0 +1,92 @@
+"""``step_cost``: admit the requests that add the least predicted MoE step time per token.
+
+The load vectors are expected per-expert token counts of one step (per-token routing, summed
+over the running requests). The cost is :mod:`caps_vllm.step_cost`'s fitted model: on one
+device (``ranks=1``) the sum of per-expert costs, so a candidate is cheap when its experts are
+already being read (affinity); under expert parallelism the slowest rank of each layer, so a
+candidate is cheap when it loads the ranks that wait anyway (balance). When every expert is
+past the break-even load (compute bound) all candidates cost the same per token and the order
+stays FCFS. Greedy: oldest first, then repeatedly the smallest cost increase per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from caps_vllm.step_cost import StepCostModel, check_placement, expert_placement
+from caps_vllm.strategies.base import Strategy, Window
+
+
+class StepCost(Strategy):
+    name = "step_cost"
+    uses_stats = False
+    #: settings the live scheduler reads from vLLM (the user's strategy_params win)
+    deployment_params = ("experts", "ranks", "placement")
+
+    def __init__(
+        self,
+        seed: int = 0,
+        ranks: int = 1,
+        placement: str | list[int] = "linear",
+        experts: int | None = None,
+        cost: dict | None = None,
+        shape: str | None = None,
+    ) -> None:
+        """``ranks``: expert-parallel ranks (1: one device); ``placement``: vLLM's placement
+        name or an explicit expert -> rank list; ``experts``: experts per MoE layer (splits
+        the vectors into layers; needed with ranks > 1); ``cost``: coefficients overriding
+        the shipped fit ({fixed_ms, weight_ms, token_ms, form}); ``shape``: another shipped
+        fit by name."""
+        super().__init__(seed)
+        self.model = StepCostModel(**cost) if cost is not None else StepCostModel.load(shape=shape)
+        self.placement: np.ndarray | None = None
+        if isinstance(placement, (list, tuple, np.ndarray)):
+            self.placement = check_placement(list(placement), experts)
+            experts = self.placement.shape[0]
+        elif ranks != 1:
+            if experts is None:
+                raise ValueError("step_cost with ranks > 1 needs experts (experts per MoE layer) or a placement list")
+            self.placement = expert_placement(experts, ranks, placement)
+        else:
+            expert_placement(experts or 1, 1, placement)  # validates the name
+        self.experts = experts
+
+    def cost(self, loads: np.ndarray) -> np.ndarray:
+        """Predicted step milliseconds of each load row (fixed part left out: same for all)."""
+        if self.placement is None:
+            return self.model.expert_ms(loads, expected=True).sum(axis=-1)
+        layers = loads.reshape(loads.shape[0], -1, self.placement.shape[0])
+        return (self.model.layer_ms(layers, self.placement, expected=True) - self.model.fixed_ms).sum(axis=-1)
+
+    def _pick(self, vecs: np.ndarray, window: Window | None, b: int) -> list[int]:
+        assert window is not None
+        if self.placement is not None and vecs.shape[1] % self.placement.shape[0]:
+            raise ValueError(f"load vectors of length {vecs.shape[1]} do not split into layers of {self.placement.shape[0]} experts")
+        load = window.running + vecs[0]
+        mass = vecs.sum(axis=1)
+        delta = self._increase(load, vecs)  # cost increase of adding each candidate
+        taken = np.zeros(vecs.shape[0], dtype=bool)
+        taken[0] = True
+        picks = []
+        for _ in range(b - 1):
+            per_token = np.where(mass > 0, delta / np.maximum(mass, 1e-12), 0.0)
+            per_token[taken] = np.inf
+            # Equal within rounding counts as a tie, and a tie goes to the oldest.
+            best = per_token.min()
+            j = int(np.flatnonzero(per_token <= best + 1e-9 * max(abs(best), 1e-12))[0])
+            picks.append(j)
+            taken[j] = True
+            if self.placement is None:
+                # One device: the cost is a sum over experts, so only the picked request's
+                # experts change anybody's increase.
+                cols = np.flatnonzero(vecs[j])
+                before = self._increase(load[cols], vecs[:, cols])
+                load[cols] += vecs[j, cols]
+                delta += self._increase(load[cols], vecs[:, cols]) - before
+            else:
+                load = load + vecs[j]
+                delta = self._increase(load, vecs)
+        return picks
+
+    def _increase(self, load: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+        return self.cost(load[None, :] + vecs) - self.cost(load[None, :])[0]
