@@ -51,6 +51,10 @@ bench-moe: setup
 fit-step-cost: setup
 	$(PY) tests/benchmarks/fit_step_cost.py --csv tests/benchmarks/results/moe_kernel_cpu.csv
 
+# Balancing vs affinity under the CV curve, the fitted one-device and the expert-parallel models.
+sim-step-cost: setup
+	$(PY) -m sim.step_cost_study --requests 1000 --seeds 1 2 3 4 5 --out sim/results/step_cost
+
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup
 	$(PY) -m sim.evaluate --requests 3000 --seeds 42 123 456 789 --rates 150 200 250 300 \
@@ -69,7 +73,7 @@ model: setup
 
 # vllm serve with CAPS on the embedded model, on loopback (Ctrl-C stops it).
 PORT ?= 8000
-CAPS_CONFIG ?= {"caps": {"strategy": "greedy_dot_product"}}
+CAPS_CONFIG ?= {"caps": {"strategy": "step_cost"}}
 serve: model
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(VENV)/bin/vllm serve "$$($(PY) -m caps_vllm.tiny_model)" \
 		--served-model-name tiny --host 127.0.0.1 --port $(PORT) --max-model-len 1024 --enforce-eager \

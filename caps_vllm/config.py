@@ -14,8 +14,9 @@ from caps_vllm.strategies import STRATEGIES, make_strategy
 
 @dataclass(frozen=True)
 class CapsConfig:
-    #: batch-selection strategy (see caps_vllm.strategies)
-    strategy: str = "greedy_dot_product"
+    #: batch-selection strategy (see caps_vllm.strategies); step_cost reads the regime
+    #: (one device or expert parallel) from vLLM
+    strategy: str = "step_cost"
     #: extra keyword arguments of the strategy, e.g. {"sample": 8} for power_of_d
     strategy_params: dict = field(default_factory=dict)
     #: how many of the oldest waiting requests the strategy may choose from

@@ -143,7 +143,8 @@ def report(runs: list[dict], args, command: str, out: Path) -> str:
              f"Model `{args.model}`, max_num_seqs {args.max_num_seqs}, {args.max_tokens} output tokens/request, "
              f"rate {args.rate}/s for {args.duration:g} s (≤ {args.max_requests} requests), seed {args.seed}, "
              f"concurrency ≤ {args.concurrency}, SLO TTFT ≤ {args.slo_ttft:g} s and E2E ≤ {args.slo_e2e:g} s. "
-             f"Baseline: {base['label']}; CAPS settings: `{args.caps_config}`.", "",
+             f"Baseline: {base['label']}; CAPS settings: `{args.caps_config}`"
+             + (" (strategy set per run)." if args.strategies else "."), "",
              "| figure | " + " | ".join(labels) + " | " + " | ".join(f"{r['label']} / {base['label']}" for r in others) + " |",
              "|---" * (2 * len(runs)) + "|"]
     for name, get, unit in ROWS:
@@ -221,7 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="let vLLM compile (slower start; default --enforce-eager)")
-    ap.add_argument("--caps-config", default='{"strategy": "greedy_dot_product"}', help="the CAPS run's caps object")
+    ap.add_argument("--caps-config", default="{}",
+                    help="the CAPS run's caps object (default: CAPS's defaults, strategy step_cost)")
     ap.add_argument("--baseline", choices=("fcfs", "stock"), default="fcfs")
     ap.add_argument("--strategies", nargs="+", metavar="NAME",
                     help="instead of baseline + CAPS: one run per CAPS strategy, the first is the baseline "

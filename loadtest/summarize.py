@@ -24,23 +24,29 @@ FIGURES = [  # (column, getter)
 
 
 def table(paths: list[str]) -> str:
+    """One row per compared run (each run after a file's first, its baseline), then the median
+    ratio per run label (a label is "caps" or a strategy name)."""
     head = "| run | baseline E2E p99 (s) | ordered by CAPS | " + " | ".join(f"{c} ratio" for c, _ in FIGURES) + " |"
     lines = [head, "|" + "---|" * (3 + len(FIGURES))]
-    ratios: list[list[float]] = [[] for _ in FIGURES]
+    ratios: dict[str, list[list[float]]] = {}
     for p in paths:
         data = json.loads(Path(p).read_text())
-        base, caps = data["runs"]
-        row = []
-        for i, (_, get) in enumerate(FIGURES):
-            a, b = get(base), get(caps)
-            r = b / a if a else None
-            if r is not None:
-                ratios[i].append(r)
-            row.append("–" if r is None else f"{r:.3f}")
-        ordered = caps["metrics"].get("vllm:caps_ranked_requests_total", 0)
-        lines.append(f"| {Path(p).parent.name} | {base['summary']['e2e_s']['p99']:.3f} | {ordered:.0f} | "
-                     + " | ".join(row) + " |")
-    lines.append("| median | | | " + " | ".join(f"{statistics.median(r):.3f}" if r else "–" for r in ratios) + " |")
+        base, *others = data["runs"]
+        for run in others:
+            row = []
+            per = ratios.setdefault(run["label"], [[] for _ in FIGURES])
+            for i, (_, get) in enumerate(FIGURES):
+                a, b = get(base), get(run)
+                r = b / a if a else None
+                if r is not None:
+                    per[i].append(r)
+                row.append("–" if r is None else f"{r:.3f}")
+            ordered = run["metrics"].get("vllm:caps_ranked_requests_total", 0)
+            name = Path(p).parent.name + ("" if len(others) == 1 else f": {run['label']}")
+            lines.append(f"| {name} | {base['summary']['e2e_s']['p99']:.3f} | {ordered:.0f} | " + " | ".join(row) + " |")
+    for label, per in ratios.items():
+        name = "median" if len(ratios) == 1 else f"median {label}"
+        lines.append(f"| {name} | | | " + " | ".join(f"{statistics.median(r):.3f}" if r else "–" for r in per) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,6 +34,7 @@ def vec(name):
 def planner(**kw):
     kw.setdefault("min_batch_trigger", 2)
     kw.setdefault("max_wait_ms", None)
+    kw.setdefault("strategy", "greedy_dot_product")
     return AdmissionPlanner(CapsConfig.from_dict(kw), D)
 
 
@@ -106,7 +107,7 @@ def test_no_decision_when_everyone_fits():
 
 def test_config_defaults_and_errors():
     cfg = CapsConfig.from_dict(None)
-    assert cfg.strategy == "greedy_dot_product" and cfg.vectors == "per_token"
+    assert cfg.strategy == "step_cost" and cfg.vectors == "per_token"
     for bad, field in [
         ({"strategy": "nope"}, "caps.strategy"),
         ({"window_size": 0}, "caps.window_size"),

@@ -14,7 +14,7 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 from caps_vllm.scheduler import CapsAsyncScheduler, CapsScheduler  # noqa: E402
 from tests.vllm_helpers import make_request, make_scheduler, step  # noqa: E402
 
-CAPS = {"min_batch_trigger": 2, "max_wait_ms": None}
+CAPS = {"min_batch_trigger": 2, "max_wait_ms": None, "strategy": "greedy_dot_product"}
 
 
 @pytest.fixture(scope="module")

@@ -179,13 +179,25 @@ def _naive_step_cost(model, running, cands, b, placement=None):
     return picks
 
 
+@pytest.mark.parametrize("model", [ROOF, LIN])
 @pytest.mark.parametrize("ranks", [1, 3])
-def test_incremental_picks_match_recomputation(ranks):
+def test_incremental_picks_match_recomputation(ranks, model):
     rng = np.random.default_rng(ranks)
     placement = expert_placement(6, ranks) if ranks > 1 else None
-    s = make_strategy("step_cost", cost=ROOF.as_dict(), ranks=ranks, experts=6)
+    s = make_strategy("step_cost", cost=model.as_dict(), ranks=ranks, experts=6)
     for _ in range(40):
         running = rng.gamma(0.3, 2.0, 12) * (rng.random(12) < 0.5)
         cands = rng.gamma(0.3, 2.0, (10, 12)) * (rng.random((10, 12)) < 0.4) + 1e-3
         b = int(rng.integers(1, 12))
-        assert s.select(running, cands, b) == _naive_step_cost(ROOF, running, cands, b, placement)
+        assert s.select(running, cands, b) == _naive_step_cost(model, running, cands, b, placement)
+
+
+def test_study_runs_end_to_end(tmp_path):
+    from sim import step_cost_study
+
+    assert step_cost_study.main(["--requests", "60", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "study.json").read_text())
+    assert len(doc["cells"]) == 2 * 3 * 2 * 3  # hotspots x models x patterns x loads
+    assert all(c["capacity_rps"] > 0 and set(c["vs_fcfs"]) == {"greedy_dot_product", "greedy_variance", "step_cost"}
+               for c in doc["cells"])
+    assert "| 0.5 | expert_parallel | poisson | 1.2 |" in (tmp_path / "report.md").read_text()

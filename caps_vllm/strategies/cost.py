@@ -64,11 +64,22 @@ class StepCost(Strategy):
             raise ValueError(f"load vectors of length {vecs.shape[1]} do not split into layers of {self.placement.shape[0]} experts")
         load = window.running + vecs[0]
         mass = vecs.sum(axis=1)
-        delta = self._increase(load, vecs)  # cost increase of adding each candidate
+        linear = self.placement is None and self.model.form == "linear"
+        if linear:
+            # One device, linear form: the increase is weight x (expected new experts touched)
+            # + token x mass, and the expected new experts are touched(v) . exp(-load): one
+            # matrix-vector product, updated on the picked request's experts after each pick.
+            touched = -np.expm1(-vecs)
+            untouched = np.exp(-load)
+            new_experts = touched @ untouched
+        else:
+            delta = self._increase(load, vecs)  # cost increase of adding each candidate
         taken = np.zeros(vecs.shape[0], dtype=bool)
         taken[0] = True
         picks = []
         for _ in range(b - 1):
+            if linear:
+                delta = self.model.weight_ms * new_experts + self.model.token_ms * mass
             per_token = np.where(mass > 0, delta / np.maximum(mass, 1e-12), 0.0)
             per_token[taken] = np.inf
             # Equal within rounding counts as a tie, and a tie goes to the oldest.
@@ -76,10 +87,14 @@ class StepCost(Strategy):
             j = int(np.flatnonzero(per_token <= best + 1e-9 * max(abs(best), 1e-12))[0])
             picks.append(j)
             taken[j] = True
-            if self.placement is None:
+            cols = np.flatnonzero(vecs[j])
+            if linear:
+                after = untouched[cols] * np.exp(-vecs[j, cols])
+                new_experts += touched[:, cols] @ (after - untouched[cols])
+                untouched[cols] = after
+            elif self.placement is None:
                 # One device: the cost is a sum over experts, so only the picked request's
                 # experts change anybody's increase.
-                cols = np.flatnonzero(vecs[j])
                 before = self._increase(load[cols], vecs[:, cols])
                 load[cols] += vecs[j, cols]
                 delta += self._increase(load[cols], vecs[:, cols]) - before
