@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost sim-paper sim-trace model serve monitor loadtest vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -89,6 +89,13 @@ LOADTEST_ARGS ?= --pattern bursty --rate 10 --duration 60
 LOADTEST_OUT ?= loadtest/results/latest
 loadtest: setup
 	$(PY) -m loadtest.compare $(LOADTEST_ARGS) --out $(LOADTEST_OUT)
+
+# The README's main job: generate the embedded tiny MoE, serve it with FCFS order and then with
+# CAPS under the same short bursty Locust load, print the figures side by side and where the
+# metrics are (about 3 minutes after setup).
+DEMO_OUT ?= loadtest/results/demo
+demo: setup
+	$(PY) -m loadtest.compare --pattern bursty --rate 12 --duration 30 --out $(DEMO_OUT)
 
 # vLLM's own scheduler unit tests (from its source distribution), stock and with CAPS substituted.
 vllm-invariants: setup

@@ -91,7 +91,15 @@ def prepare_metrics_dir(argv: list[str] | None = None) -> str | None:
     """Set up (or clean) the multiprocess metrics folder; returns it, or None if left unset."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if folder:
-        if os.path.isdir(folder):
+        if not os.path.isdir(folder):
+            try:
+                os.makedirs(folder)
+                logger.warning("CAPS: PROMETHEUS_MULTIPROC_DIR=%s did not exist; created it", folder)
+            except OSError as exc:
+                raise RuntimeError(f"PROMETHEUS_MULTIPROC_DIR={folder} is not a folder and cannot be created ({exc}): "
+                                   "point it at a writable empty folder, or unset it (vllm serve then makes a "
+                                   "private one)") from None
+        else:
             removed = remove_stale_files(folder)
             if removed:
                 logger.info("CAPS: removed %d metrics files of finished processes from %s", len(removed), folder)

@@ -84,7 +84,7 @@ def router_spec(config: dict) -> RouterSpec:
             group_score="top2_sum" if v3 else "max",
         )
     else:
-        raise PredictorUnavailable(f"model type {mt!r} has no router CAPS can dry-run "
+        raise PredictorUnavailable(f"model type {mt!r} is not a Mixture-of-Experts model CAPS knows "
                                    "(supported: qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3)")
     if not spec.moe_layers or spec.num_experts <= 0 or not 0 < spec.top_k <= spec.num_experts:
         raise PredictorUnavailable(f"model type {mt!r} has no MoE layers (experts={spec.num_experts}, top_k={spec.top_k})")

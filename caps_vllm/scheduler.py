@@ -88,7 +88,10 @@ class _CapsMixin:
         try:
             pred = ExpertPredictor.from_model(mc.model, getattr(mc, "revision", None), self.caps_config.cache_dir)
         except PredictorUnavailable as exc:
-            logger.warning("CAPS predictor unavailable (%s): admission stays FCFS for this model", exc)
+            logger.warning("CAPS cannot predict expert loads for %s (%s): admission stays FCFS. CAPS is for "
+                           "Mixture-of-Experts models whose router weights are on local disk; for a dense model "
+                           "leave out --scheduler-cls and vLLM's own scheduler does the same with less work",
+                           mc.model, exc)
             return None
         vocab = mc.get_vocab_size() if hasattr(mc, "get_vocab_size") else pred.vocab
         if vocab != pred.vocab:
@@ -120,9 +123,10 @@ class _CapsMixin:
         metrics = CapsMetrics(str(mc.served_model_name), str(vllm_config.parallel_config.data_parallel_rank))
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not exported():
-            logger.warning("CAPS metrics stay in this process's prometheus registry: PROMETHEUS_MULTIPROC_DIR is not "
-                           "set (vllm serve sets it up by itself; another launcher must export an empty folder "
-                           "before it starts vLLM)")
+            logger.warning("CAPS metrics stay in this process's prometheus registry, which no /metrics endpoint "
+                           "of vLLM's serves: PROMETHEUS_MULTIPROC_DIR is not set. `vllm serve` sets it up by "
+                           "itself; with another launcher run `export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d)` "
+                           "before it starts vLLM (an empty folder, one per server)")
         elif os.environ.get(OWNED_ENV) == folder:
             logger.info("CAPS metrics: on vllm serve's /metrics via PROMETHEUS_MULTIPROC_DIR=%s (made for this "
                         "server, removed at exit)", folder)

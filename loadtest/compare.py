@@ -213,6 +213,16 @@ def plots(runs: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def where(runs: list[dict], out: Path) -> str:
+    """Where the results and the metrics are, and how to watch them live."""
+    series = ", ".join(str(out / r["label"] / "metrics_timeseries.json") for r in runs)
+    return (f"Report: {out / 'report.md'} (plots: latency_cdf.png, imbalance_over_time.png).\n"
+            f"Metrics: each server's /metrics (vLLM's and the vllm:caps_* series) was scraped every poll into "
+            f"{series}; the servers are stopped now.\n"
+            "Watch them live: `make serve` (CAPS on http://127.0.0.1:8000, metrics at /metrics), then "
+            "`make monitor` (Prometheus on http://127.0.0.1:9090, Grafana with deploy/grafana when installed).")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m loadtest.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="", help="model path or name (default: the embedded tiny MoE)")
@@ -237,6 +247,11 @@ def main(argv: list[str] | None = None) -> None:
     caps = json.loads(args.caps_config)
     if not isinstance(caps, dict):
         ap.error("--caps-config must be a JSON object")
+    from caps_vllm.strategies import STRATEGIES
+
+    unknown = [n for n in (args.strategies or []) + [caps.get("strategy", "step_cost")] if n not in STRATEGIES]
+    if unknown:
+        ap.error(f"unknown strategy {unknown[0]!r}; valid: {', '.join(STRATEGIES)}")
     if not args.model:
         from caps_vllm.tiny_model import generate
 
@@ -247,11 +262,6 @@ def main(argv: list[str] | None = None) -> None:
     base_args = [] if args.baseline == "stock" else \
         [*caps_cls, "--additional-config", json.dumps({"caps": {**caps, "strategy": "fcfs"}})]
     if args.strategies:
-        from caps_vllm.strategies import STRATEGIES
-
-        unknown = [n for n in args.strategies if n not in STRATEGIES]
-        if unknown:
-            ap.error(f"unknown strategies {unknown}; valid: {', '.join(STRATEGIES)}")
         plan = [(n, [*caps_cls, "--additional-config", json.dumps({"caps": {**caps, "strategy": n}})])
                 for n in args.strategies]
     else:
@@ -270,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     text = report(runs, args, command, out)
     plots(runs, out)
     print(text)
+    print(where(runs, out))
 
 
 if __name__ == "__main__":

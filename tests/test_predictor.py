@@ -143,7 +143,7 @@ def test_table_is_cached_on_disk(tmp_path, caplog):
 
 
 def test_models_without_routers_are_refused_clearly(tmp_path):
-    with pytest.raises(PredictorUnavailable, match="no router"):
+    with pytest.raises(PredictorUnavailable, match="not a Mixture-of-Experts model CAPS knows"):
         router_spec({"model_type": "llama", "num_hidden_layers": 2})
     with pytest.raises(PredictorUnavailable, match="no MoE layers"):
         router_spec({"model_type": "qwen2_moe", "num_hidden_layers": 2, "num_experts": 0, "num_experts_per_tok": 2})

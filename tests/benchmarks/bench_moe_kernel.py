@@ -12,6 +12,10 @@ time budget (``--budget-s``) cuts the sweep cleanly; the machine's description g
 ``.machine.txt`` beside the CSV.
 
     python tests/benchmarks/bench_moe_kernel.py --out tests/benchmarks/results/moe_kernel_cpu.csv
+    python tests/benchmarks/bench_moe_kernel.py --device cuda --out tests/benchmarks/results/moe_kernel_gpu.csv
+
+``--device cuda`` times the same layers on a GPU with per-expert torch matmuls (the reference
+grouped GEMM: one matmul pair per expert that has tokens), synchronised around each call.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -50,6 +55,19 @@ def routing(tokens: int, experts: int, top_k: int, distinct: int, pattern: str, 
     return np.stack([np.roll(chosen, -((i * top_k) % distinct))[:top_k] for i in range(tokens)])
 
 
+def torch_moe(x, w13, w2, ids, weights):
+    """SiLU-gated MoE layer with one matmul pair per expert that has tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    out = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        tok, slot = (ids == e).nonzero(as_tuple=True)
+        gate, up = (x[tok] @ w13[e].T).chunk(2, dim=-1)
+        out.index_add_(0, tok, ((F.silu(gate) * up) @ w2[e].T) * weights[tok, slot, None].to(x.dtype))
+    return out
+
+
 def machine() -> str:
     lines = [f"platform: {platform.platform()}", f"cpus: {os.cpu_count()}"]
     try:
@@ -61,6 +79,8 @@ def machine() -> str:
     import vllm
 
     lines += [f"torch: {torch.__version__}", f"vllm: {vllm.__version__}", f"torch threads: {torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        lines.append(f"gpu: {torch.cuda.get_device_name()}")
     return "\n".join(lines) + "\n"
 
 
@@ -71,15 +91,24 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=1800.0)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: vLLM's CPU fused-MoE op; cuda: per-expert torch matmuls on the GPU")
     args = ap.parse_args()
 
     import torch
-    from vllm import _custom_ops as ops
-    from vllm.platforms import current_platform
 
-    current_platform.import_kernels()  # vLLM's kernels for this CPU's ISA (AVX2 here)
-    if hasattr(torch._C, "_cpu") and hasattr(torch._C._cpu, "_init_amx"):
-        torch._C._cpu._init_amx()  # needed on AMX machines, or the op dies with "Illegal instruction"
+    gpu = args.device == "cuda"
+    if gpu and not torch.cuda.is_available():
+        sys.exit(f"--device cuda needs a CUDA GPU, and torch {torch.__version__} sees none here "
+                 "(torch.cuda.is_available() is False). Run it on a GPU host with a CUDA build of torch "
+                 "(pip install -e '.[gpu]'), or leave out --device to time vLLM's CPU op.")
+    if not gpu:
+        from vllm import _custom_ops as ops
+        from vllm.platforms import current_platform
+
+        current_platform.import_kernels()  # vLLM's kernels for this CPU's ISA (AVX2 here)
+        if hasattr(torch._C, "_cpu") and hasattr(torch._C._cpu, "_init_amx"):
+            torch._C._cpu._init_amx()  # needed on AMX machines, or the op dies with "Illegal instruction"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".machine.txt").write_text(machine())
@@ -92,10 +121,14 @@ def main() -> None:
         for name in args.shapes:
             hidden, inter, experts, top_k = SHAPES[name]
             torch.manual_seed(0)
-            w13 = ops.cpu_prepack_moe_weight((torch.randn(experts, 2 * inter, hidden) * 0.02).bfloat16(), "vec")
-            w2 = ops.cpu_prepack_moe_weight((torch.randn(experts, hidden, inter) * 0.02).bfloat16(), "vec")
+            w13 = (torch.randn(experts, 2 * inter, hidden) * 0.02).bfloat16()
+            w2 = (torch.randn(experts, hidden, inter) * 0.02).bfloat16()
+            if gpu:
+                w13, w2 = w13.cuda(), w2.cuda()
+            else:
+                w13, w2 = ops.cpu_prepack_moe_weight(w13, "vec"), ops.cpu_prepack_moe_weight(w2, "vec")
             for tokens in args.tokens:
-                x = torch.randn(tokens, hidden).bfloat16()
+                x = torch.randn(tokens, hidden).bfloat16().to(args.device)
                 res = torch.empty_like(x)
                 ladder = sorted({top_k, *[d for d in (8, 16, 32, 48, 60) if d <= min(experts, tokens * top_k)]})
                 randoms = [("zipf", 0)] + [(f"dirichlet-{a:g}", 0) for a in ALPHAS]
@@ -105,12 +138,18 @@ def main() -> None:
                         return
                     ids = routing(tokens, experts, top_k, distinct, pattern, rng)
                     counts = np.bincount(ids.ravel(), minlength=experts)
-                    topk_ids = torch.from_numpy(ids.astype(np.int32))
-                    topk_w = torch.full((tokens, top_k), 1.0 / top_k, dtype=torch.float32)
+                    topk_ids = torch.from_numpy(ids.astype(np.int32)).to(args.device)
+                    topk_w = torch.full((tokens, top_k), 1.0 / top_k, dtype=torch.float32, device=args.device)
 
                     def call() -> float:
+                        if gpu:
+                            torch.cuda.synchronize()
                         t0 = time.perf_counter()
-                        ops.cpu_fused_moe(res, x, w13, w2, None, None, topk_w, topk_ids, "silu", "vec")
+                        if gpu:
+                            torch_moe(x, w13, w2, topk_ids, topk_w)
+                            torch.cuda.synchronize()
+                        else:
+                            ops.cpu_fused_moe(res, x, w13, w2, None, None, topk_w, topk_ids, "silu", "vec")
                         return (time.perf_counter() - t0) * 1e3
 
                     call()  # warm-up
