@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ class StepCostModel:
     @classmethod
     def load(cls, path: str | Path = DEFAULT_FIT, shape: str | None = None) -> "StepCostModel":
         """The fit stored by fit_step_cost.py (its ``default`` shape unless ``shape`` is named)."""
-        doc = json.loads(Path(path).read_text())
+        doc = _read_fits(str(path))
         name = shape or doc["default"]
         if name not in doc["fits"]:
             raise ValueError(f"{path}: no step-cost fit for shape {name!r}; have {', '.join(doc['fits'])}")
@@ -80,6 +81,12 @@ class StepCostModel:
         if placement is None:
             return self.fixed_ms + per_expert.sum(axis=-1)
         return self.fixed_ms + rank_sums(per_expert, placement).max(axis=-1)
+
+
+@lru_cache(maxsize=8)
+def _read_fits(path: str) -> dict:
+    """The fits file, read once per process (every step_cost strategy and model loads it)."""
+    return json.loads(Path(path).read_text())
 
 
 def rank_sums(per_expert: np.ndarray, placement: np.ndarray) -> np.ndarray:

@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from caps_vllm.step_cost import PLACEMENTS, StepCostModel, expert_placement
 from caps_vllm.strategies import STRATEGIES, make_strategy
 from sim import workload as wlmod
 from sim.engine import ServerConfig, simulate
-from caps_vllm.step_cost import PLACEMENTS, StepCostModel, expert_placement
 from sim.execution import CVModel, ExecutionModel, StepModel
 from sim.metrics import summarize
 

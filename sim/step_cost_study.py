@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from caps_vllm.strategies import make_strategy
 from sim import workload as wlmod
 from sim.engine import ServerConfig, simulate
-from sim.evaluate import deployment_of, execution_model, sweep
+from sim.evaluate import execution_model, sweep
 from sim.metrics import summarize
-from caps_vllm.strategies import make_strategy
 
 MODELS = ("cv", "fitted", "expert_parallel")
 STRATEGIES = ("fcfs", "greedy_dot_product", "greedy_variance", "step_cost")
@@ -39,7 +39,7 @@ def capacity(model, wcfg: wlmod.WorkloadConfig, server: ServerConfig, requests: 
     rng = np.random.default_rng(seed)
     wl = wlmod.poisson(1e6, requests, wcfg, rng)
     vectors = wlmod.expert_vectors(wl, wcfg, rng)
-    run = simulate(wl, vectors, make_strategy("fcfs", deployment=deployment_of(model, wcfg)), server, model)
+    run = simulate(wl, vectors, make_strategy("fcfs"), server, model)
     return summarize(run)["throughput"]
 
 
