@@ -41,7 +41,7 @@ bench: setup
 	$(PY) tests/benchmarks/bench_scheduler.py
 	$(PY) tests/benchmarks/bench_observability.py
 
-# MoE-layer time vs per-expert token counts with vLLM's CPU fused-MoE op (about 18 minutes here);
+# MoE-layer time vs per-expert token counts with vLLM's CPU fused-MoE op (about 6 minutes by this machine's clock);
 # raw CSV + machine description for the step-cost model (issue 6).
 bench-moe: setup
 	$(PY) tests/benchmarks/bench_moe_kernel.py --out tests/benchmarks/results/moe_kernel_cpu.csv

@@ -116,7 +116,7 @@ def report(results: dict, csv_path: Path) -> str:
         "# Step-cost fit",
         "",
         f"Measurements: `{csv_path}` (machine in the `.machine.txt` beside it). Re-run: "
-        "`make bench-moe` (measure, ~20 min) then `make fit-step-cost`.",
+        "`make bench-moe` (measure, ~6 min on the machine above) then `make fit-step-cost`.",
         "Fitted on the equal-load ladder; held out: Zipf and Dirichlet routings (uneven counts). "
         "Errors are |model/measured - 1| in %.",
         "",
