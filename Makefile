@@ -83,19 +83,23 @@ serve: model
 monitor: prometheus
 	deploy/monitor.sh --target 127.0.0.1:$(PORT)
 
-# FCFS vs CAPS on live vllm serve processes (embedded model by default), same Locust load and seed;
-# writes report.md, compare.json and PNG plots to LOADTEST_OUT (see loadtest/README.md).
-LOADTEST_ARGS ?= --pattern bursty --rate 10 --duration 60
+# FCFS vs CAPS (step_cost) on live vllm serve processes (embedded model by default): 3 interleaved
+# repetitions of each arm plus an A/A control, a fresh server per run, the same seeded Locust
+# schedule per repetition; verdicts with 95 % bootstrap intervals first, then report.md,
+# compare.json and PNG plots in LOADTEST_OUT (raw per-run files in its raw/, git-ignored).
+# About 15 minutes here.
+LOADTEST_ARGS ?= --pattern bursty --rate 10 --duration 60 --repeats 3 --aa
 LOADTEST_OUT ?= loadtest/results/latest
 loadtest: setup
-	$(PY) -m loadtest.compare $(LOADTEST_ARGS) --out $(LOADTEST_OUT)
+	@$(PY) -m loadtest.compare $(LOADTEST_ARGS) --out $(LOADTEST_OUT)
 
-# The README's main job: generate the embedded tiny MoE, serve it with FCFS order and then with
-# CAPS under the same short bursty Locust load, print the figures side by side and where the
-# metrics are (about 3 minutes after setup).
+# The README's main job: generate the embedded tiny MoE, serve it with FCFS order and with CAPS
+# under the same short bursty Locust load, three interleaved repetitions each (a fresh server per
+# run; 20 s of load and no A/A control, unlike make loadtest, to stay near 5 minutes), and print
+# the verdict with its interval first, then the figures and where the metrics are.
 DEMO_OUT ?= loadtest/results/demo
 demo: setup
-	$(PY) -m loadtest.compare --pattern bursty --rate 12 --duration 30 --out $(DEMO_OUT)
+	@$(PY) -m loadtest.compare --pattern bursty --rate 12 --duration 20 --repeats 3 --out $(DEMO_OUT)
 
 # vLLM's own scheduler unit tests (from its source distribution), stock and with CAPS substituted.
 vllm-invariants: setup

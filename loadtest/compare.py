@@ -1,42 +1,55 @@
-"""FCFS vs CAPS, side by side, on live `vllm serve` processes: the same model, workload and seed.
+"""FCFS vs CAPS on live `vllm serve` processes: interleaved, repeated arms, ratios with intervals.
 
-    python -m loadtest.compare --pattern bursty --rate 6 --duration 60 --out loadtest/results/x
-    python -m loadtest.compare --strategies fcfs greedy_dot_product step_cost ...
+    python -m loadtest.compare --pattern bursty --rate 8 --duration 60 --repeats 3 --aa --out loadtest/results/x
+    python -m loadtest.compare --strategies fcfs greedy_dot_product step_cost --baseline fcfs ...
 
-For each configuration (baseline and CAPS, or one per ``--strategies`` name, the first being
-the baseline), one after the other: start `vllm serve` on loopback, run
-the same Locust shape against it (headless, bounded in time and requests), scrape `/metrics`
-(vLLM's and CAPS's) every ``--poll`` seconds while it runs, stop the server by pid. Then write
-``report.md`` (figures side by side with their ratio), ``compare.json``, and PNG plots (latency
-CDFs, actual expert-load imbalance over time).
+An *arm* is one scheduler setup: a CAPS strategy name (the CAPS scheduler class with that
+strategy and ``--caps-config``'s other settings; ``fcfs`` keeps vLLM's order but measures routing
+and imbalance like the others) or ``stock`` (vLLM's own Scheduler, no CAPS metrics). Every
+repetition runs every arm once, each on a fresh server, in an order rotated per repetition
+(A B, B A, A B, ... ; Latin-square rotation for more arms) so that drift of the machine over the
+session falls on all arms alike; repetition r replays the seeded schedule of ``--seed + r`` in
+every arm. ``--aa`` adds a second, identical baseline arm: its ratio to the baseline is the noise
+floor of this machine, printed beside every comparison.
 
-The baseline is vLLM's FCFS order. By default it runs through the CAPS scheduler class with the
-``fcfs`` strategy (the same order as vLLM's, but with routing capture and metrics, so the
-imbalance of both runs is measured the same way); ``--baseline stock`` uses vLLM's own
-Scheduler (no CAPS metrics then).
+Each run: start `vllm serve` on loopback (pinned to its own CPUs, the load generator to another,
+where the machine has two or more), run the Locust shape against it, scrape ``/metrics`` every
+``--poll`` seconds, stop the server by pid. A run whose load generator fell behind its schedule
+(P99 ``lag_s`` > ``--max-lag``) is marked invalid, one whose server did not start or that
+completed nothing failed; neither enters an interval, and the report lists both. Per figure:
+the ratio of each arm to the baseline with a bootstrap 95 % interval over runs and requests
+(``loadtest/stats.py``) and a verdict. Writes ``report.md`` (verdicts first), ``compare.json``,
+plots; raw per-run files (server log, Locust CSVs, per-request samples, /metrics series) go to
+``raw/``, which git ignores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-from loadtest.server import VllmServer, metric_sums
+from loadtest.records import classify, mean_between, run_level
+from loadtest.report import headline, plots, report, where
+from loadtest.server import VllmServer, metric_sums, pinned, split_cpus
+from loadtest.stats import FIGURES, RunData, aa_verdict, compare, verdict
 from loadtest.workload import add_load_options, load_option_args
 
 ROOT = Path(__file__).resolve().parents[1]
 #: /metrics series kept per poll (summed over labels)
 SERIES = ("vllm:caps_actual_load_max_over_mean", "vllm:caps_actual_load_cv", "vllm:caps_actual_distinct_experts",
           "vllm:caps_predicted_load_max_over_mean", "vllm:caps_predicted_load_cv",
-          "vllm:caps_predicted_distinct_experts", "vllm:caps_predictor_cosine", "vllm:caps_selection_seconds")
+          "vllm:caps_predicted_distinct_experts", "vllm:caps_predictor_cosine", "vllm:caps_selection_seconds",
+          "vllm:iteration_tokens_total")
 COUNTERS = ("vllm:caps_ranked_requests_total", "vllm:caps_fcfs_fallback_requests_total",
             "vllm:caps_max_wait_bypass_requests_total", "vllm:caps_admitted_requests_total",
             "vllm:caps_steps_total", "vllm:num_preemptions_total", "vllm:generation_tokens_total")
+STOCK = "stock"
 
 
 def scrape(text: str) -> dict[str, float]:
@@ -63,167 +76,103 @@ class Poller(threading.Thread):
             self.stop_event.wait(self.every)
 
 
-def mean_between(first: dict, last: dict, name: str) -> float | None:
-    n = last.get(f"{name}_count", 0.0) - first.get(f"{name}_count", 0.0)
-    return (last.get(f"{name}_sum", 0.0) - first.get(f"{name}_sum", 0.0)) / n if n > 0 else None
+def plan_runs(arms: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repetition, arm) in run order: every repetition runs every arm, rotated by one per
+    repetition (A B / B A / A B ...), so each arm takes each position equally often."""
+    k = len(arms)
+    return [(r, arms[(r + i) % k]) for r in range(repeats) for i in range(k)]
 
 
-def run_one(label: str, sched_args: list[str], args, out: Path) -> dict:
-    d = out / label
+def arm_args(arm: str, baseline: str, caps: dict) -> list[str]:
+    """``vllm serve`` scheduler arguments of an arm (``<baseline>-aa`` is a copy of the baseline)."""
+    name = baseline if arm == f"{baseline}-aa" else arm
+    if name == STOCK:
+        return []
+    return ["--scheduler-cls", "caps_vllm.CapsScheduler",
+            "--additional-config", json.dumps({"caps": {**caps, "strategy": name}})]
+
+
+def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) -> dict:
+    """One fresh server, one Locust run: the run's record (status ok / invalid / failed)."""
+    d = raw / f"r{rep}-{arm}"
     d.mkdir(parents=True, exist_ok=True)
+    seed = args.seed + rep
+    rec = {"label": arm, "repeat": rep, "seed": seed, "status": "ok", "reason": None, "summary": None,
+           "metrics": None, "samples": [], "timeseries": []}
     serve_args = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
                   "--seed", str(args.seed), *(["--enforce-eager"] if not args.compile else []), *sched_args]
-    server = VllmServer(args.model, serve_args, d / "serve.log", name="served")
-    poller = None
+    env = {"VLLM_SERVER_DEV_MODE": "1"} if args.hold > 0 else None  # /pause and /resume for --hold
+    server_cpus, gen_cpus = cpus if cpus else (None, None)
+    started = time.monotonic()
+    server = poller = None
     try:
+        server = VllmServer(args.model, serve_args, d / "serve.log", name="served", env=env, cpus=server_cpus)
         server.wait_ready(args.startup_timeout)
         poller = Poller(server, args.poll)
         poller.start()
         shape = ROOT / "loadtest" / "shapes" / f"{args.pattern}.py"
+        load = {**vars(args), "seed": seed}
         cmd = [sys.executable, "-m", "locust", "-f", f"{ROOT / 'loadtest' / 'locustfile.py'},{shape}", "--headless",
                "-H", server.url(""), "--only-summary", "--loglevel", "WARNING", "--csv", str(d / "locust"),
                "--summary", str(d / "summary.json"), "--samples", str(d / "samples.jsonl"),
-               "--run-time", f"{int(args.duration + args.request_timeout + 30)}s", *load_option_args(args)]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                              timeout=args.duration + args.request_timeout + 120)
+               "--run-time", f"{int(args.duration + args.hold + args.request_timeout + 30)}s",
+               *load_option_args(argparse.Namespace(**load))]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=pinned(gen_cpus),
+                              timeout=args.duration + args.hold + args.request_timeout + 120)
         (d / "locust.log").write_text(proc.stdout + proc.stderr)
         if not (d / "summary.json").exists():
-            raise RuntimeError(f"{label}: Locust wrote no summary (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"Locust wrote no summary (exit {proc.returncode}): {proc.stderr[-1500:]}")
         time.sleep(args.poll * 1.5)  # one more scrape after the last request
+    except Exception as exc:  # a run that fails is reported, never dropped
+        rec.update(status="failed", reason=str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc))
     finally:
         if poller is not None:
             poller.stop_event.set()
             poller.join(timeout=10)
-        server.stop()
+        if server is not None:
+            server.stop()
+    rec["wall_s"] = time.monotonic() - started
+    if rec["status"] == "failed":
+        return rec
     summary = json.loads((d / "summary.json").read_text())
+    rec["samples"] = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()]
     samples = poller.samples if poller else []
+    (d / "metrics_timeseries.json").write_text(json.dumps(samples))
     first, last = (samples[0][1], samples[-1][1]) if samples else ({}, {})
     metrics = {name: mean_between(first, last, name) for name in SERIES}
     metrics.update({c: last.get(c, 0.0) - first.get(c, 0.0) for c in COUNTERS})
-    (d / "metrics_timeseries.json").write_text(json.dumps(samples))
-    return {"label": label, "summary": summary, "metrics": metrics, "timeseries": samples}
+    metrics["engine_steps"] = last.get("vllm:iteration_tokens_total_count", 0.0) \
+        - first.get("vllm:iteration_tokens_total_count", 0.0)
+    rec.update(summary=summary, metrics=metrics, timeseries=samples)
+    rec["status"], rec["reason"] = classify(summary, args.max_lag)
+    return rec
 
 
-ROWS = [  # (label, getter, unit)
-    ("TTFT p50", lambda r: r["summary"]["ttft_s"]["p50"], "s"),
-    ("TTFT p90", lambda r: r["summary"]["ttft_s"]["p90"], "s"),
-    ("TTFT p99", lambda r: r["summary"]["ttft_s"]["p99"], "s"),
-    ("ITL p50", lambda r: r["summary"]["itl_s"]["p50"], "s"),
-    ("ITL p99", lambda r: r["summary"]["itl_s"]["p99"], "s"),
-    ("E2E p50", lambda r: r["summary"]["e2e_s"]["p50"], "s"),
-    ("E2E p90", lambda r: r["summary"]["e2e_s"]["p90"], "s"),
-    ("E2E p99", lambda r: r["summary"]["e2e_s"]["p99"], "s"),
-    ("throughput", lambda r: r["summary"]["throughput_rps"], "req/s"),
-    ("output tokens/s", lambda r: r["summary"]["throughput_tok_s"], "tok/s"),
-    ("goodput", lambda r: r["summary"]["goodput_rps"], "req/s"),
-    ("failures", lambda r: r["summary"]["failures"], ""),
-    ("actual imbalance max/mean (mean/step)", lambda r: r["metrics"]["vllm:caps_actual_load_max_over_mean"], ""),
-    ("actual imbalance CV (mean/step)", lambda r: r["metrics"]["vllm:caps_actual_load_cv"], ""),
-    ("actual distinct experts/layer/step", lambda r: r["metrics"]["vllm:caps_actual_distinct_experts"], ""),
-    ("predicted imbalance max/mean", lambda r: r["metrics"]["vllm:caps_predicted_load_max_over_mean"], ""),
-    ("predictor cosine (mean/request)", lambda r: r["metrics"]["vllm:caps_predictor_cosine"], ""),
-    ("requests ordered by the strategy", lambda r: r["metrics"]["vllm:caps_ranked_requests_total"], ""),
-    ("engine steps", lambda r: r["metrics"]["vllm:caps_steps_total"], ""),
-    ("preemptions", lambda r: r["metrics"]["vllm:num_preemptions_total"], ""),
-]
+def analyse(runs: list[dict], arms: list[str], baseline: str, aa: str | None, draws: int) -> dict:
+    """Per arm other than the baseline: every figure's ratio, interval and verdict, over the
+    repetitions where both it and the baseline have a valid run."""
+    ok = {(r["repeat"], r["label"]): r for r in runs if r["status"] == "ok"}
+    data = {key: RunData.from_samples(r["samples"], run_level(r)) for key, r in ok.items()}
+    reps = sorted({r["repeat"] for r in runs})
+    intervals = {}
+    for arm in arms:
+        if arm == baseline:
+            continue
+        pairs = [rep for rep in reps if (rep, baseline) in data and (rep, arm) in data]
+        if pairs:
+            intervals[arm] = compare([data[(p, baseline)] for p in pairs], [data[(p, arm)] for p in pairs],
+                                     draws=draws, seed=len(intervals))
+    out = {}
+    for arm, ivs in intervals.items():
+        aa_ivs = intervals.get(aa) if aa and arm != aa else None
+        out[arm] = {f.name: {**ivs[f.name].to_json(),
+                             "verdict": aa_verdict(ivs[f.name]) if arm == aa
+                             else verdict(f, ivs[f.name], aa_ivs[f.name] if aa_ivs else None)}
+                    for f in FIGURES}
+    return out
 
 
-def _fmt(x) -> str:
-    if x is None:
-        return "–"
-    return f"{x:.4g}" if isinstance(x, float) else str(x)
-
-
-def report(runs: list[dict], args, command: str, out: Path) -> str:
-    """Figures of every run side by side, and each run's ratio to the first (the baseline)."""
-    base, others = runs[0], runs[1:]
-    labels = [r["label"] for r in runs]
-    lines = [f"# {' vs '.join(labels)}: {args.pattern} load, live vllm serve", "",
-             f"Command: `{command}`", "",
-             f"Model `{args.model}`, max_num_seqs {args.max_num_seqs}, {args.max_tokens} output tokens/request, "
-             f"rate {args.rate}/s for {args.duration:g} s (≤ {args.max_requests} requests), seed {args.seed}, "
-             f"concurrency ≤ {args.concurrency}, SLO TTFT ≤ {args.slo_ttft:g} s and E2E ≤ {args.slo_e2e:g} s. "
-             f"Baseline: {base['label']}; CAPS settings: `{args.caps_config}`"
-             + (" (strategy set per run)." if args.strategies else "."), "",
-             "| figure | " + " | ".join(labels) + " | " + " | ".join(f"{r['label']} / {base['label']}" for r in others) + " |",
-             "|---" * (2 * len(runs)) + "|"]
-    for name, get, unit in ROWS:
-        vals = []
-        for r in runs:
-            try:
-                vals.append(get(r))
-            except (KeyError, TypeError):
-                vals.append(None)
-        a = vals[0]
-        ratios = [b / a if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None for b in vals[1:]]
-        cells = " | ".join(_fmt(v) for v in vals + ratios)
-        lines.append(f"| {name}{f' ({unit})' if unit else ''} | {cells} |")
-    for r in runs:
-        reasons = r["summary"]["failure_reasons"]
-        if reasons:
-            lines.append(f"\n{r['label']} failures: " + ", ".join(f"{k}: {v}" for k, v in reasons.items()))
-    lines += ["", "Plots: `latency_cdf.png`, `imbalance_over_time.png`. Raw: `*/summary.json`, `*/samples.jsonl`, "
-              "`*/locust_stats.csv`, `*/metrics_timeseries.json`, `*/serve.log`."]
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    return text
-
-
-def plots(runs: list[dict], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    def load_samples(label: str) -> list[dict]:
-        return [json.loads(x) for x in (out / label / "samples.jsonl").read_text().splitlines() if x.strip()]
-
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for r in runs:
-        rows = [s for s in load_samples(r["label"]) if s["error"] is None]
-        for ax, key in zip(axes, ("ttft_s", "itl_s", "e2e_s")):
-            xs = np.sort([x for s in rows for x in s[key]] if key == "itl_s" else [s[key] for s in rows])
-            if len(xs):
-                ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=r["label"])
-    for ax, title in zip(axes, ("TTFT", "inter-token latency", "end-to-end latency")):
-        ax.set_title(title)
-        ax.set_xlabel("seconds")
-        ax.set_ylabel("share of requests" if title != "inter-token latency" else "share of gaps")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "latency_cdf.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    name = "vllm:caps_actual_load_max_over_mean"
-    for r in runs:
-        ts = r["timeseries"]
-        pts = [(t1, mean_between(a, b, name)) for (t0, a), (t1, b) in zip(ts, ts[1:])]
-        pts = [(t, v) for t, v in pts if v is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker=".", label=r["label"])
-    ax.set_title("actual expert-load imbalance per scrape interval (max/mean, mean over steps)")
-    ax.set_xlabel("seconds since the server was ready")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "imbalance_over_time.png", dpi=110)
-    plt.close(fig)
-
-
-def where(runs: list[dict], out: Path) -> str:
-    """Where the results and the metrics are, and how to watch them live."""
-    series = ", ".join(str(out / r["label"] / "metrics_timeseries.json") for r in runs)
-    return (f"Report: {out / 'report.md'} (plots: latency_cdf.png, imbalance_over_time.png).\n"
-            f"Metrics: each server's /metrics (vLLM's and the vllm:caps_* series) was scraped every poll into "
-            f"{series}; the servers are stopped now.\n"
-            "Watch them live: `make serve` (CAPS on http://127.0.0.1:8000, metrics at /metrics), then "
-            "`make monitor` (Prometheus on http://127.0.0.1:9090, Grafana with deploy/grafana when installed).")
-
-
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="", help="model path or name (default: the embedded tiny MoE)")
     ap.add_argument("--pattern", choices=("bursty", "poisson", "trace"), default="bursty")
@@ -233,55 +182,112 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="let vLLM compile (slower start; default --enforce-eager)")
     ap.add_argument("--caps-config", default="{}",
-                    help="the CAPS run's caps object (default: CAPS's defaults, strategy step_cost)")
-    ap.add_argument("--baseline", choices=("fcfs", "stock"), default="fcfs")
-    ap.add_argument("--strategies", nargs="+", metavar="NAME",
-                    help="instead of baseline + CAPS: one run per CAPS strategy, the first is the baseline "
-                         "(--caps-config gives the other settings)")
+                    help="the CAPS settings of every CAPS arm, as JSON (the strategy is set per arm)")
+    ap.add_argument("--strategies", nargs="+", metavar="ARM", default=["fcfs", "step_cost"],
+                    help="the arms: CAPS strategy names, or 'stock' for vLLM's own Scheduler (default: fcfs step_cost)")
+    ap.add_argument("--baseline", default=None, help="the arm the others are compared with (default: the first)")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of every arm, interleaved (default 3)")
+    ap.add_argument("--aa", action="store_true", help="add an A/A control: a second, identical baseline arm")
+    ap.add_argument("--max-lag", type=float, default=0.5,
+                    help="a run whose load generator sent its P99 request later than this (s) is invalid")
+    ap.add_argument("--pin", choices=("auto", "none"), default="auto",
+                    help="auto: server and load generator on separate CPUs where there are two or more")
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval")
     ap.add_argument("--poll", type=float, default=2.0, help="seconds between /metrics scrapes")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--out", default="loadtest/results/latest")
+    ap.add_argument("--reanalyse", metavar="DIR", help="no runs: recompute the intervals, report and plots of an "
+                    "earlier comparison in DIR from its compare.json and raw/ samples (with this --bootstrap)")
     args = ap.parse_args(argv)
+    # A SIGTERM unwinds like Ctrl-C, so the running server is stopped by pid, never orphaned.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if args.reanalyse:
+        return reanalyse(Path(args.reanalyse), args.bootstrap)
     if args.pattern == "trace" and not args.trace:
         ap.error("--pattern trace needs --trace CSV")
-    caps = json.loads(args.caps_config)
+    if args.repeats < 1:
+        ap.error(f"--repeats must be ≥ 1 (got {args.repeats})")
+    if args.bootstrap < 100:
+        ap.error(f"--bootstrap must be ≥ 100 draws (got {args.bootstrap})")
+    if args.max_lag <= 0 or args.hold < 0:
+        ap.error("--max-lag must be > 0 and --hold ≥ 0")
+    try:
+        caps = json.loads(args.caps_config)
+    except ValueError as exc:
+        ap.error(f"--caps-config is not JSON: {exc}")
     if not isinstance(caps, dict):
         ap.error("--caps-config must be a JSON object")
     from caps_vllm.strategies import STRATEGIES
 
-    unknown = [n for n in (args.strategies or []) + [caps.get("strategy", "step_cost")] if n not in STRATEGIES]
-    if unknown:
-        ap.error(f"unknown strategy {unknown[0]!r}; valid: {', '.join(STRATEGIES)}")
+    for name in args.strategies:
+        if name != STOCK and name not in STRATEGIES:
+            ap.error(f"--strategies: unknown arm {name!r}; valid: {STOCK}, {', '.join(STRATEGIES)}")
+    if len(set(args.strategies)) != len(args.strategies):
+        ap.error("--strategies: an arm is named twice (use --aa for an A/A control)")
+    baseline = args.baseline or args.strategies[0]
+    if baseline not in args.strategies:
+        ap.error(f"--baseline {baseline!r} is not one of --strategies ({' '.join(args.strategies)})")
+    if len(args.strategies) < 2 and not args.aa:
+        ap.error("--strategies: a comparison needs two arms (or one and --aa)")
+    arms = list(args.strategies) + ([f"{baseline}-aa"] if args.aa else [])
+    aa = f"{baseline}-aa" if args.aa else None
     if not args.model:
         from caps_vllm.tiny_model import generate
 
         args.model = str(generate())
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    caps_cls = ["--scheduler-cls", "caps_vllm.CapsScheduler"]
-    base_args = [] if args.baseline == "stock" else \
-        [*caps_cls, "--additional-config", json.dumps({"caps": {**caps, "strategy": "fcfs"}})]
-    if args.strategies:
-        plan = [(n, [*caps_cls, "--additional-config", json.dumps({"caps": {**caps, "strategy": n}})])
-                for n in args.strategies]
-    else:
-        plan = [(args.baseline, base_args), ("caps", [*caps_cls, "--additional-config", json.dumps({"caps": caps})])]
-    runs = []
-    for label, sched in plan:
-        print(f"[{label}] serving {args.model} and running the {args.pattern} load ...", flush=True)
-        runs.append(run_one(label, sched, args, out))
-        s = runs[-1]["summary"]
-        print(f"[{label}] {s['completed']} completed, {s['failures']} failed, E2E p99 {_fmt(s['e2e_s']['p99'])} s",
-              flush=True)
+    raw = out / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    cpus = split_cpus() if args.pin == "auto" else None
     command = "python -m loadtest.compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "compare.json").write_text(json.dumps(
-        {"command": command, "args": vars(args), "runs": [{k: r[k] for k in ("label", "summary", "metrics")}
-                                                           for r in runs]}, indent=2))
-    text = report(runs, args, command, out)
-    plots(runs, out)
+    order = plan_runs(arms, args.repeats)
+    runs: list[dict] = []
+    meta = {"command": command, "args": vars(args), "arms": arms, "baseline": baseline, "aa": aa,
+            "order": order, "pinning": {"server_cpus": cpus[0], "loadgen_cpus": cpus[1]} if cpus else None}
+    for i, (rep, arm) in enumerate(order, 1):
+        print(f"[{i}/{len(order)}] repetition {rep + 1}, {arm}: serving {args.model}, {args.pattern} load ...",
+              file=sys.stderr, flush=True)
+        runs.append(run_one(arm, rep, arm_args(arm, baseline, caps), args, raw, cpus))
+        r = runs[-1]
+        s = r["summary"]
+        print(f"[{i}/{len(order)}] {arm}: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "")
+              + (f", {s['completed']} completed, E2E p99 {s['e2e_s']['p99']:.3f} s, P99 lag {s['lag_s']['p99']:.3f} s"
+                 if s and s["e2e_s"]["p99"] is not None else ""), file=sys.stderr, flush=True)
+    return finish(meta, runs, out, args.bootstrap)
+
+
+def finish(meta: dict, runs: list[dict], out: Path, draws: int) -> int:
+    """Intervals, compare.json, report and plots of finished runs; the exit status."""
+    results = analyse(runs, meta["arms"], meta["baseline"], meta["aa"], draws)
+    doc = {**meta, "headline": headline(results, runs, meta),
+           "runs": [{k: r[k] for k in ("label", "repeat", "seed", "status", "reason", "wall_s", "summary", "metrics")}
+                    for r in runs],
+           "comparisons": results}
+    (out / "compare.json").write_text(json.dumps(doc, indent=2))
+    text = report(doc, runs, out)
+    plots(doc, runs, out)
     print(text)
-    print(where(runs, out))
+    print(where(out))
+    failed = [r for r in runs if r["status"] == "failed"]
+    return 1 if failed or not results else 0
+
+
+def reanalyse(out: Path, draws: int) -> int:
+    """``finish`` again over an earlier comparison's records and its raw per-run files."""
+    doc = json.loads((out / "compare.json").read_text())
+    runs = doc.pop("runs")
+    for r in runs:
+        d = out / "raw" / f"r{r['repeat']}-{r['label']}"
+        r["samples"], r["timeseries"] = [], []
+        if r["status"] != "failed":
+            if not (d / "samples.jsonl").exists():
+                raise SystemExit(f"--reanalyse: {d / 'samples.jsonl'} is missing (raw/ is not committed)")
+            r["samples"] = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()]
+            r["timeseries"] = json.loads((d / "metrics_timeseries.json").read_text())
+    meta = {k: v for k, v in doc.items() if k not in ("headline", "comparisons")}
+    meta["args"] = {**meta["args"], "bootstrap": draws}
+    return finish(meta, runs, out, draws)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

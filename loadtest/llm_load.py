@@ -9,8 +9,16 @@ listeners are registered once):
 The shape file picks the pattern (``shapes/bursty.py``, ``shapes/poisson.py``,
 ``shapes/trace.py``); the arrival schedule is built from ``--seed`` at test start, so two runs
 send the same requests at the same times. Each Locust user takes the next arrival, waits for its
-time and sends it; ``--concurrency`` users bound the requests in flight (an arrival that finds
-every user busy is sent late, and the summary says by how much).
+time and sends it; ``--concurrency`` users bound the requests in flight. Two kinds of lateness
+are recorded per request and summarized: ``held_s``, how long an arrival waited for a free user
+(the concurrency bound: the load turns closed-loop there), and ``lag_s``, how late the generator
+itself sent it once a user held it (a starved load generator: such a run measures another
+arrival process, and the side-by-side runner marks it invalid past a bound).
+
+``--hold S`` pauses the server's scheduler for the first S seconds of the run (vLLM's
+``/pause?mode=keep`` and ``/resume``, served when ``VLLM_SERVER_DEV_MODE=1``): the arrivals of
+those seconds queue up inside vLLM as after a stall, so a burst larger than the free sequence
+slots waits at the first step, whatever the machine's speed.
 
 Every request fires Locust request events named ``TTFT``, ``ITL`` (one per generated token after
 the first: a chunk's gap divided over the tokens it carries, from per-chunk usage) and ``E2E``, under request type ``completions`` or ``chat``, so Locust's CSVs hold them.
@@ -60,6 +68,7 @@ class Run:
         self.start = time.monotonic()
         self.results: list[dict] = []
         self.model = o.model
+        self.hold_error: str | None = None
 
     def take(self) -> Arrival | None:
         """The next arrival, counted in flight from now until its answer (or failure)."""
@@ -82,6 +91,30 @@ def start_run(env, pattern: str) -> None:
     if pattern not in PATTERNS:
         raise ValueError(pattern)
     RUN = Run(env, pattern)
+    if RUN.options.hold > 0:
+        _hold(RUN, env.host)
+        RUN.start = time.monotonic()  # arrivals count from the pause, not from before it
+
+
+def _hold(run: Run, host: str) -> None:
+    """Pause the server's scheduler now; resume it ``--hold`` seconds after the run's start."""
+    try:
+        r = requests.post(host + "/pause", params={"mode": "keep"}, timeout=30)
+        if r.status_code == 404:
+            raise RequestFailed("the server has no /pause: start vllm serve with VLLM_SERVER_DEV_MODE=1")
+        r.raise_for_status()
+    except Exception as exc:
+        run.hold_error = f"--hold: {_reason(exc)}"
+        return
+
+    def resume() -> None:
+        gevent.sleep(max(0.0, run.options.hold - (time.monotonic() - run.start)))
+        try:
+            requests.post(host + "/resume", timeout=30).raise_for_status()
+        except Exception as exc:
+            run.hold_error = f"--hold: resume failed: {_reason(exc)}"
+
+    gevent.spawn(resume)
 
 
 class ArrivalShape(LoadTestShape):
@@ -135,19 +168,20 @@ class LLMUser(User):
             gevent.sleep(0.2)
             return
         try:
-            delay = arrival.t - (time.monotonic() - run.start)
-            if delay > 0:
-                gevent.sleep(delay)
-            run.results.append(self._send(run, arrival))
+            taken = time.monotonic() - run.start
+            if arrival.t > taken:
+                gevent.sleep(arrival.t - taken)
+            run.results.append(self._send(run, arrival, taken))
         finally:
             run.in_flight -= 1
 
-    def _send(self, run: Run, a: Arrival) -> dict:
+    def _send(self, run: Run, a: Arrival, taken: float) -> dict:
         o, env = run.options, self.environment
         kind = "chat" if a.chat else "completions"
         sent = time.monotonic()
-        rec = {"t": a.t, "late_s": sent - run.start - a.t, "category": a.category, "kind": kind,
-               "ttft_s": None, "itl_s": [], "e2e_s": None, "tokens": 0, "error": None}
+        due = max(a.t, taken)  # a user held it from then on
+        rec = {"t": a.t, "held_s": due - a.t, "lag_s": max(0.0, sent - run.start - due), "category": a.category,
+               "kind": kind, "ttft_s": None, "itl_s": [], "e2e_s": None, "tokens": 0, "error": None}
         try:
             if not run.model:
                 run.model = _served_model(self.host, o.request_timeout)
@@ -223,13 +257,13 @@ def _reason(exc: Exception) -> str:
 
 def _quantiles(xs: list[float]) -> dict:
     if not xs:
-        return {"p50": None, "p90": None, "p99": None, "mean": None, "n": 0}
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "n": 0}
     a = sorted(xs)
 
     def q(p: float) -> float:  # nearest-rank
         return a[min(len(a) - 1, max(0, math.ceil(p * len(a)) - 1))]
 
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "mean": sum(a) / len(a), "n": len(a)}
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": a[-1], "mean": sum(a) / len(a), "n": len(a)}
 
 
 def summarize(run: Run, wall_s: float) -> dict:
@@ -244,7 +278,10 @@ def summarize(run: Run, wall_s: float) -> dict:
         "ttft_s": _quantiles([r["ttft_s"] for r in ok]),
         "itl_s": _quantiles([x for r in ok for x in r["itl_s"]]),
         "e2e_s": _quantiles([r["e2e_s"] for r in ok]),
-        "late_s": _quantiles([r["late_s"] for r in run.results]),
+        "held_s": _quantiles([r["held_s"] for r in run.results]),
+        "held_share": sum(r["held_s"] > 0 for r in run.results) / len(run.results) if run.results else 0.0,
+        "lag_s": _quantiles([r["lag_s"] for r in run.results]),
+        "hold": {"seconds": o.hold, "error": run.hold_error},
         "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0,
         "throughput_tok_s": sum(r["tokens"] for r in ok) / wall_s if wall_s > 0 else 0.0,
         "slo": {"ttft_s": o.slo_ttft, "e2e_s": o.slo_e2e},
@@ -266,5 +303,5 @@ def _write(environment, **_kw) -> None:
     if o.samples:
         Path(o.samples).parent.mkdir(parents=True, exist_ok=True)
         Path(o.samples).write_text("".join(json.dumps(r) + "\n" for r in run.results))
-    if summary["failures"]:
+    if summary["failures"] or run.hold_error:
         environment.process_exit_code = 1

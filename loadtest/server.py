@@ -43,11 +43,30 @@ def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
             proc.wait(timeout=10)
 
 
+def split_cpus(cpus: set[int] | None = None) -> tuple[list[int], list[int]] | None:
+    """(server CPUs, load-generator CPUs) out of this process's CPUs: the last one for the load
+    generator, the rest for the server; None with fewer than two."""
+    allowed = sorted(cpus if cpus is not None else os.sched_getaffinity(0))
+    return (allowed[:-1], allowed[-1:]) if len(allowed) >= 2 else None
+
+
+def pinned(cpus: list[int] | None):
+    """A ``preexec_fn`` that pins the child (and what it starts) to ``cpus``; None: no pinning."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
+
+
 class VllmServer:
-    """``vllm serve MODEL ARGS`` on 127.0.0.1; the log goes to ``log``."""
+    """``vllm serve MODEL ARGS`` on 127.0.0.1; the log goes to ``log``.
+
+    ``cpus``: pin the server's processes to these CPUs, with vLLM's CPU worker threads bound to
+    them too (``VLLM_CPU_OMP_THREADS_BIND``; with two or more, the first is left to the API
+    server and engine-core processes, as vLLM's own auto binding reserves one)."""
 
     def __init__(self, model: str | Path, args: list[str], log: Path, env: dict | None = None,
-                 name: str = "tiny", port: int | None = None, cwd: Path | None = None) -> None:
+                 name: str = "tiny", port: int | None = None, cwd: Path | None = None,
+                 cpus: list[int] | None = None) -> None:
         self.port = port or free_port()
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -55,11 +74,14 @@ class VllmServer:
         # The metrics folder is the caller's choice, never inherited from the shell.
         base = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
         base.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if cpus:
+            omp = cpus[1:] if len(cpus) >= 2 else cpus
+            base["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, omp))
         self.proc = subprocess.Popen(
             [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
              "--served-model-name", name, *args],
             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
-            env={**base, **(env or {})},
+            env={**base, **(env or {})}, preexec_fn=pinned(cpus),
         )
 
     def url(self, path: str) -> str:

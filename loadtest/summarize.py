@@ -1,52 +1,40 @@
-"""Several side-by-side runs (compare.json) in one markdown table: per run the CAPS/baseline ratio
-of the key figures, then their median.
+"""Several side-by-side comparisons (their compare.json) in one markdown table: per compared arm
+the key figures' ratios to the baseline with their 95 % intervals and verdicts.
 
-    python -m loadtest.summarize loadtest/results/cpu-tiny-bursty-seed*/compare.json
+    python -m loadtest.summarize loadtest/results/cpu-*/compare.json
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
-FIGURES = [  # (column, getter)
-    ("TTFT p99", lambda r: r["summary"]["ttft_s"]["p99"]),
-    ("ITL p99", lambda r: r["summary"]["itl_s"]["p99"]),
-    ("E2E p50", lambda r: r["summary"]["e2e_s"]["p50"]),
-    ("E2E p99", lambda r: r["summary"]["e2e_s"]["p99"]),
-    ("tok/s", lambda r: r["summary"]["throughput_tok_s"]),
-    ("goodput", lambda r: r["summary"]["goodput_rps"]),
-    ("imbalance max/mean", lambda r: r["metrics"]["vllm:caps_actual_load_max_over_mean"]),
-    ("distinct experts", lambda r: r["metrics"]["vllm:caps_actual_distinct_experts"]),
-]
+FIGURES = ("TTFT p99", "ITL p50", "ITL p99", "E2E p50", "E2E p99", "output tokens/s",
+           "actual distinct experts/layer/step")
+
+
+def _cell(c: dict) -> str:
+    if c["ratio"] is None:
+        return "–"
+    if c["lo"] is None:
+        return f"{c['ratio']:.3f}"
+    v = c["verdict"]
+    short = ("n.s." if v.startswith("no significant difference") else "**A/A differs**" if v.startswith("A/A differs")
+             else f"**{v}**" if v in ("better", "worse") else v.split(" (")[0])
+    return f"{c['ratio']:.2f} [{c['lo']:.2f}–{c['hi']:.2f}] {short}"
 
 
 def table(paths: list[str]) -> str:
-    """One row per compared run (each run after a file's first, its baseline), then the median
-    ratio per run label (a label is "caps" or a strategy name)."""
-    head = "| run | baseline E2E p99 (s) | ordered by CAPS | " + " | ".join(f"{c} ratio" for c, _ in FIGURES) + " |"
-    lines = [head, "|" + "---|" * (3 + len(FIGURES))]
-    ratios: dict[str, list[list[float]]] = {}
+    """One row per (comparison, compared arm); the A/A control's row says "A/A"."""
+    lines = ["| comparison | arm / baseline | valid pairs | " + " | ".join(FIGURES) + " |",
+             "|" + "---|" * (3 + len(FIGURES))]
     for p in paths:
-        data = json.loads(Path(p).read_text())
-        base, *others = data["runs"]
-        for run in others:
-            row = []
-            per = ratios.setdefault(run["label"], [[] for _ in FIGURES])
-            for i, (_, get) in enumerate(FIGURES):
-                a, b = get(base), get(run)
-                r = b / a if a else None
-                if r is not None:
-                    per[i].append(r)
-                row.append("–" if r is None else f"{r:.3f}")
-            ordered = run["metrics"].get("vllm:caps_ranked_requests_total", 0)
-            name = Path(p).parent.name + ("" if len(others) == 1 else f": {run['label']}")
-            lines.append(f"| {name} | {base['summary']['e2e_s']['p99']:.3f} | {ordered:.0f} | " + " | ".join(row) + " |")
-    for label, per in ratios.items():
-        name = "median" if len(ratios) == 1 else f"median {label}"
-        lines.append(f"| {name} | | | " + " | ".join(f"{statistics.median(r):.3f}" if r else "–" for r in per) + " |")
+        doc = json.loads(Path(p).read_text())
+        for arm, c in doc["comparisons"].items():
+            name = f"{arm} / {doc['baseline']}" + (" (A/A)" if arm == doc.get("aa") else "")
+            lines.append(f"| {Path(p).parent.name} | {name} | {c['E2E p99']['runs']} of {doc['args']['repeats']} | "
+                         + " | ".join(_cell(c[f]) for f in FIGURES) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -48,6 +48,8 @@ LOAD_OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--request-timeout", float, 120.0, "seconds per request"),
     ("--slo-ttft", float, 2.0, "goodput SLO: TTFT seconds"),
     ("--slo-e2e", float, 20.0, "goodput SLO: end-to-end seconds"),
+    ("--hold", float, 0.0, "pause the server's scheduler for the first S seconds of the run, so the first arrivals "
+                           "queue up (vLLM's /pause: the server needs VLLM_SERVER_DEV_MODE=1; compare sets it)"),
 )
 
 

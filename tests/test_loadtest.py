@@ -101,7 +101,7 @@ def test_every_failure_is_counted_with_its_reason(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         rc, s = _locust(f"http://127.0.0.1:{server.server_port}", tmp_path, "--rate", "20", "--duration", "1.5",
-                        "--max-requests", "12", "--request-timeout", "1")
+                        "--max-requests", "12", "--request-timeout", "1", "--concurrency", "1")
     finally:
         server.shutdown()
     assert s["sent"] == s["scheduled"] == 12
@@ -111,6 +111,10 @@ def test_every_failure_is_counted_with_its_reason(tmp_path):
                        "broken stream: ended without [DONE]": 2, "timeout": 2,
                        "broken stream: bad chunk (JSONDecodeError)": 2}, reasons
     assert s["ttft_s"]["n"] == 2 and s["itl_s"]["n"] == 4 and s["throughput_tok_s"] > 0
+    # One user: the arrivals behind the 1 s time-out waited for it (held by the concurrency bound),
+    # which is not the generator's own lag.
+    assert s["held_share"] > 0 and s["held_s"]["max"] > 0.3 and s["lag_s"]["n"] == 12
+    assert s["hold"] == {"seconds": 0.0, "error": None}
     with (tmp_path / "locust_stats.csv").open() as f:
         names = {(r["Type"], r["Name"]) for r in csv.DictReader(f)}
     assert {"TTFT", "ITL", "E2E"} <= {n for _, n in names}
@@ -127,24 +131,62 @@ def test_a_server_that_is_down_is_a_counted_failure(tmp_path):
 
 @pytest.mark.server
 def test_side_by_side_against_live_servers(tiny_model, tmp_path):
-    """`python -m loadtest.compare --strategies`: FCFS-order and step_cost servers (the
-    deployment-aware strategy live), the same bursty load, a report."""
+    """`python -m loadtest.compare`: fcfs and step_cost, two interleaved repetitions, a fresh
+    server per run. The scheduler is held for the first 1.5 s (``--hold``), so ~60 requests wait
+    for 4 sequence slots at the first step whatever the machine's speed: CAPS has a choice."""
     out = tmp_path / "cmp"
     cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tiny_model), "--rate", "40", "--duration", "4",
-           "--max-requests", "150", "--max-tokens", "8", "--max-num-seqs", "4", "--poll", "1", "--out", str(out),
-           "--caps-config", json.dumps({"min_batch_trigger": 2}), "--strategies", "fcfs", "step_cost"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+           "--max-requests", "150", "--max-tokens", "8", "--max-num-seqs", "4", "--poll", "1", "--hold", "1.5",
+           "--repeats", "2", "--bootstrap", "200", "--out", str(out),
+           "--caps-config", json.dumps({"max_wait_ms": 60000}), "--strategies", "fcfs", "step_cost"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    runs = {r["label"]: r for r in json.loads((out / "compare.json").read_text())["runs"]}
-    assert set(runs) == {"fcfs", "step_cost"}
-    for r in runs.values():
-        s = r["summary"]
-        assert s["failures"] == 0 and s["completed"] == s["sent"] == s["scheduled"] > 50
+    doc = json.loads((out / "compare.json").read_text())
+    assert [(r["repeat"], r["label"]) for r in doc["runs"]] == [(0, "fcfs"), (0, "step_cost"), (1, "step_cost"),
+                                                                (1, "fcfs")]
+    for r in doc["runs"]:
+        s, m = r["summary"], r["metrics"]
+        assert r["status"] == "ok", r["reason"]
+        assert s["failures"] == 0 and s["completed"] == s["sent"] == s["scheduled"] > 50  # each exactly once
         assert s["e2e_s"]["p99"] >= s["e2e_s"]["p50"] > 0 and s["itl_s"]["n"] == 7 * s["completed"]
-        assert r["metrics"]["vllm:caps_actual_load_max_over_mean"] >= 1.0
-        assert r["metrics"]["vllm:caps_admitted_requests_total"] == s["completed"]
-    assert runs["step_cost"]["metrics"]["vllm:caps_ranked_requests_total"] > 0  # CAPS had choices to make
-    assert runs["fcfs"]["metrics"]["vllm:caps_predicted_load_max_over_mean"] is not None
-    e2e = [ln for ln in (out / "report.md").read_text().splitlines() if ln.startswith("| E2E p99")]
-    assert len(e2e) == 1 and e2e[0].count("|") == 5  # figure, two runs, one ratio
-    assert (out / "latency_cdf.png").stat().st_size > 0 and (out / "imbalance_over_time.png").stat().st_size > 0
+        assert s["hold"] == {"seconds": 1.5, "error": None}
+        # What /metrics says agrees with what the clients were served.
+        assert m["vllm:caps_admitted_requests_total"] == s["completed"]
+        assert m["vllm:generation_tokens_total"] == 8 * s["completed"]
+        assert m["vllm:caps_actual_load_max_over_mean"] >= 1.0 and m["engine_steps"] > 0
+        if r["label"] == "step_cost":
+            assert m["vllm:caps_ranked_requests_total"] > 0  # the held queue gave CAPS a choice
+    seeds = {r["repeat"]: r["seed"] for r in doc["runs"]}
+    assert seeds == {0: 0, 1: 1}
+    assert set(doc["comparisons"]) == {"step_cost"}
+    for name, c in doc["comparisons"]["step_cost"].items():
+        assert c["runs"] == 2 and "verdict" in c
+        if c["lo"] is not None:
+            assert c["lo"] <= c["ratio"] <= c["hi"], name
+    text = (out / "report.md").read_text()
+    assert text.splitlines()[0].startswith("step_cost vs fcfs on this machine: E2E p99 ratio ")
+    assert proc.stdout.splitlines()[0] == text.splitlines()[0]  # what the user reads first
+    for name in ("latency_cdf.png", "intervals.png", "imbalance_over_time.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "raw" / "r0-fcfs" / "serve.log").exists()
+    # The raw files are enough to recompute everything (seeded bootstrap: the same intervals).
+    again = subprocess.run([sys.executable, "-m", "loadtest.compare", "--reanalyse", str(out), "--bootstrap", "200"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "compare.json").read_text())["comparisons"] == doc["comparisons"]
+
+
+@pytest.mark.server
+def test_a_run_whose_server_does_not_start_is_reported_not_dropped(tmp_path):
+    out = tmp_path / "cmp"
+    cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tmp_path / "no-such-model"), "--duration", "2",
+           "--strategies", "fcfs", "--aa", "--repeats", "1", "--startup-timeout", "300", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    doc = json.loads((out / "compare.json").read_text())
+    assert [(r["label"], r["status"]) for r in doc["runs"]] == [("fcfs", "failed"), ("fcfs-aa", "failed")]
+    assert all("vllm serve exited" in r["reason"] for r in doc["runs"])
+    assert doc["comparisons"] == {}
+    text = (out / "report.md").read_text()
+    assert text.splitlines()[0] == "Noise floor: no valid A/A pair of runs."
+    assert text.count("| failed: vllm serve exited") == 2
