@@ -81,6 +81,9 @@ class _CapsMixin:
             self.waiting = PriorityOrderQueue()
         self.caps_observer = self._caps_make_observer(vllm_config) if self.caps_config.metrics else None
         self._caps_ranked_step: int | None = None
+        # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
+        # (sim/twin.py) replaces it with its virtual clock.
+        self.caps_clock = time.time
         logger.info("CAPS scheduler (%s): %s", "async" if isinstance(self, AsyncScheduler) else "sync", self.caps_config)
 
     def _caps_load_predictor(self, vllm_config) -> ExpertPredictor | None:
@@ -195,7 +198,7 @@ class _CapsMixin:
         # Only the head can move (see AdmissionPlanner.plan): O(window + free), not O(queue).
         head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority)
                 for r in itertools.islice(waiting, self.caps_config.window_size + free)]
-        order = self.caps_planner.plan(head, self._caps_vector, self._caps_update_running_load(), free, time.time(),
+        order = self.caps_planner.plan(head, self._caps_vector, self._caps_update_running_load(), free, self.caps_clock(),
                                        by_priority=self.policy == SchedulingPolicy.PRIORITY, queue_len=len(waiting))
         if order is not None:
             assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"

@@ -1,7 +1,10 @@
-"""Offline discrete-event simulator of a batch server that admits requests with a CAPS strategy.
+"""Offline simulation of CAPS.
 
-It calls the same strategy objects as the live vLLM scheduler (``caps_vllm.strategies``) and
-imports no vLLM.
+* the twin (``sim.twin``, ``sim.step_time``): vLLM's own scheduler classes, stock and CAPS,
+  driven on a virtual clock with a step-time model; the only part that imports vLLM;
+* the prototype's discrete-event simulator of a static batch server (``sim.engine``,
+  ``sim.evaluate``), kept to reproduce the prototype's figures; it calls the same strategy
+  objects as the live scheduler (``caps_vllm.strategies``).
 """
 
 import os

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+
+from sim import traces
 
 
 @dataclass(frozen=True)
@@ -81,60 +81,12 @@ def bursty(rate: float, n: int, cfg: WorkloadConfig, rng: np.random.Generator) -
     return wl
 
 
-def _parse_time(text: str) -> float:
-    """Seconds: a plain number, or a timestamp like Azure's '2023-11-16 18:15:46.6805900'."""
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    head, _, frac = text.strip().partition(".")
-    stamp = datetime.strptime(head, "%Y-%m-%d %H:%M:%S").timestamp()
-    if frac and not frac.isdigit():
-        raise ValueError(f"bad fractional seconds {frac!r}")
-    return stamp + (float("0." + frac) if frac else 0.0)
-
-
-TRACE_COLUMNS = {
-    ("TIMESTAMP", "ContextTokens", "GeneratedTokens"),
-    ("arrival_s", "prompt_tokens", "output_tokens"),
-}
-
-
 def load_trace(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Arrival seconds (from the first), prompt and output tokens, from a trace CSV.
-
-    Accepts the Azure LLM trace header (TIMESTAMP,ContextTokens,GeneratedTokens) and a plain
-    arrival_s,prompt_tokens,output_tokens one. A malformed row raises ValueError naming the
-    file and line.
-    """
-    path = Path(path)
-    times, prompts, outputs = [], [], []
-    with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = tuple(c.strip() for c in next(reader, ()))
-        if header not in TRACE_COLUMNS:
-            raise ValueError(f"{path}:1: expected a header of {' or '.join(map(','.join, TRACE_COLUMNS))}, got {','.join(header)!r}")
-        for row in reader:
-            line = reader.line_num
-            if not row or not "".join(row).strip():
-                continue
-            try:
-                if len(row) != 3:
-                    raise ValueError(f"expected 3 fields, got {len(row)}")
-                t, p, o = _parse_time(row[0]), int(row[1]), int(row[2])
-                if not np.isfinite(t) or p < 0 or o < 0:
-                    raise ValueError("times must be finite and token counts >= 0")
-            except ValueError as exc:
-                raise ValueError(f"{path}:{line}: malformed trace row {row!r}: {exc}") from None
-            times.append(t)
-            prompts.append(p)
-            outputs.append(o)
-    if not times:
-        raise ValueError(f"{path}: no requests in trace")
-    t = np.asarray(times)
-    order = np.argsort(t, kind="stable")
-    t = t[order] - t[order[0]]
-    return t, np.asarray(prompts, dtype=np.int64)[order], np.asarray(outputs, dtype=np.int64)[order]
+    """Arrival seconds (from the first), prompt and output tokens of a trace in any format
+    ``sim.traces`` reads (Azure, BurstGPT, Mooncake, plain); a malformed row raises ValueError
+    naming the file and line."""
+    t = traces.load_trace(path)
+    return t.arrival_s, t.prompt_tokens, t.output_tokens
 
 
 def trace(path: str | Path, rate: float | None, n: int, cfg: WorkloadConfig, rng: np.random.Generator) -> Workload:

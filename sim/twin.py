@@ -1,0 +1,283 @@
+"""The vLLM twin: vLLM's own scheduler classes, driven on a virtual clock, with no model runner.
+
+The class is the one a user passes to ``--scheduler-cls`` (vLLM's ``Scheduler``, or
+``caps_vllm.CapsScheduler`` with any CAPS config), built from a ``VllmConfig`` with the budgets
+a deployment would have (:class:`Deployment`: vLLM's defaults per hardware class unless
+overridden, chunked prefill and prefix caching on as vLLM defaults them, KV blocks from a memory
+budget). Each step: ``schedule()``; the step's duration from a :class:`~sim.step_time.StepTime`
+model advances the clock; ``update_from_output()`` gets one synthetic sampled token per request
+whose prefill is complete (a request ends at its output length: ``ignore_eos``). Arrivals are
+added at the step boundary after their time, as vLLM's engine loop adds them between steps.
+
+Only this module (and ``sim.step_time``'s MoE part, which is numpy) knows vLLM; the rest of
+``sim/`` runs without it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: vLLM 0.32's ``vllm serve`` defaults (EngineArgs._set_default_args): (max_num_seqs, max_num_batched_tokens)
+HARDWARE_DEFAULTS: dict[str, tuple[int, int]] = {
+    "cpu": (128, 2048),  # vLLM's CPU backend, one worker
+    "gpu": (256, 2048),  # GPUs under 70 GiB, and A100s
+    "h100": (1024, 8192),  # GPUs of 70-160 GiB other than A100 (H100, H200)
+    "h200": (1024, 8192),
+    "b200": (1024, 16384),  # GPUs of 160 GiB and more
+}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What vLLM's scheduler is given: budgets, KV blocks and the caching switches."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    num_blocks: int
+    block_size: int = 16
+    max_model_len: int = 4096
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_blocks", "block_size", "max_model_len"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"deployment {name}: {v!r}; valid: an integer >= 1")
+
+    @classmethod
+    def defaults(cls, hardware: str, kv_bytes: float | None = None, kv_bytes_per_token: float | None = None,
+                 **overrides) -> Deployment:
+        """vLLM's defaults for ``hardware``; KV blocks from ``kv_bytes`` of cache memory at
+        ``kv_bytes_per_token`` (both or neither; else ``num_blocks`` must be given)."""
+        if hardware not in HARDWARE_DEFAULTS:
+            raise ValueError(f"hardware {hardware!r}; valid: {', '.join(HARDWARE_DEFAULTS)}")
+        seqs, tokens = HARDWARE_DEFAULTS[hardware]
+        args = {"max_num_seqs": seqs, "max_num_batched_tokens": tokens, **overrides}
+        if "num_blocks" not in args:
+            if kv_bytes is None or kv_bytes_per_token is None:
+                raise ValueError("give num_blocks, or kv_bytes and kv_bytes_per_token")
+            args["num_blocks"] = max(1, int(kv_bytes // (kv_bytes_per_token * args.get("block_size", 16))))
+        return cls(**args)
+
+
+def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | None = None, policy: str = "fcfs",
+                    async_scheduling: bool = False, dtype: str = "bfloat16", seed: int = 0):
+    """``cls`` built as vLLM's engine core builds it, from a ``VllmConfig`` of ``deployment``;
+    ``model_dir`` needs only a ``config.json`` (no weights, no tokenizer)."""
+    import torch
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    d = deployment
+    model_config = ModelConfig(model=model_dir, dtype=dtype, seed=seed, max_model_len=d.max_model_len,
+                               skip_tokenizer_init=True)
+    scheduler_config = SchedulerConfig(
+        max_num_seqs=d.max_num_seqs, max_num_batched_tokens=d.max_num_batched_tokens, max_model_len=d.max_model_len,
+        enable_chunked_prefill=True, is_encoder_decoder=False, async_scheduling=async_scheduling, policy=policy,
+        long_prefill_token_threshold=d.long_prefill_token_threshold, watermark=0.0)
+    cache_config = CacheConfig(block_size=d.block_size, gpu_memory_utilization=0.9, cache_dtype="auto",
+                               enable_prefix_caching=d.enable_prefix_caching)
+    vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
+                             additional_config={"caps": caps} if caps is not None else {})
+    # The CPU platform forces async scheduling off; a GPU deployment's twin sets it back.
+    vllm_config.scheduler_config.async_scheduling = async_scheduling
+    kv_cache_config = KVCacheConfig(
+        num_blocks=d.num_blocks, kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=d.block_size, num_kv_heads=1,
+                                                                       head_size=1, dtype=torch.float32))])
+    cache_config.num_gpu_blocks = d.num_blocks
+    register_all_kvcache_specs(vllm_config)
+    return cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config, block_size=d.block_size, log_stats=True,
+               structured_output_manager=StructuredOutputManager(vllm_config))
+
+
+_HASHERS: dict[int, Callable] = {}
+
+
+def make_request(rid: str, tokens: list[int] | None, arrival: float, max_tokens: int = 4, priority: int = 0,
+                 prompt_embeds=None, block_size: int = 16):
+    """A vLLM ``Request`` as the engine's input processor makes it (greedy, ``ignore_eos``),
+    with the block hasher prefix caching needs."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    if block_size not in _HASHERS:
+        init_none_hash(sha256)
+        _HASHERS[block_size] = get_request_block_hasher(block_size, sha256)
+    sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    sp.update_from_generation_config({}, None)
+    return Request(request_id=rid, prompt_token_ids=tokens, sampling_params=sp, pooling_params=None,
+                   arrival_time=arrival, priority=priority, prompt_embeds=prompt_embeds,
+                   block_hasher=_HASHERS[block_size])
+
+
+def step(scheduler, token: int = 7, finished: list[str] | None = None, worker=None, before_update=None):
+    """One engine step: schedule, then feed back one sampled token per request that finished
+    its prefill (chunked prefills get none). Returns the SchedulerOutput; the ids of requests
+    that finished in this step are appended to ``finished``. ``worker(out, mro)`` may add what a
+    model runner would attach to the output (routing); ``before_update(out)`` runs between the
+    two calls (the twin advances its clock there)."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    out = scheduler.schedule()
+    ids = list(out.num_scheduled_tokens)
+    sampled = []
+    for rid in ids:
+        req = scheduler.requests[rid]  # schedule() already advanced num_computed_tokens
+        sampled.append([token] if req.num_computed_tokens >= req.num_tokens else [])
+    mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
+                            logprobs=None, prompt_logprobs_dict={}, pooler_output=[])
+    if worker is not None:
+        worker(out, mro)
+    if before_update is not None:
+        before_update(out)
+    engine_outputs = scheduler.update_from_output(out, mro)
+    if finished is not None:
+        for eco in engine_outputs.values():
+            finished += [o.request_id for o in eco.outputs if o.finish_reason is not None]
+    return out
+
+
+@dataclass(frozen=True)
+class TwinRequest:
+    """One simulated request: when it arrives, its prompt's token ids, how many tokens it makes."""
+
+    rid: str
+    arrival_s: float
+    prompt: list[int]
+    output_tokens: int
+    domain: str | None = None
+
+
+@dataclass
+class StepRecord:
+    start_s: float
+    seconds: float
+    tokens: int  # scheduled this step
+    prefill_tokens: int
+    decode_requests: int
+    running: int  # after the step was scheduled
+    waiting: int
+    admitted: list[str]  # new requests scheduled for the first time
+
+
+@dataclass
+class Served:
+    """What one request saw: virtual times of its arrival, admission, each token, the end."""
+
+    arrival_s: float
+    admitted_s: float | None = None
+    token_s: list[float] = field(default_factory=list)
+    finished_s: float | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return self.token_s[0] - self.arrival_s if self.token_s else None
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.finished_s is None else self.finished_s - self.arrival_s
+
+    @property
+    def itl_s(self) -> list[float]:
+        return list(np.diff(self.token_s))
+
+
+@dataclass
+class TwinResult:
+    served: dict[str, Served]
+    steps: list[StepRecord]
+    scheduler_seconds: float  # wall time spent inside schedule() + update_from_output()
+    simulated_seconds: float
+    finished_order: list[str]
+
+
+class Twin:
+    """Drives one scheduler over a list of arrivals (see the module's docstring).
+
+    ``step_time(scheduler, out)`` returns the seconds a step takes; it is called after
+    ``schedule()``, when the scheduled requests' ``num_computed_tokens`` already count the
+    step's tokens (``out.num_scheduled_tokens`` says how many).
+    """
+
+    def __init__(self, scheduler, step_time: Callable, block_size: int = 16, max_steps: int = 10_000_000) -> None:
+        self.scheduler = scheduler
+        self.step_time = step_time
+        self.block_size = block_size
+        self.max_steps = max_steps
+        self.now = 0.0
+        # CAPS reads its wall clock for waiting times; in the twin that is the virtual one.
+        if hasattr(scheduler, "caps_clock"):
+            scheduler.caps_clock = lambda: self.now
+
+    def run(self, requests: Sequence[TwinRequest], progress: Callable[[float], None] | None = None) -> TwinResult:
+        sched = self.scheduler
+        pending = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
+        if len({r.rid for r in pending}) != len(pending):
+            raise ValueError("twin: request ids must be unique")
+        served: dict[str, Served] = {}
+        steps: list[StepRecord] = []
+        finished: list[str] = []
+        i, busy = 0, 0.0
+        while i < len(pending) or sched.has_unfinished_requests():
+            while i < len(pending) and pending[i].arrival_s <= self.now:
+                r = pending[i]
+                sched.add_request(make_request(r.rid, list(r.prompt), r.arrival_s, max_tokens=r.output_tokens,
+                                               block_size=self.block_size))
+                served[r.rid] = Served(r.arrival_s)
+                i += 1
+            if not sched.has_unfinished_requests():
+                self.now = max(self.now, pending[i].arrival_s)  # idle until the next arrival
+                continue
+            if len(steps) >= self.max_steps:
+                raise RuntimeError(f"twin: no end after {self.max_steps} steps")
+            start, rec = self.now, {}
+
+            def advance(out) -> None:
+                """Between schedule() and update_from_output(): price the step, move the clock,
+                and note which requests were in prefill and which emit a token."""
+                dt = float(self.step_time(sched, out))
+                if not dt > 0:
+                    raise ValueError(f"step time must be > 0 s, got {dt!r}")
+                self.now += dt
+                prefill = decode = 0
+                for rid, n in out.num_scheduled_tokens.items():
+                    req = sched.requests[rid]
+                    if req.num_computed_tokens >= req.num_tokens:
+                        served[rid].token_s.append(self.now)  # its next token comes out of this step
+                    if req.num_computed_tokens - n < req.num_prompt_tokens:
+                        prefill += n
+                    else:
+                        decode += 1
+                    if served[rid].admitted_s is None:
+                        served[rid].admitted_s = start
+                rec.update(dt=dt, prefill=prefill, decode=decode, running=len(sched.running),
+                           waiting=len(sched.waiting))
+
+            t0 = time.perf_counter()
+            done_before = len(finished)
+            out = step(sched, finished=finished, before_update=advance)
+            busy += time.perf_counter() - t0
+            if not out.num_scheduled_tokens:
+                # Nothing fits (every waiting request blocked): wait for the next arrival.
+                if i >= len(pending):
+                    raise RuntimeError("twin: the scheduler can schedule nothing and no request will arrive")
+                self.now = max(self.now, pending[i].arrival_s)
+                continue
+            for rid in finished[done_before:]:
+                served[rid].finished_s = self.now
+            steps.append(StepRecord(start, rec["dt"], sum(out.num_scheduled_tokens.values()), rec["prefill"],
+                                    rec["decode"], rec["running"], rec["waiting"],
+                                    [r.req_id for r in out.scheduled_new_reqs]))
+            if progress is not None:
+                progress(self.now)
+        return TwinResult(served, steps, busy, self.now, finished)
