@@ -141,23 +141,30 @@ class UniformRouting:
     def __init__(self, shape: ModelShape) -> None:
         self.shape = shape
 
-    def counts(self, tokens: int) -> np.ndarray:
-        s = self.shape
+    def counts(self, spans: list[tuple[str, int, int]]) -> np.ndarray:
+        """Expected [MoE layers, experts] counts of a step's (request, start, n) spans."""
+        s, tokens = self.shape, sum(n for _, _, n in spans)
         return np.full((len(s.moe_layers), s.experts), tokens * s.top_k / s.experts)
 
 
 class VllmStepTime:
     """The twin's ``step_time(scheduler, out)``: reads the step off vLLM's scheduler output and
-    prices it with ``model`` (a RooflineStep), the MoE loads from ``routing``."""
+    prices it with ``model`` (a RooflineStep), the MoE loads from ``routing`` (anything with
+    ``counts(spans)`` and ``expected``: UniformRouting, sim.routing_replay.EsftReplay). The last
+    step's counts stay in ``last_counts`` for the twin's statistics."""
 
-    def __init__(self, model: RooflineStep, routing: UniformRouting) -> None:
+    def __init__(self, model: RooflineStep, routing) -> None:
         self.model, self.routing = model, routing
+        self.last_counts: np.ndarray | None = None
 
     def __call__(self, scheduler, out) -> float:
-        tokens = context = 0
+        spans, context = [], 0
         for rid, n in out.num_scheduled_tokens.items():
             req = scheduler.requests[rid]
             before = req.num_computed_tokens - n  # schedule() has advanced it already
-            tokens += n
+            spans.append((rid, before, n))
             context += before + n  # its KV is read once per step (attention's arithmetic is not modelled)
-        return self.model.seconds(StepBatch(tokens, context, self.routing.counts(tokens), self.routing.expected))
+        counts = self.routing.counts(spans)
+        self.last_counts = counts
+        tokens = sum(n for _, _, n in spans)
+        return self.model.seconds(StepBatch(tokens, context, counts, self.routing.expected))

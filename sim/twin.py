@@ -147,6 +147,15 @@ def step(scheduler, token: int = 7, finished: list[str] | None = None, worker=No
     return out
 
 
+def _out_of_order(admitted: list[str], served: dict, still_waiting) -> int:
+    """How many of ``admitted`` FCFS would not have picked: those younger than a request it
+    left waiting (arrival order; preempted requests, which FCFS puts first, are not new)."""
+    if not still_waiting:
+        return 0
+    oldest_left = min(r.arrival_time for r in still_waiting)
+    return sum(served[rid].arrival_s > oldest_left for rid in admitted)
+
+
 @dataclass(frozen=True)
 class TwinRequest:
     """One simulated request: when it arrives, its prompt's token ids, how many tokens it makes."""
@@ -168,6 +177,10 @@ class StepRecord:
     running: int  # after the step was scheduled
     waiting: int
     admitted: list[str]  # new requests scheduled for the first time
+    waiting_before: int = 0  # requests waiting when the step was scheduled
+    out_of_order: int = 0  # admitted requests that were not among the oldest waiting (FCFS's picks)
+    planned: bool = False  # CAPS's planner evaluated a choice in this step
+    distinct_experts: float | None = None  # mean over MoE layers, from the step model's counts
 
 
 @dataclass
@@ -196,7 +209,7 @@ class Served:
 class TwinResult:
     served: dict[str, Served]
     steps: list[StepRecord]
-    scheduler_seconds: float  # wall time spent inside schedule() + update_from_output()
+    scheduler_seconds: float  # wall time inside schedule() and update_from_output() (not the step model)
     simulated_seconds: float
     finished_order: list[str]
 
@@ -209,11 +222,15 @@ class Twin:
     step's tokens (``out.num_scheduled_tokens`` says how many).
     """
 
-    def __init__(self, scheduler, step_time: Callable, block_size: int = 16, max_steps: int = 10_000_000) -> None:
+    def __init__(self, scheduler, step_time: Callable, block_size: int = 16, max_steps: int = 10_000_000,
+                 on_arrival: Callable | None = None) -> None:
+        """``on_arrival(twin_request, vllm_request)`` runs as each request is added (the study
+        binds its routing and gives CAPS its vector there)."""
         self.scheduler = scheduler
         self.step_time = step_time
         self.block_size = block_size
         self.max_steps = max_steps
+        self.on_arrival = on_arrival
         self.now = 0.0
         # CAPS reads its wall clock for waiting times; in the twin that is the virtual one.
         if hasattr(scheduler, "caps_clock"):
@@ -231,8 +248,11 @@ class Twin:
         while i < len(pending) or sched.has_unfinished_requests():
             while i < len(pending) and pending[i].arrival_s <= self.now:
                 r = pending[i]
-                sched.add_request(make_request(r.rid, list(r.prompt), r.arrival_s, max_tokens=r.output_tokens,
-                                               block_size=self.block_size))
+                req = make_request(r.rid, list(r.prompt), r.arrival_s, max_tokens=r.output_tokens,
+                                   block_size=self.block_size)
+                if self.on_arrival is not None:
+                    self.on_arrival(r, req)
+                sched.add_request(req)
                 served[r.rid] = Served(r.arrival_s)
                 i += 1
             if not sched.has_unfinished_requests():
@@ -245,6 +265,7 @@ class Twin:
             def advance(out) -> None:
                 """Between schedule() and update_from_output(): price the step, move the clock,
                 and note which requests were in prefill and which emit a token."""
+                t_model = time.perf_counter()
                 dt = float(self.step_time(sched, out))
                 if not dt > 0:
                     raise ValueError(f"step time must be > 0 s, got {dt!r}")
@@ -261,12 +282,15 @@ class Twin:
                     if served[rid].admitted_s is None:
                         served[rid].admitted_s = start
                 rec.update(dt=dt, prefill=prefill, decode=decode, running=len(sched.running),
-                           waiting=len(sched.waiting))
+                           waiting=len(sched.waiting), model_s=time.perf_counter() - t_model)
 
+            waiting_before = len(sched.waiting)
+            planner = getattr(sched, "caps_planner", None)
+            plans_before = planner.stats.plans if planner is not None else 0
             t0 = time.perf_counter()
             done_before = len(finished)
             out = step(sched, finished=finished, before_update=advance)
-            busy += time.perf_counter() - t0
+            busy += time.perf_counter() - t0 - rec.get("model_s", 0.0)
             if not out.num_scheduled_tokens:
                 # Nothing fits (every waiting request blocked): wait for the next arrival.
                 if i >= len(pending):
@@ -275,9 +299,35 @@ class Twin:
                 continue
             for rid in finished[done_before:]:
                 served[rid].finished_s = self.now
-            steps.append(StepRecord(start, rec["dt"], sum(out.num_scheduled_tokens.values()), rec["prefill"],
-                                    rec["decode"], rec["running"], rec["waiting"],
-                                    [r.req_id for r in out.scheduled_new_reqs]))
+            admitted = [r.req_id for r in out.scheduled_new_reqs]
+            counts = getattr(self.step_time, "last_counts", None)
+            steps.append(StepRecord(
+                start, rec["dt"], sum(out.num_scheduled_tokens.values()), rec["prefill"], rec["decode"],
+                rec["running"], rec["waiting"], admitted, waiting_before,
+                _out_of_order(admitted, served, sched.waiting) if waiting_before >= 2 and admitted else 0,
+                planner is not None and planner.stats.plans > plans_before,
+                float((counts > 0).sum(axis=-1).mean()) if counts is not None and counts.size else None))
             if progress is not None:
                 progress(self.now)
         return TwinResult(served, steps, busy, self.now, finished)
+
+
+class VectorSpace:
+    """Stands in for CAPS's predictor where the twin hands every request its vector itself
+    (``request.caps_vector``, which CAPS reads before predicting): it says only how long the
+    vectors are."""
+
+    def __init__(self, layers: int, experts: int, top_k: int) -> None:
+        self.layers, self.num_experts, self.top_k = layers, experts, top_k
+        self.d = layers * experts
+        self.moe_layers = tuple(range(layers))
+        self.vocab = 0
+
+    def vector(self, ids, per_token: bool = False) -> None:
+        return None  # a request the twin gave no vector keeps its FCFS place
+
+
+def with_vectors(cls, space: VectorSpace):
+    """A CAPS scheduler class (e.g. ``caps_vllm.CapsScheduler``) whose predictor is ``space``;
+    everything else is the class itself."""
+    return type(cls.__name__, (cls,), {"_caps_load_predictor": lambda self, vllm_config: space})

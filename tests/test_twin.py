@@ -72,7 +72,8 @@ def test_roofline_decode_pays_for_distinct_experts_and_prefill_for_tokens():
     assert t_spread > t_one  # memory-bound decode: every touched expert's weights are read
     # 8192 prefill tokens touch every expert either way: the arithmetic sets the time.
     u = UniformRouting(shape)
-    assert step.seconds(StepBatch(8192, 8192, u.counts(8192), True)) > 4 * step.seconds(StepBatch(8, 8000, spread))
+    assert step.seconds(StepBatch(8192, 8192, u.counts([("r", 0, 8192)]), True)) > \
+        4 * step.seconds(StepBatch(8, 8000, spread))
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +153,80 @@ def test_stock_and_caps_with_fcfs_schedule_identically(vllm_twin, tiny_model):
     a, b = ([(s.tokens, s.admitted) for s in r.steps] for r in runs)
     assert a == b and len(a) > 100
     assert runs[0].finished_order == runs[1].finished_order
+
+
+def _fake_esft(path, rng):
+    arrays = {}
+    for d in ("alpha", "beta"):
+        lens = rng.integers(20, 60, size=5)
+        experts = np.stack([np.stack([rng.choice(16, 3, replace=False) for _ in range(4)]) for _ in range(lens.sum())])
+        arrays[f"{d}_experts"], arrays[f"{d}_seq_lens"] = experts.astype(np.uint8), lens
+    np.savez(path, **arrays)
+
+
+def test_routing_replay_counts_and_a_noisy_oracle_at_its_stated_recall(tmp_path):
+    from sim.routing_replay import EsftReplay
+
+    rng = np.random.default_rng(0)
+    _fake_esft(tmp_path / "r.npz", rng)
+    rep = EsftReplay(tmp_path / "r.npz", seed=1)
+    assert (rep.domains, rep.layers, rep.experts, rep.top_k) == (["alpha", "beta"], 4, 16, 3)
+    rep.bind("x", "alpha")
+    rep.bind("y", "beta")
+    seq = rep.bound["x"]
+    counts = rep.counts([("x", 5, 10), ("y", 0, 3)])
+    assert counts.shape == (4, 16) and counts.sum() == (10 + 3) * 4 * 3
+    want = np.zeros((4, 16))
+    for row in seq[5:15]:
+        for layer, ex in enumerate(row):
+            want[layer, ex] += 1
+    for row in rep.bound["y"][:3]:
+        for layer, ex in enumerate(row):
+            want[layer, ex] += 1
+    np.testing.assert_array_equal(counts, want)
+    assert rep.rows("x", len(seq), 1).tolist() == seq[:1].tolist()  # positions wrap around
+    true = rep.prompt_vector("x", len(seq))
+    np.testing.assert_array_equal(true.reshape(4, 16), rep.counts([("x", 0, len(seq))]))
+    with pytest.raises(ValueError, match="domain 'gamma'"):
+        rep.bind("z", "gamma")
+    with pytest.raises(ValueError, match="oracle recall"):
+        rep.prompt_vector("x", 10, recall=0.1)
+    # Per (token, layer): the share of its true experts the noisy rows keep.
+    orig = rep.rows("x", 0, len(seq))
+    kept = []
+    for _ in range(200):
+        noisy = orig.copy()
+        g = np.random.default_rng(len(kept))
+        redraw = g.random(noisy.shape[:2]) >= (0.6 - 3 / 16) / (1 - 3 / 16)
+        noisy[redraw] = np.argsort(g.random((int(redraw.sum()), 16)), axis=1)[:, :3]
+        kept.append(np.mean([len(set(a) & set(b)) / 3 for a, b in zip(orig.reshape(-1, 3), noisy.reshape(-1, 3))]))
+    assert np.mean(kept) == pytest.approx(0.6, abs=0.02)
+
+
+@pytest.mark.vllm
+def test_caps_given_vectors_reorders_and_the_twin_counts_it(vllm_twin):
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from caps_vllm.scheduler import CapsScheduler
+    from sim.twin import VectorSpace, with_vectors
+
+    rng = np.random.default_rng(3)
+    reqs = [TwinRequest(f"r{i}", 0.001 * i, rng.integers(1, 1000, 32).tolist(), 8, domain=str(i // 10 % 2))
+            for i in range(120)]
+    # Two kinds of request on disjoint experts, arriving in runs of ten: FCFS admits one kind at
+    # a time, a balancing strategy mixes them, so it must reach past the oldest.
+    vec = {r.rid: np.eye(2)[int(r.domain)].repeat(8) * 32 for r in reqs}
+
+    def give(r, req):
+        req.caps_vector = vec[r.rid]
+
+    d = Deployment(max_num_seqs=8, max_num_batched_tokens=512, num_blocks=1000, max_model_len=2048)
+    model = str(MODELS / "qwen1.5-moe-a2.7b")
+    stock = Twin(build(model, Scheduler, d), _step_time).run(reqs)
+    cls = with_vectors(CapsScheduler, VectorSpace(2, 8, 1))
+    caps = {"strategy": "greedy_dot_product", "metrics": False, "max_wait_ms": 60000, "min_batch_trigger": 2}
+    twin = Twin(build(model, cls, d, caps=caps), _step_time, on_arrival=give)
+    res = twin.run(reqs)
+    assert sum(st.out_of_order for st in stock.steps) == 0  # FCFS never admits out of order
+    assert sorted(res.finished_order) == sorted(r.rid for r in reqs)
+    assert sum(st.out_of_order for st in res.steps) > 0 and any(st.planned for st in res.steps)
+    assert twin.scheduler.caps_planner.stats.ranked > 0

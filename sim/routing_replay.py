@@ -1,0 +1,79 @@
+"""Routing of every token the twin simulates, and the vectors CAPS is given to predict it.
+
+``EsftReplay`` replays what a DeepSeek-V2-Lite-layout model (26 MoE layers, 64 experts, top-6)
+routed for real sequences of four task domains (``../shared/data/routing/esft_routing.npz``,
+from deepseek-ai/ESFT): a simulated request of domain D is bound to one recorded sequence of D,
+and its token at position p (prompt or decode) takes that sequence's routing at p (wrapping
+around past its end). A step's per-expert counts are the sum over the tokens it schedules.
+
+CAPS's vector for a request (what its predictor would say of the prompt) is the prompt's true
+per-layer expert counts, or a *noisy oracle*: every routed (token, layer) keeps its true experts
+with probability q and is re-drawn uniformly otherwise, q chosen so that the expected top-k
+recall is the stated one (``recall``; the token-id ceiling measured on OLMoE is 0.59-0.78,
+chance k / E).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class EsftReplay:
+    expected = False  # counts are realised token counts, not expectations
+
+    def __init__(self, path: str | Path, seed: int = 0) -> None:
+        z = np.load(path)
+        self.domains = sorted(k[: -len("_experts")] for k in z.files if k.endswith("_experts"))
+        if not self.domains:
+            raise ValueError(f"{path}: no '<domain>_experts' arrays")
+        self.seqs: dict[str, list[np.ndarray]] = {}
+        for d in self.domains:
+            e, lens = z[f"{d}_experts"], z[f"{d}_seq_lens"]
+            off = np.r_[0, np.cumsum(lens)]
+            self.seqs[d] = [e[off[i] : off[i + 1]].astype(np.int64) for i in range(len(lens))]
+        first = self.seqs[self.domains[0]][0]
+        self.layers, self.top_k = int(first.shape[1]), int(first.shape[2])
+        self.experts = int(max(int(s.max()) for d in self.domains for s in self.seqs[d])) + 1
+        self.rng = np.random.default_rng(seed)
+        self.bound: dict[str, np.ndarray] = {}  # request id -> its recorded sequence
+        self._layer_base = (np.arange(self.layers) * self.experts)[None, :, None]
+
+    def bind(self, rid: str, domain: str) -> None:
+        """Give request ``rid`` one recorded sequence of ``domain`` (seeded choice)."""
+        pool = self.seqs.get(domain)
+        if pool is None:
+            raise ValueError(f"domain {domain!r}; the replay has {', '.join(self.domains)}")
+        self.bound[rid] = pool[int(self.rng.integers(len(pool)))]
+
+    def rows(self, rid: str, start: int, n: int) -> np.ndarray:
+        """Routing of the request's tokens start .. start + n - 1: [n, layers, top_k]."""
+        seq = self.bound[rid]
+        return seq[np.arange(start, start + n) % len(seq)]
+
+    def counts(self, spans: list[tuple[str, int, int]]) -> np.ndarray:
+        """Per-layer expert counts [layers, experts] of a step's (request, start, n) spans."""
+        idx = [(self.rows(rid, s, n) + self._layer_base).ravel() for rid, s, n in spans if n > 0]
+        if not idx:
+            return np.zeros((self.layers, self.experts))
+        flat = np.bincount(np.concatenate(idx), minlength=self.layers * self.experts)
+        return flat.reshape(self.layers, self.experts).astype(np.float64)
+
+    def prompt_vector(self, rid: str, prompt_len: int, recall: float = 1.0,
+                      rng: np.random.Generator | None = None) -> np.ndarray:
+        """CAPS's vector for the request: its prompt's per-layer counts, flattened (layers x
+        experts); with ``recall`` < 1, the noisy oracle described above."""
+        rows = self.rows(rid, 0, prompt_len).copy()
+        chance = self.top_k / self.experts
+        if recall < 1.0:
+            if not chance <= recall <= 1.0:
+                raise ValueError(f"oracle recall {recall}; valid: {chance:.3f} (chance) to 1")
+            q = (recall - chance) / (1.0 - chance)
+            rng = rng or self.rng
+            redraw = rng.random(rows.shape[:2]) >= q
+            m = int(redraw.sum())
+            if m:  # k distinct experts, uniformly: the first k of a random permutation
+                rows[redraw] = np.argsort(rng.random((m, self.experts)), axis=1)[:, : self.top_k]
+        flat = np.bincount((rows + self._layer_base).ravel(), minlength=self.layers * self.experts)
+        return flat.astype(np.float64)

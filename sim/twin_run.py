@@ -1,0 +1,262 @@
+"""Run workloads through the vLLM twin: stock vLLM vs CAPS strategies at a deployment's budgets.
+
+    python -m sim.twin_run --model deepseek-v2-lite --hardware h100 --pattern bursty --rate 20 \\
+        --requests 2000 --routing ../shared/data/routing/esft_routing.npz --strategies stock fcfs step_cost
+    python -m sim.twin_run --trace ../shared/data/traces/azure_llm_2023_conv.csv ...
+
+Every arm replays the same requests (arrival times, prompts, output lengths, domains, routing).
+Arms: ``stock`` (vLLM's Scheduler) or a CAPS strategy name (``caps_vllm.CapsScheduler`` with
+that strategy and ``--caps-config``'s other settings, given each request's vector: its prompt's
+true routing, or a noisy oracle at ``--oracle-recall``). The step time is the roofline model of
+``--model`` on ``--hardware`` (``sim/step_time.py``: a model, not a measurement), its MoE part
+priced from the replayed routing of the tokens each step schedules. Writes ``results.json``
+(per arm: latency percentiles, throughput, distinct experts per step, CAPS's engagement, the
+scheduler's own time) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from sim.step_time import HARDWARE, ModelShape, RooflineStep, UniformRouting, VllmStepTime
+from sim.workload import topic_runs
+from sim.twin import Deployment, Twin, TwinRequest, VectorSpace, build_scheduler, with_vectors
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "sim" / "models"
+STOCK = "stock"
+MAX_MODEL_LEN = 8192
+
+
+def build_requests(args, domains: list[str], seq_len: dict[str, list[int]], vocab: int) -> list[TwinRequest]:
+    """The workload: arrivals, prompts, output lengths and a domain per request (seeded)."""
+    rng = np.random.default_rng(args.seed)
+    if args.trace:
+        from sim.traces import load_trace
+
+        tr = load_trace(args.trace)
+        n = min(len(tr), args.requests)
+        t = tr.arrival_s[:n] / args.speedup
+        outs = np.clip(tr.output_tokens[:n], 1, args.max_output)
+        lens = np.clip(tr.prompt_tokens[:n], 1, MAX_MODEL_LEN - outs)  # vLLM refuses longer requests
+        prompts = [tr.prompt_ids(i, vocab)[: int(lens[i])] for i in range(n)]
+        prompts = [p if p else [1] for p in prompts]
+    else:
+        n = args.requests
+        gaps = rng.exponential(1.0 / args.rate, n)
+        t = np.cumsum(gaps) - gaps[0]
+        prompts, outs = None, np.full(n, args.output_tokens)
+    if args.pattern == "poisson" and not args.trace:
+        topic = rng.integers(len(domains), size=n)
+    else:
+        topic = topic_runs(n, len(domains), args.burst_len, rng)
+    reqs = []
+    for i in range(n):
+        d = domains[int(topic[i])]
+        if prompts is None:
+            length = int(rng.choice(seq_len[d]))  # a recorded sequence's length
+            prompt = rng.integers(1, vocab, size=length).tolist()
+        else:
+            prompt = prompts[i]
+        reqs.append(TwinRequest(f"r{i}", float(t[i]), prompt, int(outs[i]), d))
+    return reqs
+
+
+def _q(xs: list[float]) -> dict:
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None, "mean": None}
+    a = np.asarray(xs)
+    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
+
+
+def summarize(res, wall_s: float) -> dict:
+    served = list(res.served.values())
+    ttft = [s.ttft_s for s in served if s.ttft_s is not None]
+    itl = [x for s in served for x in s.itl_s]
+    e2e = [s.e2e_s for s in served if s.e2e_s is not None]
+    span = max(s.finished_s for s in served) - min(s.arrival_s for s in served)
+    steps = res.steps
+    admit = [st for st in steps if st.admitted and st.waiting_before >= 2]
+    decode = [st.distinct_experts for st in steps if st.prefill_tokens == 0 and st.distinct_experts is not None]
+    tokens = sum(len(s.token_s) for s in served)
+    return {
+        "requests": len(served), "steps": len(steps), "simulated_s": res.simulated_seconds,
+        "ttft_s": _q(ttft), "itl_s": _q(itl), "e2e_s": _q(e2e),
+        "throughput_rps": len(served) / span if span > 0 else None,
+        "output_tok_s": tokens / span if span > 0 else None,
+        "step_ms": _q([st.seconds * 1e3 for st in steps]),
+        "decode_step_distinct_experts": float(np.mean(decode)) if decode else None,
+        "engagement": {
+            "admission_steps_with_2plus_waiting": len(admit),
+            "share_reordered": sum(st.out_of_order > 0 for st in admit) / len(admit) if admit else None,
+            "requests_out_of_order": sum(st.out_of_order for st in steps),
+            "share_of_those_steps_planned": sum(st.planned for st in admit) / len(admit) if admit else None,
+            "steps_planned": sum(st.planned for st in steps),
+        },
+        "queue": {"mean_waiting": float(np.mean([st.waiting for st in steps])) if steps else 0.0,
+                  "max_waiting": max((st.waiting for st in steps), default=0)},
+        "scheduler_wall_s": res.scheduler_seconds,
+        "scheduler_share_of_simulated": res.scheduler_seconds / res.simulated_seconds if res.simulated_seconds else None,
+        "wall_s": wall_s, "simulated_s_per_wall_s": res.simulated_seconds / wall_s if wall_s > 0 else None,
+    }
+
+
+def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: list[TwinRequest], replay,
+            caps: dict, progress: bool) -> dict:
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    if arm == STOCK:
+        cls, caps_cfg = Scheduler, None
+    else:
+        from caps_vllm.scheduler import CapsScheduler
+
+        space = VectorSpace(replay.layers, replay.experts, replay.top_k) if replay is not None else \
+            VectorSpace(len(shape.moe_layers), shape.experts, shape.top_k)
+        cls, caps_cfg = with_vectors(CapsScheduler, space), {**caps, "strategy": arm, "metrics": False}
+    sched = build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg)
+    routing = replay if replay is not None else UniformRouting(shape)
+    step_time = VllmStepTime(RooflineStep(HARDWARE[args.hardware], shape), routing)
+    oracle_rng = np.random.default_rng(args.seed + 1)
+    by_id = {r.rid: r for r in reqs}
+
+    def on_arrival(r: TwinRequest, req) -> None:
+        if replay is not None:
+            replay.rng = np.random.default_rng([args.seed, int(r.rid[1:])])  # the same sequence in every arm
+            replay.bind(r.rid, r.domain)
+            if arm != STOCK:
+                req.caps_vector = replay.prompt_vector(r.rid, len(by_id[r.rid].prompt), args.oracle_recall, oracle_rng)
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=round(reqs[-1].arrival_s, 1), desc=arm, unit="sim s", leave=False, file=sys.stderr)
+    last = [0.0]
+
+    def tick(now: float) -> None:
+        if bar is not None and now - last[0] >= 1.0:
+            bar.update(round(min(now, bar.total) - bar.n, 1))
+            last[0] = now
+
+    t0 = time.perf_counter()
+    res = Twin(sched, step_time, block_size=deployment.block_size, on_arrival=on_arrival).run(reqs, tick)
+    wall = time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    out = summarize(res, wall)
+    if arm != STOCK:
+        st = sched.caps_planner.stats
+        out["caps"] = {"plans": st.plans, "ranked": st.ranked, "bypassed": st.bypassed, "fcfs_fallback": st.fcfs_fallback}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sim.twin_run", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="deepseek-v2-lite", choices=sorted(p.name for p in MODELS.iterdir()))
+    ap.add_argument("--hardware", default="h100", choices=sorted(HARDWARE))
+    ap.add_argument("--max-num-seqs", type=int, help="default: vLLM's for the hardware")
+    ap.add_argument("--max-num-batched-tokens", type=int, help="default: vLLM's for the hardware")
+    ap.add_argument("--kv-gib", type=float, default=40.0, help="KV-cache memory (GiB) the blocks come from")
+    ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--pattern", choices=("bursty", "poisson"), default="bursty",
+                    help="topics (domains) in runs or mixed; arrivals Poisson at --rate unless --trace")
+    ap.add_argument("--trace", help="arrival times and lengths from a trace (sim/traces.py formats)")
+    ap.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
+    ap.add_argument("--rate", type=float, default=20.0)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--output-tokens", type=int, default=128, help="per request without a trace")
+    ap.add_argument("--max-output", type=int, default=2048, help="cap on a trace's output lengths")
+    ap.add_argument("--burst-len", type=float, default=16.0)
+    ap.add_argument("--routing", default=str(ROOT.parent / "shared" / "data" / "routing" / "esft_routing.npz"),
+                    help="ESFT routing npz to replay (DeepSeek-V2-Lite layout); 'uniform' for uniform routing")
+    ap.add_argument("--oracle-recall", type=float, default=1.0,
+                    help="CAPS's vectors: the prompt's true routing (1.0) or a noisy oracle at this top-k recall")
+    ap.add_argument("--strategies", nargs="+", default=[STOCK, "fcfs", "step_cost"])
+    ap.add_argument("--caps-config", default="{}")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--out", default="sim/results/twin/latest")
+    args = ap.parse_args(argv)
+    if args.requests < 1 or args.rate <= 0 or args.speedup <= 0:
+        ap.error("--requests must be ≥ 1, --rate and --speedup > 0")
+    from caps_vllm.strategies import STRATEGIES
+
+    for a in args.strategies:
+        if a != STOCK and a not in STRATEGIES:
+            ap.error(f"--strategies: unknown arm {a!r}; valid: {STOCK}, {', '.join(STRATEGIES)}")
+    caps = json.loads(args.caps_config)
+    shape = ModelShape.from_config(MODELS / args.model)
+    replay = None
+    if args.routing != "uniform":
+        from sim.routing_replay import EsftReplay
+
+        if not Path(args.routing).exists():
+            ap.error(f"--routing {args.routing}: no such file (pass 'uniform' without ../shared)")
+        replay = EsftReplay(args.routing, seed=args.seed)
+        if (replay.layers, replay.experts, replay.top_k) != (len(shape.moe_layers), shape.experts, shape.top_k):
+            ap.error(f"--routing has {replay.layers} layers x {replay.experts} experts, top-{replay.top_k}; "
+                     f"--model {args.model} has {len(shape.moe_layers)} x {shape.experts}, top-{shape.top_k}")
+        domains = replay.domains
+        seq_len = {d: [len(s) for s in replay.seqs[d]] for d in domains}
+    else:
+        domains = ["a", "b", "c", "d"]
+        seq_len = {d: [256] for d in domains}
+    vocab = json.loads((MODELS / args.model / "config.json").read_text())["vocab_size"]
+    reqs = build_requests(args, domains, seq_len, vocab)
+    overrides = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
+                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
+    deployment = Deployment.defaults(args.hardware, kv_bytes=args.kv_gib * 2**30,
+                                     kv_bytes_per_token=shape.kv_bytes_per_token, max_model_len=MAX_MODEL_LEN,
+                                     enable_prefix_caching=not args.no_prefix_caching, **overrides)
+    results = {}
+    for arm in args.strategies:
+        results[arm] = run_arm(arm, args, shape, deployment, reqs, replay, caps, not args.no_progress)
+        r = results[arm]
+        print(f"[{arm}] {r['requests']} requests, {r['steps']} steps, TTFT p99 {r['ttft_s']['p99']:.3f} s, "
+              f"ITL p50 {r['itl_s']['p50'] * 1e3:.2f} ms, wall {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"command": "python -m sim.twin_run " + " ".join(sys.argv[1:] if argv is None else argv),
+           "deployment": vars(deployment) if hasattr(deployment, "__dict__") else str(deployment),
+           "hardware": vars(HARDWARE[args.hardware]), "model": args.model,
+           "note": "step times are a roofline model (public peak figures, assumed efficiencies), not measurements",
+           "results": results}
+    (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    rows = [("TTFT p50 (s)", lambda r: r["ttft_s"]["p50"]), ("TTFT p99 (s)", lambda r: r["ttft_s"]["p99"]),
+            ("ITL p50 (ms)", lambda r: r["itl_s"]["p50"] * 1e3), ("ITL p99 (ms)", lambda r: r["itl_s"]["p99"] * 1e3),
+            ("E2E p99 (s)", lambda r: r["e2e_s"]["p99"]), ("throughput (req/s)", lambda r: r["throughput_rps"]),
+            ("distinct experts/layer, decode steps", lambda r: r["decode_step_distinct_experts"]),
+            ("mean waiting", lambda r: r["queue"]["mean_waiting"]),
+            ("admission steps with ≥ 2 waiting", lambda r: r["engagement"]["admission_steps_with_2plus_waiting"]),
+            ("… of them reordered", lambda r: r["engagement"]["share_reordered"]),
+            ("… of them planned by CAPS", lambda r: r["engagement"]["share_of_those_steps_planned"]),
+            ("scheduler time / simulated time", lambda r: r["scheduler_share_of_simulated"]),
+            ("simulated s per wall s", lambda r: r["simulated_s_per_wall_s"])]
+    arms = list(results)
+    lines = ["| figure | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for name, get in rows:
+        cells = []
+        for a in arms:
+            try:
+                v = get(results[a])
+            except (TypeError, KeyError):
+                v = None
+            cells.append("–" if v is None else f"{v:.4g}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
