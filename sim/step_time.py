@@ -123,13 +123,18 @@ class RooflineStep:
         self.moe = StepCostModel(fixed_ms=0.0, weight_ms=shape.expert_bytes / bw * 1e3,
                                  token_ms=shape.expert_flops_per_token / fl * 1e3, form="roofline")
 
-    def seconds(self, b: StepBatch) -> float:
-        s, hw = self.shape, self.hw
+    def dense_seconds(self, b: StepBatch) -> float:
+        """The non-MoE part: dense weights read once, KV reads, their arithmetic per token."""
+        s = self.shape
+        if b.tokens == 0:
+            return 0.0
         weights = s.dense_params_per_token * s.dtype_bytes
-        dense = max((weights + b.context_tokens * s.kv_bytes_per_token) / self._bw,
-                    2.0 * s.dense_params_per_token * b.tokens / self._fl)
+        return max((weights + b.context_tokens * s.kv_bytes_per_token) / self._bw,
+                   2.0 * s.dense_params_per_token * b.tokens / self._fl)
+
+    def seconds(self, b: StepBatch) -> float:
         moe_ms = float(self.moe.layer_ms(b.moe_counts, expected=b.expected).sum()) if b.moe_counts.size else 0.0
-        return hw.fixed_s + dense + moe_ms / 1e3
+        return self.hw.fixed_s + self.dense_seconds(b) + moe_ms / 1e3
 
 
 class UniformRouting:
@@ -157,14 +162,17 @@ class VllmStepTime:
         self.model, self.routing = model, routing
         self.last_counts: np.ndarray | None = None
 
-    def __call__(self, scheduler, out) -> float:
+    def batch(self, scheduler, out) -> StepBatch:
+        """What the step model reads of one engine's scheduled step."""
         spans, context = [], 0
         for rid, n in out.num_scheduled_tokens.items():
             req = scheduler.requests[rid]
             before = req.num_computed_tokens - n  # schedule() has advanced it already
             spans.append((rid, before, n))
             context += before + n  # its KV is read once per step (attention's arithmetic is not modelled)
-        counts = self.routing.counts(spans)
-        self.last_counts = counts
-        tokens = sum(n for _, _, n in spans)
-        return self.model.seconds(StepBatch(tokens, context, counts, self.routing.expected))
+        return StepBatch(sum(n for _, _, n in spans), context, self.routing.counts(spans), self.routing.expected)
+
+    def __call__(self, scheduler, out) -> float:
+        b = self.batch(scheduler, out)
+        self.last_counts = b.moe_counts
+        return self.model.seconds(b)

@@ -120,26 +120,16 @@ def make_request(rid: str, tokens: list[int] | None, arrival: float, max_tokens:
                    block_hasher=_HASHERS[block_size])
 
 
-def step(scheduler, token: int = 7, finished: list[str] | None = None, worker=None, before_update=None):
-    """One engine step: schedule, then feed back one sampled token per request that finished
-    its prefill (chunked prefills get none). Returns the SchedulerOutput; the ids of requests
-    that finished in this step are appended to ``finished``. ``worker(out, mro)`` may add what a
-    model runner would attach to the output (routing); ``before_update(out)`` runs between the
-    two calls (the twin advances its clock there)."""
-    from vllm.v1.outputs import ModelRunnerOutput
-
+def step(scheduler, finished: list[str] | None = None, worker=None):
+    """One engine step, untimed (the tests drive schedulers with it): schedule, then feed back
+    one sampled token per request that has computed all its known tokens (chunked prefills get
+    none). Returns the SchedulerOutput; the ids of requests that finished in this step are
+    appended to ``finished``. ``worker(out, mro)`` may add what a model runner would attach to
+    the output (routing)."""
     out = scheduler.schedule()
-    ids = list(out.num_scheduled_tokens)
-    sampled = []
-    for rid in ids:
-        req = scheduler.requests[rid]  # schedule() already advanced num_computed_tokens
-        sampled.append([token] if req.num_computed_tokens >= req.num_tokens else [])
-    mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled,
-                            logprobs=None, prompt_logprobs_dict={}, pooler_output=[])
+    mro = _runner_output(scheduler, out)
     if worker is not None:
         worker(out, mro)
-    if before_update is not None:
-        before_update(out)
     engine_outputs = scheduler.update_from_output(out, mro)
     if finished is not None:
         for eco in engine_outputs.values():
@@ -209,107 +199,170 @@ class Served:
 class TwinResult:
     served: dict[str, Served]
     steps: list[StepRecord]
-    scheduler_seconds: float  # wall time inside schedule() and update_from_output() (not the step model)
+    scheduler_seconds: float  # wall time inside schedule() and update_from_output()
     simulated_seconds: float
     finished_order: list[str]
 
 
+class Engine:
+    """One vLLM engine of the twin: its scheduler, its clock, what it served.
+
+    A step is split in two so that engines stepping in lockstep (expert parallelism) can be
+    priced together: :meth:`begin` adds the arrivals due and calls ``schedule()``; the caller
+    prices the step; :meth:`finish` moves the clock, records the step and calls
+    ``update_from_output()`` with one sampled token per request whose prefill is complete.
+    """
+
+    def __init__(self, scheduler, block_size: int = 16, on_arrival: Callable | None = None, name: str = "0") -> None:
+        self.scheduler = scheduler
+        self.block_size = block_size
+        self.on_arrival = on_arrival
+        self.name = name
+        self.now = 0.0
+        self.inbox: list[TwinRequest] = []  # dispatched here, not yet added (arrival order)
+        self.served: dict[str, Served] = {}
+        self.steps: list[StepRecord] = []
+        self.finished: list[str] = []
+        self.busy_s = 0.0
+        self.in_flight = 0  # dispatched and not finished (what vLLM's DP front end counts)
+        # CAPS reads its wall clock for waiting times; in the twin that is the engine's clock.
+        if hasattr(scheduler, "caps_clock"):
+            scheduler.caps_clock = lambda: self.now
+
+    def dispatch(self, r: TwinRequest) -> None:
+        self.inbox.append(r)
+        self.in_flight += 1
+
+    def has_work(self) -> bool:
+        return bool(self.inbox) or self.scheduler.has_unfinished_requests()
+
+    def next_arrival(self) -> float | None:
+        return self.inbox[0].arrival_s if self.inbox else None
+
+    def _admit_due(self) -> None:
+        sched, k = self.scheduler, 0
+        while k < len(self.inbox) and self.inbox[k].arrival_s <= self.now:
+            r = self.inbox[k]
+            req = make_request(r.rid, list(r.prompt), r.arrival_s, max_tokens=r.output_tokens,
+                               block_size=self.block_size)
+            if self.on_arrival is not None:
+                self.on_arrival(r, req)
+            sched.add_request(req)
+            self.served[r.rid] = Served(r.arrival_s)
+            k += 1
+        del self.inbox[:k]
+
+    def begin(self):
+        """Add what has arrived by now and schedule a step: the SchedulerOutput (None when there
+        is nothing to run yet: the clock then jumps to the next arrival)."""
+        self._admit_due()
+        sched = self.scheduler
+        if not sched.has_unfinished_requests():
+            if self.inbox:
+                self.now = max(self.now, self.inbox[0].arrival_s)
+            return None
+        self._waiting_before = len(sched.waiting)
+        planner = getattr(sched, "caps_planner", None)
+        self._plans_before = planner.stats.plans if planner is not None else None
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        self.busy_s += time.perf_counter() - t0
+        if not out.num_scheduled_tokens:
+            if not self.inbox:
+                raise RuntimeError("twin: the scheduler can schedule nothing and no request will arrive")
+            sched.update_from_output(out, _runner_output(sched, out))
+            self.now = max(self.now, self.inbox[0].arrival_s)  # nothing fits: wait for the next arrival
+            return None
+        return out
+
+    def finish(self, out, dt: float, counts: np.ndarray | None = None) -> StepRecord:
+        """The step took ``dt`` seconds: advance the clock, note what came out, update vLLM."""
+        if not dt > 0:
+            raise ValueError(f"step time must be > 0 s, got {dt!r}")
+        sched, start = self.scheduler, self.now
+        self.now += dt
+        prefill = decode = 0
+        for rid, n in out.num_scheduled_tokens.items():
+            req = sched.requests[rid]
+            s = self.served[rid]
+            if req.num_computed_tokens >= req.num_tokens:
+                s.token_s.append(self.now)  # its next token comes out of this step
+            if req.num_computed_tokens - n < req.num_prompt_tokens:
+                prefill += n
+            else:
+                decode += 1
+            if s.admitted_s is None:
+                s.admitted_s = start
+        running, waiting = len(sched.running), len(sched.waiting)
+        admitted = [r.req_id for r in out.scheduled_new_reqs]
+        t0 = time.perf_counter()
+        engine_outputs = sched.update_from_output(out, _runner_output(sched, out))
+        self.busy_s += time.perf_counter() - t0
+        done = [o.request_id for eco in engine_outputs.values() for o in eco.outputs if o.finish_reason is not None]
+        for rid in done:
+            self.served[rid].finished_s = self.now
+        self.finished += done
+        self.in_flight -= len(done)
+        planner = getattr(sched, "caps_planner", None)
+        rec = StepRecord(
+            start, dt, sum(out.num_scheduled_tokens.values()), prefill, decode, running, waiting, admitted,
+            self._waiting_before,
+            _out_of_order(admitted, self.served, sched.waiting) if self._waiting_before >= 2 and admitted else 0,
+            planner is not None and planner.stats.plans > self._plans_before,
+            float((counts > 0).sum(axis=-1).mean()) if counts is not None and counts.size else None)
+        self.steps.append(rec)
+        return rec
+
+    def result(self) -> TwinResult:
+        return TwinResult(self.served, self.steps, self.busy_s, self.now, self.finished)
+
+
+def _runner_output(sched, out):
+    """What a model runner returns for ``out``: one sampled token per request that has now
+    computed all its known tokens (a chunked prefill gets none)."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = list(out.num_scheduled_tokens)
+    sampled = [[7] if sched.requests[rid].num_computed_tokens >= sched.requests[rid].num_tokens else [] for rid in ids]
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                             sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={}, pooler_output=[])
+
+
 class Twin:
-    """Drives one scheduler over a list of arrivals (see the module's docstring).
+    """One engine over a list of arrivals (see the module's docstring).
 
     ``step_time(scheduler, out)`` returns the seconds a step takes; it is called after
     ``schedule()``, when the scheduled requests' ``num_computed_tokens`` already count the
-    step's tokens (``out.num_scheduled_tokens`` says how many).
+    step's tokens (``out.num_scheduled_tokens`` says how many); a ``last_counts`` attribute on
+    it (the step's per-expert counts) feeds the distinct-experts statistic.
     """
 
     def __init__(self, scheduler, step_time: Callable, block_size: int = 16, max_steps: int = 10_000_000,
                  on_arrival: Callable | None = None) -> None:
         """``on_arrival(twin_request, vllm_request)`` runs as each request is added (the study
         binds its routing and gives CAPS its vector there)."""
+        self.engine = Engine(scheduler, block_size, on_arrival)
         self.scheduler = scheduler
         self.step_time = step_time
-        self.block_size = block_size
         self.max_steps = max_steps
-        self.on_arrival = on_arrival
-        self.now = 0.0
-        # CAPS reads its wall clock for waiting times; in the twin that is the virtual one.
-        if hasattr(scheduler, "caps_clock"):
-            scheduler.caps_clock = lambda: self.now
 
     def run(self, requests: Sequence[TwinRequest], progress: Callable[[float], None] | None = None) -> TwinResult:
-        sched = self.scheduler
-        pending = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
-        if len({r.rid for r in pending}) != len(pending):
+        if len({r.rid for r in requests}) != len(requests):
             raise ValueError("twin: request ids must be unique")
-        served: dict[str, Served] = {}
-        steps: list[StepRecord] = []
-        finished: list[str] = []
-        i, busy = 0, 0.0
-        while i < len(pending) or sched.has_unfinished_requests():
-            while i < len(pending) and pending[i].arrival_s <= self.now:
-                r = pending[i]
-                req = make_request(r.rid, list(r.prompt), r.arrival_s, max_tokens=r.output_tokens,
-                                   block_size=self.block_size)
-                if self.on_arrival is not None:
-                    self.on_arrival(r, req)
-                sched.add_request(req)
-                served[r.rid] = Served(r.arrival_s)
-                i += 1
-            if not sched.has_unfinished_requests():
-                self.now = max(self.now, pending[i].arrival_s)  # idle until the next arrival
-                continue
-            if len(steps) >= self.max_steps:
+        eng = self.engine
+        for r in sorted(requests, key=lambda r: (r.arrival_s, r.rid)):
+            eng.dispatch(r)
+        while eng.has_work():
+            if len(eng.steps) >= self.max_steps:
                 raise RuntimeError(f"twin: no end after {self.max_steps} steps")
-            start, rec = self.now, {}
-
-            def advance(out) -> None:
-                """Between schedule() and update_from_output(): price the step, move the clock,
-                and note which requests were in prefill and which emit a token."""
-                t_model = time.perf_counter()
-                dt = float(self.step_time(sched, out))
-                if not dt > 0:
-                    raise ValueError(f"step time must be > 0 s, got {dt!r}")
-                self.now += dt
-                prefill = decode = 0
-                for rid, n in out.num_scheduled_tokens.items():
-                    req = sched.requests[rid]
-                    if req.num_computed_tokens >= req.num_tokens:
-                        served[rid].token_s.append(self.now)  # its next token comes out of this step
-                    if req.num_computed_tokens - n < req.num_prompt_tokens:
-                        prefill += n
-                    else:
-                        decode += 1
-                    if served[rid].admitted_s is None:
-                        served[rid].admitted_s = start
-                rec.update(dt=dt, prefill=prefill, decode=decode, running=len(sched.running),
-                           waiting=len(sched.waiting), model_s=time.perf_counter() - t_model)
-
-            waiting_before = len(sched.waiting)
-            planner = getattr(sched, "caps_planner", None)
-            plans_before = planner.stats.plans if planner is not None else 0
-            t0 = time.perf_counter()
-            done_before = len(finished)
-            out = step(sched, finished=finished, before_update=advance)
-            busy += time.perf_counter() - t0 - rec.get("model_s", 0.0)
-            if not out.num_scheduled_tokens:
-                # Nothing fits (every waiting request blocked): wait for the next arrival.
-                if i >= len(pending):
-                    raise RuntimeError("twin: the scheduler can schedule nothing and no request will arrive")
-                self.now = max(self.now, pending[i].arrival_s)
+            out = eng.begin()
+            if out is None:
                 continue
-            for rid in finished[done_before:]:
-                served[rid].finished_s = self.now
-            admitted = [r.req_id for r in out.scheduled_new_reqs]
-            counts = getattr(self.step_time, "last_counts", None)
-            steps.append(StepRecord(
-                start, rec["dt"], sum(out.num_scheduled_tokens.values()), rec["prefill"], rec["decode"],
-                rec["running"], rec["waiting"], admitted, waiting_before,
-                _out_of_order(admitted, served, sched.waiting) if waiting_before >= 2 and admitted else 0,
-                planner is not None and planner.stats.plans > plans_before,
-                float((counts > 0).sum(axis=-1).mean()) if counts is not None and counts.size else None))
+            dt = float(self.step_time(self.scheduler, out))  # the step model: not counted as scheduler time
+            eng.finish(out, dt, getattr(self.step_time, "last_counts", None))
             if progress is not None:
-                progress(self.now)
-        return TwinResult(served, steps, busy, self.now, finished)
+                progress(eng.now)
+        return eng.result()
 
 
 class VectorSpace:
