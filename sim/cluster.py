@@ -118,14 +118,25 @@ class Cluster:
         self.engines, self.dispatch, self.step_batch, self.price, self.ep = engines, dispatch, step_batch, price, ep
         self.rank_imbalance: list[float] = []  # per lockstep step: mean over layers of max/mean rank load
 
-    def run(self, requests: Sequence[TwinRequest]) -> None:
+    def run(self, requests: Sequence[TwinRequest], progress: Callable[[float], None] | None = None) -> None:
+        """Serve ``requests``; ``progress(now)`` is called after every step."""
         pending = sorted(requests, key=lambda r: (r.arrival_s, r.rid))
         if len({r.rid for r in pending}) != len(pending):
             raise ValueError("cluster: request ids must be unique")
+        self.progress = progress or (lambda now: None)
         if self.ep is not None:
             self._lockstep(pending)
         else:
             self._independent(pending)
+
+    def result(self):
+        """The engines' results as one TwinResult (every engine's steps, in engine order)."""
+        from sim.twin import TwinResult
+
+        served = {k: v for e in self.engines for k, v in e.served.items()}
+        steps = [st for e in self.engines for st in e.steps]
+        return TwinResult(served, steps, sum(e.busy_s for e in self.engines), max(e.now for e in self.engines),
+                          [rid for e in self.engines for rid in e.finished])
 
     def _independent(self, pending: list[TwinRequest]) -> None:
         i, engines = 0, self.engines
@@ -144,6 +155,7 @@ class Cluster:
             if out is not None:
                 b = self.step_batch(behind, out)
                 behind.finish(out, self.price(b), b.moe_counts)
+                self.progress(behind.now)
 
     def _lockstep(self, pending: list[TwinRequest]) -> None:
         i, engines = 0, self.engines
@@ -174,3 +186,30 @@ class Cluster:
             for e in engines:
                 e.now = now
             self.rank_imbalance.append(float(imbalance.mean()))
+            self.progress(now)
+
+
+class DomainOracle(Dispatch):
+    """Expert-affinity dispatch with the requests' true domains (an oracle: the upper bound a
+    predictor-driven policy can approach): domain k goes to engine k mod D, unless that engine
+    has more than ``margin`` requests in flight above the least loaded one (the load guard),
+    in which case the least-loaded rule picks."""
+
+    name = "domain_oracle"
+
+    def __init__(self, domains: Sequence[str], margin: int = 8) -> None:
+        self.home = {d: k for k, d in enumerate(domains)}
+        self.margin = margin
+        self.fallback = LeastLoaded()
+        self.overrides = 0
+
+    def choose(self, request, engines) -> int:
+        i = self.home.get(request.domain, 0) % len(engines)
+        low = min(e.in_flight for e in engines)
+        if engines[i].in_flight > low + self.margin:
+            self.overrides += 1
+            return self.fallback.choose(request, engines)
+        return i
+
+
+DISPATCH["domain_oracle"] = DomainOracle

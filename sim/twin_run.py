@@ -26,7 +26,7 @@ import numpy as np
 
 from sim.step_time import HARDWARE, ModelShape, RooflineStep, UniformRouting, VllmStepTime
 from sim.workload import topic_runs
-from sim.twin import Deployment, Twin, TwinRequest, VectorSpace, build_scheduler, with_vectors
+from sim.twin import Deployment, TwinRequest, VectorSpace, build_scheduler, with_vectors
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "sim" / "models"
@@ -108,9 +108,19 @@ def summarize(res, wall_s: float) -> dict:
     }
 
 
+def make_dispatch(name: str, domains: list[str], margin: int):
+    from sim.cluster import DISPATCH, DomainOracle
+
+    return DomainOracle(domains, margin) if name == "domain_oracle" else DISPATCH[name]()
+
+
 def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: list[TwinRequest], replay,
-            caps: dict, progress: bool) -> dict:
+            caps: dict, domains: list[str], progress: bool) -> dict:
+    """One arm over the workload: ``args.engines`` engines of it behind ``args.dispatch``."""
     from vllm.v1.core.sched.scheduler import Scheduler
+
+    from sim.cluster import Cluster, ExpertParallel
+    from sim.twin import Engine
 
     if arm == STOCK:
         cls, caps_cfg = Scheduler, None
@@ -120,9 +130,8 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
         space = VectorSpace(replay.layers, replay.experts, replay.top_k) if replay is not None else \
             VectorSpace(len(shape.moe_layers), shape.experts, shape.top_k)
         cls, caps_cfg = with_vectors(CapsScheduler, space), {**caps, "strategy": arm, "metrics": False}
-    sched = build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg)
-    routing = replay if replay is not None else UniformRouting(shape)
-    step_time = VllmStepTime(RooflineStep(HARDWARE[args.hardware], shape), routing)
+    model = RooflineStep(HARDWARE[args.hardware], shape)
+    timing = VllmStepTime(model, replay if replay is not None else UniformRouting(shape))
     oracle_rng = np.random.default_rng(args.seed + 1)
     by_id = {r.rid: r for r in reqs}
 
@@ -133,6 +142,12 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
             if arm != STOCK:
                 req.caps_vector = replay.prompt_vector(r.rid, len(by_id[r.rid].prompt), args.oracle_recall, oracle_rng)
 
+    engines = [Engine(build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg),
+                      deployment.block_size, on_arrival, name=str(k)) for k in range(args.engines)]
+    ep = ExpertParallel(model, shape, args.engines, args.placement) if args.ep else None
+    dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin)
+    cluster = Cluster(engines, dispatch, lambda e, out: timing.batch(e.scheduler, out),
+                      price=None if ep else model.seconds, ep=ep)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -146,14 +161,19 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
             last[0] = now
 
     t0 = time.perf_counter()
-    res = Twin(sched, step_time, block_size=deployment.block_size, on_arrival=on_arrival).run(reqs, tick)
+    cluster.run(reqs, tick)
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()
-    out = summarize(res, wall)
+    out = summarize(cluster.result(), wall)
+    out["per_engine_requests"] = [len(e.served) for e in engines]
+    if ep is not None:
+        out["ep_rank_max_over_mean"] = float(np.mean(cluster.rank_imbalance)) if cluster.rank_imbalance else None
+    if hasattr(dispatch, "overrides"):
+        out["dispatch_load_guard_overrides"] = dispatch.overrides
     if arm != STOCK:
-        st = sched.caps_planner.stats
-        out["caps"] = {"plans": st.plans, "ranked": st.ranked, "bypassed": st.bypassed, "fcfs_fallback": st.fcfs_fallback}
+        stats = [e.scheduler.caps_planner.stats for e in engines]
+        out["caps"] = {k: sum(getattr(st, k) for st in stats) for k in ("plans", "ranked", "bypassed", "fcfs_fallback")}
     return out
 
 
@@ -165,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, help="default: vLLM's for the hardware")
     ap.add_argument("--kv-gib", type=float, default=40.0, help="KV-cache memory (GiB) the blocks come from")
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--engines", type=int, default=1, help="data-parallel engines or replicas")
+    ap.add_argument("--ep", action="store_true", help="expert parallel over the engines (lockstep), one rank each")
+    ap.add_argument("--placement", choices=("linear", "round_robin"), default="linear")
+    ap.add_argument("--dispatch", choices=("least_loaded", "round_robin", "domain_oracle"), default="least_loaded")
+    ap.add_argument("--affinity-margin", type=int, default=8,
+                    help="domain_oracle's load guard: in-flight requests above the least loaded engine it tolerates")
     ap.add_argument("--pattern", choices=("bursty", "poisson"), default="bursty",
                     help="topics (domains) in runs or mixed; arrivals Poisson at --rate unless --trace")
     ap.add_argument("--trace", help="arrival times and lengths from a trace (sim/traces.py formats)")
@@ -184,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="sim/results/twin/latest")
     args = ap.parse_args(argv)
-    if args.requests < 1 or args.rate <= 0 or args.speedup <= 0:
-        ap.error("--requests must be ≥ 1, --rate and --speedup > 0")
+    if args.requests < 1 or args.rate <= 0 or args.speedup <= 0 or args.engines < 1:
+        ap.error("--requests and --engines must be ≥ 1, --rate and --speedup > 0")
     from caps_vllm.strategies import STRATEGIES
 
     for a in args.strategies:
@@ -217,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                                      enable_prefix_caching=not args.no_prefix_caching, **overrides)
     results = {}
     for arm in args.strategies:
-        results[arm] = run_arm(arm, args, shape, deployment, reqs, replay, caps, not args.no_progress)
+        results[arm] = run_arm(arm, args, shape, deployment, reqs, replay, caps, domains, not args.no_progress)
         r = results[arm]
         print(f"[{arm}] {r['requests']} requests, {r['steps']} steps, TTFT p99 {r['ttft_s']['p99']:.3f} s, "
               f"ITL p50 {r['itl_s']['p50'] * 1e3:.2f} ms, wall {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
