@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,7 @@ bench: setup
 	$(PY) tests/benchmarks/bench_sweep.py
 	$(PY) tests/benchmarks/bench_scheduler.py
 	$(PY) tests/benchmarks/bench_observability.py
+	$(PY) tests/benchmarks/bench_twin.py
 
 # MoE-layer time vs per-expert token counts with vLLM's CPU fused-MoE op (about 6 minutes by this machine's clock);
 # raw CSV + machine description for the step-cost model (issue 6).
@@ -54,6 +55,11 @@ fit-step-cost: setup
 # Balancing vs affinity under the CV curve, the fitted one-device and the expert-parallel models.
 sim-step-cost: setup
 	$(PY) -m sim.step_cost_study --requests 1000 --seeds 1 2 3 4 5 --out sim/results/step_cost
+
+# The vLLM twin (vLLM's own scheduler on a virtual clock): its first studies, admission inside one
+# engine and dispatch across 4 replicas (sim/results/twin/report.md; about 15 minutes here).
+twin-study: setup
+	$(PY) -m sim.twin_study --out sim/results/twin
 
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup

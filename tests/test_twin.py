@@ -315,3 +315,27 @@ def test_a_cluster_serves_every_request_once(vllm_twin, lockstep):
         starts = [[st.start_s for st in e.steps] for e in engines]
         assert len(cluster.rank_imbalance) >= max(len(s) for s in starts)
         assert set(starts[0]) & set(starts[1])
+
+
+@pytest.mark.vllm
+def test_twin_run_writes_every_arm_and_refuses_a_mismatched_routing_file(tmp_path, vllm_twin, capsys):
+    from sim import twin_run
+
+    out = tmp_path / "tw"
+    argv = ["--model", "qwen1.5-moe-a2.7b", "--requests", "40", "--rate", "50", "--output-tokens", "8",
+            "--routing", "uniform", "--strategies", "stock", "fcfs", "--engines", "2", "--no-progress", "--out", str(out)]
+    assert twin_run.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    stock, fcfs = doc["results"]["stock"], doc["results"]["fcfs"]
+    assert stock["requests"] == fcfs["requests"] == 40 and sum(stock["per_engine_requests"]) == 40
+    assert stock["ttft_s"] == fcfs["ttft_s"] and stock["steps"] == fcfs["steps"]  # same order, same schedule
+    assert "roofline" in doc["note"] and doc["command"].startswith("python -m sim.twin_run")
+    _fake_esft(tmp_path / "r.npz", np.random.default_rng(0))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        twin_run.main(["--routing", str(tmp_path / "r.npz"), "--out", str(out)])
+    assert "--routing has 4 layers x 16 experts, top-3; --model deepseek-v2-lite has 26 x 64, top-6" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        twin_run.main(["--strategies", "fastest", "--out", str(out)])
+    assert "unknown arm 'fastest'" in capsys.readouterr().err
