@@ -154,7 +154,7 @@ class Cluster:
             out = behind.begin()
             if out is not None:
                 b = self.step_batch(behind, out)
-                behind.finish(out, self.price(b), b.moe_counts)
+                behind.finish(out, self.price(b), b.moe_counts, b.expected)
                 self.progress(behind.now)
 
     def _lockstep(self, pending: list[TwinRequest]) -> None:
@@ -181,7 +181,7 @@ class Cluster:
             batches = [self.step_batch(e, o) for e, o in active]
             dt, imbalance = self.ep.seconds(batches)
             for (e, o), b in zip(active, batches):
-                e.finish(o, dt, b.moe_counts)
+                e.finish(o, dt, b.moe_counts, b.expected)
             now += dt
             for e in engines:
                 e.now = now

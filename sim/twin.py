@@ -275,8 +275,10 @@ class Engine:
             return None
         return out
 
-    def finish(self, out, dt: float, counts: np.ndarray | None = None) -> StepRecord:
-        """The step took ``dt`` seconds: advance the clock, note what came out, update vLLM."""
+    def finish(self, out, dt: float, counts: np.ndarray | None = None, expected: bool = False) -> StepRecord:
+        """The step took ``dt`` seconds: advance the clock, note what came out, update vLLM.
+        ``counts``: the step's per-expert loads (expected values if ``expected``), for its
+        distinct-experts statistic."""
         if not dt > 0:
             raise ValueError(f"step time must be > 0 s, got {dt!r}")
         sched, start = self.scheduler, self.now
@@ -309,12 +311,20 @@ class Engine:
             self._waiting_before,
             _out_of_order(admitted, self.served, sched.waiting) if self._waiting_before >= 2 and admitted else 0,
             planner is not None and planner.stats.plans > self._plans_before,
-            float((counts > 0).sum(axis=-1).mean()) if counts is not None and counts.size else None)
+            _distinct(counts, expected))
         self.steps.append(rec)
         return rec
 
     def result(self) -> TwinResult:
         return TwinResult(self.served, self.steps, self.busy_s, self.now, self.finished)
+
+
+def _distinct(counts: np.ndarray | None, expected: bool) -> float | None:
+    """Experts touched per layer, averaged over layers (expected counts: 1 - exp(-count) each)."""
+    if counts is None or not counts.size:
+        return None
+    touched = -np.expm1(-counts) if expected else (counts > 0)
+    return float(touched.sum(axis=-1).mean())
 
 
 def _runner_output(sched, out):
@@ -359,7 +369,8 @@ class Twin:
             if out is None:
                 continue
             dt = float(self.step_time(self.scheduler, out))  # the step model: not counted as scheduler time
-            eng.finish(out, dt, getattr(self.step_time, "last_counts", None))
+            eng.finish(out, dt, getattr(self.step_time, "last_counts", None),
+                       getattr(getattr(self.step_time, "routing", None), "expected", False))
             if progress is not None:
                 progress(eng.now)
         return eng.result()

@@ -9,7 +9,9 @@ Arms: ``stock`` (vLLM's Scheduler) or a CAPS strategy name (``caps_vllm.CapsSche
 that strategy and ``--caps-config``'s other settings, given each request's vector: its prompt's
 true routing, or a noisy oracle at ``--oracle-recall``). The step time is the roofline model of
 ``--model`` on ``--hardware`` (``sim/step_time.py``: a model, not a measurement), its MoE part
-priced from the replayed routing of the tokens each step schedules. Writes ``results.json``
+priced from the replayed routing of the tokens each step schedules (``--routing synthetic``:
+fitted domain profiles, an assumption; ``uniform``). ``--capacity``: per arm the capacity at SLO
+by bisection instead of one run. Writes ``results.json``
 (per arm: latency percentiles, throughput, distinct experts per step, CAPS's engagement, the
 scheduler's own time) and prints a table.
 """
@@ -201,12 +203,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-output", type=int, default=2048, help="cap on a trace's output lengths")
     ap.add_argument("--burst-len", type=float, default=16.0)
     ap.add_argument("--routing", default=str(ROOT.parent / "shared" / "data" / "routing" / "esft_routing.npz"),
-                    help="ESFT routing npz to replay (DeepSeek-V2-Lite layout); 'uniform' for uniform routing")
+                    help="ESFT routing npz to replay (DeepSeek-V2-Lite layout); 'uniform'; or 'synthetic': domain "
+                         "profiles fitted to --skew (an assumption, for shapes without recorded routing)")
+    ap.add_argument("--skew", type=float, default=0.87,
+                    help="synthetic routing: distinct experts of a mixed 32-token batch relative to uniform routing")
     ap.add_argument("--oracle-recall", type=float, default=1.0,
                     help="CAPS's vectors: the prompt's true routing (1.0) or a noisy oracle at this top-k recall")
     ap.add_argument("--strategies", nargs="+", default=[STOCK, "fcfs", "step_cost"])
     ap.add_argument("--caps-config", default="{}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--capacity", action="store_true",
+                    help="per arm, the capacity at SLO (bisection over the rate, from --rate) instead of one run")
+    ap.add_argument("--slo-ttft", type=float, default=2.0, help="SLO: P99 TTFT seconds (for --capacity)")
+    ap.add_argument("--slo-itl", type=float, default=0.1, help="SLO: P99 inter-token seconds (for --capacity)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="sim/results/twin/latest")
     args = ap.parse_args(argv)
@@ -220,7 +229,13 @@ def main(argv: list[str] | None = None) -> int:
     caps = json.loads(args.caps_config)
     shape = ModelShape.from_config(MODELS / args.model)
     replay = None
-    if args.routing != "uniform":
+    if args.routing == "synthetic":
+        from sim.routing_replay import SkewedRouting
+
+        domains = ["d0", "d1", "d2", "d3"]
+        replay = SkewedRouting(len(shape.moe_layers), shape.experts, shape.top_k, domains, args.skew, seed=args.seed)
+        seq_len = {d: [256] for d in domains}
+    elif args.routing != "uniform":
         from sim.routing_replay import EsftReplay
 
         if not Path(args.routing).exists():
@@ -231,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"--model {args.model} has {len(shape.moe_layers)} x {shape.experts}, top-{shape.top_k}")
         domains = replay.domains
         seq_len = {d: [len(s) for s in replay.seqs[d]] for d in domains}
-    else:
+    if args.routing == "uniform":
         domains = ["a", "b", "c", "d"]
         seq_len = {d: [256] for d in domains}
     vocab = json.loads((MODELS / args.model / "config.json").read_text())["vocab_size"]
@@ -243,6 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                                      enable_prefix_caching=not args.no_prefix_caching, **overrides)
     results = {}
     for arm in args.strategies:
+        if args.capacity:
+            def at(rate: float, arm=arm) -> dict:
+                probe = argparse.Namespace(**{**vars(args), "rate": rate})
+                return run_arm(arm, probe, shape, deployment, build_requests(probe, domains, seq_len, vocab), replay,
+                               caps, domains, False)
+
+            results[arm] = capacity(at, args.slo_ttft, args.slo_itl, args.rate)
+            print(f"[{arm}] capacity at SLO {results[arm]['capacity_rps']:.4g} req/s", file=sys.stderr, flush=True)
+            continue
         results[arm] = run_arm(arm, args, shape, deployment, reqs, replay, caps, domains, not args.no_progress)
         r = results[arm]
         print(f"[{arm}] {r['requests']} requests, {r['steps']} steps, TTFT p99 {r['ttft_s']['p99']:.3f} s, "
@@ -255,8 +279,46 @@ def main(argv: list[str] | None = None) -> int:
            "note": "step times are a roofline model (public peak figures, assumed efficiencies), not measurements",
            "results": results}
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
-    print(table(results))
+    if args.capacity:
+        print("\n".join(f"| {a} | {r['capacity_rps']:.4g} req/s |" for a, r in results.items()))
+    else:
+        print(table(results))
     return 0
+
+
+def meets(r: dict, slo_ttft: float, slo_itl: float) -> bool:
+    return r["ttft_s"]["p99"] <= slo_ttft and r["itl_s"]["p99"] <= slo_itl
+
+
+def capacity(at, slo_ttft: float, slo_itl: float, start: float, rel_tol: float = 0.03, max_probes: int = 14) -> dict:
+    """The highest arrival rate whose P99 TTFT and P99 ITL meet the SLO: ``at(rate)`` runs the
+    workload (the same seeded arrivals, time-scaled) at ``rate``; the rate is doubled or halved
+    from ``start`` until the SLO flips, then bisected (geometrically) to ``rel_tol``."""
+    probes = []
+
+    def probe(rate: float) -> bool:
+        r = at(rate)
+        ok = meets(r, slo_ttft, slo_itl)
+        probes.append({"rate": rate, "meets": ok, "ttft_p99_s": r["ttft_s"]["p99"], "itl_p99_s": r["itl_s"]["p99"]})
+        return ok
+
+    lo = hi = None
+    rate = start
+    while (lo is None or hi is None) and len(probes) < max_probes:
+        if probe(rate):
+            lo, rate = rate, rate * 2.0
+        else:
+            hi, rate = rate, rate / 2.0
+        if lo is not None and hi is not None and lo > hi:
+            lo, hi = hi, lo
+    while lo is not None and hi is not None and hi / lo > 1.0 + rel_tol and len(probes) < max_probes:
+        mid = (lo * hi) ** 0.5
+        if probe(mid):
+            lo = mid
+        else:
+            hi = mid
+    return {"capacity_rps": lo if lo is not None else 0.0, "first_failing_rps": hi,
+            "slo": {"ttft_p99_s": slo_ttft, "itl_p99_s": slo_itl}, "probes": probes}
 
 
 def table(results: dict) -> str:

@@ -339,3 +339,31 @@ def test_twin_run_writes_every_arm_and_refuses_a_mismatched_routing_file(tmp_pat
     with pytest.raises(SystemExit):
         twin_run.main(["--strategies", "fastest", "--out", str(out)])
     assert "unknown arm 'fastest'" in capsys.readouterr().err
+
+
+def test_capacity_bisects_to_the_highest_rate_that_meets_the_slo():
+    from sim.twin_run import capacity
+
+    def at(rate):  # a server whose P99 TTFT crosses 1 s at 37 req/s
+        return {"ttft_s": {"p99": rate / 37.0}, "itl_s": {"p99": 0.01}}
+
+    c = capacity(at, slo_ttft=1.0, slo_itl=0.1, start=10.0, rel_tol=0.01)
+    assert c["capacity_rps"] <= 37.0 < c["first_failing_rps"] and c["first_failing_rps"] / c["capacity_rps"] <= 1.01
+    assert [p["rate"] for p in c["probes"][:3]] == [10.0, 20.0, 40.0]
+    never = capacity(lambda r: {"ttft_s": {"p99": 9.0}, "itl_s": {"p99": 0.01}}, 1.0, 0.1, 10.0)
+    assert never["capacity_rps"] == 0.0 and len(never["probes"]) == 14
+
+
+def test_synthetic_routing_is_fitted_to_the_stated_skew():
+    from sim.routing_replay import SkewedRouting
+
+    r = SkewedRouting(layers=4, experts=128, top_k=8, domains=["a", "b", "c", "d"], target=0.87, mid_tokens=32)
+    assert r.distinct_ratio(r.profile, 32) == pytest.approx(0.87, abs=0.01)
+    assert r.distinct_ratio(r.profile, 512) > r.distinct_ratio(r.profile, 32)  # saturates towards uniform
+    r.bind("x", "a")
+    r.bind("y", "b")
+    c = r.counts([("x", 0, 10), ("y", 0, 6)])
+    assert c.shape == (4, 128) and c.sum() == pytest.approx(16 * 8 * 4)
+    np.testing.assert_allclose(r.prompt_vector("x", 10).reshape(4, 128), r.counts([("x", 0, 10)]))
+    with pytest.raises(ValueError, match="domain 'z'"):
+        r.bind("q", "z")
