@@ -214,11 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--capacity", action="store_true",
                     help="per arm, the capacity at SLO (bisection over the rate, from --rate) instead of one run")
+    ap.add_argument("--capacity-seconds", type=float, default=20.0,
+                    help="--capacity: each probe sends at least this many seconds of arrivals")
     ap.add_argument("--slo-ttft", type=float, default=2.0, help="SLO: P99 TTFT seconds (for --capacity)")
     ap.add_argument("--slo-itl", type=float, default=0.1, help="SLO: P99 inter-token seconds (for --capacity)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--out", default="sim/results/twin/latest")
     args = ap.parse_args(argv)
+    if args.capacity and args.trace:
+        ap.error("--capacity scales Poisson arrivals; it does not apply to --trace")
     if args.requests < 1 or args.rate <= 0 or args.speedup <= 0 or args.engines < 1:
         ap.error("--requests and --engines must be ≥ 1, --rate and --speedup > 0")
     from caps_vllm.strategies import STRATEGIES
@@ -260,7 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     for arm in args.strategies:
         if args.capacity:
             def at(rate: float, arm=arm) -> dict:
-                probe = argparse.Namespace(**{**vars(args), "rate": rate})
+                # A sustained load: the probe lasts --capacity-seconds whatever the rate (a fixed
+                # count of requests at a high rate is one burst, which a big batch absorbs).
+                n = max(args.requests, int(rate * args.capacity_seconds))
+                probe = argparse.Namespace(**{**vars(args), "rate": rate, "requests": n})
                 return run_arm(arm, probe, shape, deployment, build_requests(probe, domains, seq_len, vocab), replay,
                                caps, domains, False)
 
