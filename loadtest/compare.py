@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from loadtest.records import classify, mean_between, run_level
+from loadtest.records import classify, mean_between, read_samples, run_data
 from loadtest.report import headline, plots, report, where
 from loadtest.server import VllmServer, metric_sums, pinned, split_cpus
 from loadtest.stats import FIGURES, RunData, aa_verdict, compare, verdict
@@ -135,7 +135,7 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
     if rec["status"] == "failed":
         return rec
     summary = json.loads((d / "summary.json").read_text())
-    rec["samples"] = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()]
+    rec["samples"] = read_samples(d / "samples.jsonl")
     samples = poller.samples if poller else []
     (d / "metrics_timeseries.json").write_text(json.dumps(samples))
     first, last = (samples[0][1], samples[-1][1]) if samples else ({}, {})
@@ -148,11 +148,10 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
     return rec
 
 
-def analyse(runs: list[dict], arms: list[str], baseline: str, aa: str | None, draws: int) -> dict:
+def analyse(runs: list[dict], data: dict[tuple[int, str], RunData], arms: list[str], baseline: str, aa: str | None,
+            draws: int) -> dict:
     """Per arm other than the baseline: every figure's ratio, interval and verdict, over the
-    repetitions where both it and the baseline have a valid run."""
-    ok = {(r["repeat"], r["label"]): r for r in runs if r["status"] == "ok"}
-    data = {key: RunData.from_samples(r["samples"], run_level(r)) for key, r in ok.items()}
+    repetitions where both it and the baseline have a valid run (``data``: records.run_data)."""
     reps = sorted({r["repeat"] for r in runs})
     intervals = {}
     for arm in arms:
@@ -258,13 +257,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def finish(meta: dict, runs: list[dict], out: Path, draws: int) -> int:
     """Intervals, compare.json, report and plots of finished runs; the exit status."""
-    results = analyse(runs, meta["arms"], meta["baseline"], meta["aa"], draws)
+    data = run_data(runs)
+    results = analyse(runs, data, meta["arms"], meta["baseline"], meta["aa"], draws)
     doc = {**meta, "headline": headline(results, runs, meta),
            "runs": [{k: r[k] for k in ("label", "repeat", "seed", "status", "reason", "wall_s", "summary", "metrics")}
                     for r in runs],
            "comparisons": results}
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
-    text = report(doc, runs, out)
+    text = report(doc, runs, data, out)
     plots(doc, runs, out)
     print(text)
     print(where(out))
@@ -283,7 +283,7 @@ def reanalyse(out: Path, draws: int) -> int:
         if r["status"] != "failed":
             if not (d / "samples.jsonl").exists():
                 raise SystemExit(f"--reanalyse: {d / 'samples.jsonl'} is missing (raw/ is not committed)")
-            r["samples"] = [json.loads(x) for x in (d / "samples.jsonl").read_text().splitlines() if x.strip()]
+            r["samples"] = read_samples(d / "samples.jsonl")
             r["timeseries"] = json.loads((d / "metrics_timeseries.json").read_text())
     meta = {k: v for k, v in doc.items() if k not in ("headline", "comparisons")}
     meta["args"] = {**meta["args"], "bootstrap": draws}

@@ -7,6 +7,11 @@ and in memory only ``samples`` (one dict per request) and ``timeseries`` (the sc
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from loadtest.stats import RunData
+
 
 def mean_between(first: dict, last: dict, name: str) -> float | None:
     """Mean of a histogram's observations between two scrapes (``name_sum``/``name_count``)."""
@@ -24,6 +29,17 @@ def classify(summary: dict, max_lag: float) -> tuple[str, str | None]:
     if lag is not None and lag > max_lag:
         return "invalid", f"load generator behind its schedule: P99 lag {lag:.3f} s > --max-lag {max_lag:g} s"
     return "ok", None
+
+
+def read_samples(path: Path) -> list[dict]:
+    """The per-request samples Locust wrote (``--samples``: one JSON object a line)."""
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def run_data(runs: list[dict]) -> dict[tuple[int, str], RunData]:
+    """What the intervals and the pooled figures read of every valid run, by (repetition, arm)."""
+    return {(r["repeat"], r["label"]): RunData.from_samples(r["samples"], run_level(r))
+            for r in runs if r["status"] == "ok"}
 
 
 def run_level(rec: dict) -> dict[str, float | None]:

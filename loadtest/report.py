@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loadtest.records import mean_between, run_level
+from loadtest.records import mean_between
 from loadtest.stats import BY_NAME, FIGURES, LEVEL, Interval, RunData, fmt_interval, pooled
 
 #: figures named in the headline, after the first (E2E p99)
@@ -58,21 +58,14 @@ def headline(results: dict, runs: list[dict], meta: dict) -> list[str]:
     return lines
 
 
-def _data(runs: list[dict]) -> dict[str, list[RunData]]:
-    out: dict[str, list[RunData]] = {}
-    for r in runs:
-        if r["status"] == "ok":
-            out.setdefault(r["label"], []).append(RunData.from_samples(r["samples"], run_level(r)))
-    return out
-
-
 def _f(x, digits: int = 4) -> str:
     if x is None:
         return "–"
     return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
 
 
-def report(doc: dict, runs: list[dict], out: Path) -> str:
+def report(doc: dict, runs: list[dict], data: dict[tuple[int, str], RunData], out: Path) -> str:
+    """``data``: records.run_data(runs), the valid runs as the intervals read them."""
     a = doc["args"]
     arms, base, results = doc["arms"], doc["baseline"], doc["comparisons"]
     pin = doc["pinning"]
@@ -101,13 +94,15 @@ def report(doc: dict, runs: list[dict], out: Path) -> str:
                      f"{_f(s['e2e_s']['p99'])} | {_f(s['lag_s']['p99'], 3)} / {_f(s['lag_s']['max'], 3)} | "
                      f"{s['held_share']:.0%} | {r['wall_s']:.0f} |".replace("%", " %"))
     compared = [arm for arm in arms if arm in results]
-    data = _data(runs)
+    by_arm: dict[str, list[RunData]] = {}
+    for (_, arm), d in sorted(data.items()):
+        by_arm.setdefault(arm, []).append(d)
     lines += ["", "## Figures", "",
               "Values pooled over each arm's valid runs; ratio to the baseline with its 95 % interval and verdict.", "",
               "| figure | " + " | ".join(arms) + " | " + " | ".join(f"{arm} / {base} | verdict" for arm in compared)
               + " |", "|---" * (1 + len(arms) + 2 * len(compared)) + "|"]
     for f in FIGURES:
-        vals = [_f(pooled(data.get(arm, []), f)) for arm in arms]
+        vals = [_f(pooled(by_arm.get(arm, []), f)) for arm in arms]
         cells = [f"{fmt_interval(_interval(results[arm][f.name]))} | {results[arm][f.name]['verdict']}"
                  for arm in compared]
         lines.append(f"| {f.name}{f' ({f.unit})' if f.unit else ''} | " + " | ".join(vals + cells) + " |")

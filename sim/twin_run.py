@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -239,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         domains = ["d0", "d1", "d2", "d3"]
         replay = SkewedRouting(len(shape.moe_layers), shape.experts, shape.top_k, domains, args.skew, seed=args.seed)
         seq_len = {d: [256] for d in domains}
-    elif args.routing != "uniform":
+    elif args.routing == "uniform":
+        domains = ["a", "b", "c", "d"]
+        seq_len = {d: [256] for d in domains}
+    else:
         from sim.routing_replay import EsftReplay
 
         if not Path(args.routing).exists():
@@ -250,9 +254,6 @@ def main(argv: list[str] | None = None) -> int:
                      f"--model {args.model} has {len(shape.moe_layers)} x {shape.experts}, top-{shape.top_k}")
         domains = replay.domains
         seq_len = {d: [len(s) for s in replay.seqs[d]] for d in domains}
-    if args.routing == "uniform":
-        domains = ["a", "b", "c", "d"]
-        seq_len = {d: [256] for d in domains}
     vocab = json.loads((MODELS / args.model / "config.json").read_text())["vocab_size"]
     reqs = build_requests(args, domains, seq_len, vocab)
     overrides = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"command": "python -m sim.twin_run " + " ".join(sys.argv[1:] if argv is None else argv),
-           "deployment": vars(deployment) if hasattr(deployment, "__dict__") else str(deployment),
+           "deployment": asdict(deployment),
            "hardware": vars(HARDWARE[args.hardware]), "model": args.model,
            "note": "step times are a roofline model (public peak figures, assumed efficiencies), not measurements",
            "results": results}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loadtest.compare import plan_runs
-from loadtest.records import classify
+from loadtest.records import classify, run_data
 from loadtest.report import headline, report
 from loadtest.stats import BY_NAME, FIGURES, Interval, RunData, compare, pooled, verdict
 from tests.servers import ROOT
@@ -144,7 +144,7 @@ def test_the_report_leads_with_the_verdict_and_lists_every_run(tmp_path):
     ivs = compare([base], [arm], draws=200)
     results = {"step_cost": {f.name: {**ivs[f.name].to_json(), "verdict": verdict(f, ivs[f.name])} for f in FIGURES}}
     doc = _doc(results, runs)
-    text = report(doc, runs, tmp_path)
+    text = report(doc, runs, run_data(runs), tmp_path)
     first = text.splitlines()[0]
     assert first.startswith("step_cost vs fcfs on this machine: E2E p99 ratio ") and ", 95 % CI " in first
     assert first.endswith(": not judged (one run per arm: run-to-run noise not sampled) "
