@@ -38,6 +38,9 @@ class CapsConfig:
     metrics: bool = True
     #: where the router token tables are cached (default ~/.cache/caps_vllm or $CAPS_VLLM_CACHE)
     cache_dir: str | None = None
+    #: append one JSON line per engine step and per finished request here (caps_vllm.step_log:
+    #: the timings the simulator's cpu profile is fitted on); data-parallel rank N writes PATH.N
+    step_log: str | None = None
 
     @classmethod
     def from_dict(cls, raw: Any) -> "CapsConfig":
@@ -75,8 +78,9 @@ class CapsConfig:
         for name in ("predictor", "capture", "metrics"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"caps.{name}: {getattr(self, name)!r}; valid: true or false")
-        if self.cache_dir is not None and not isinstance(self.cache_dir, str):
-            raise ValueError(f"caps.cache_dir: {self.cache_dir!r}; valid: a path or null")
+        for name in ("cache_dir", "step_log"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"caps.{name}: {getattr(self, name)!r}; valid: a path or null")
 
 
 def _int_in(name: str, value: Any, lo: int, hi: int) -> None:

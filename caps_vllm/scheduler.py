@@ -34,6 +34,7 @@ from caps_vllm.config import CapsConfig
 from caps_vllm.plugin import OWNED_ENV, route_logs_through_vllm
 from caps_vllm.predictor import ExpertPredictor, PredictorUnavailable
 from caps_vllm.routing import RoutingRecord, counts_from_rows
+from caps_vllm.step_log import StepLog
 
 logger = logging.getLogger("caps_vllm.scheduler")
 _NO_VECTOR = object()
@@ -84,7 +85,23 @@ class _CapsMixin:
         # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
         # (sim/twin.py) replaces it with its virtual clock.
         self.caps_clock = time.time
+        self.caps_step_log = self._caps_make_step_log(vllm_config)
         logger.info("CAPS scheduler (%s): %s", "async" if isinstance(self, AsyncScheduler) else "sync", self.caps_config)
+
+    def _caps_make_step_log(self, vllm_config) -> StepLog | None:
+        path = self.caps_config.step_log
+        if not path:
+            return None
+        pc = vllm_config.parallel_config
+        if pc.data_parallel_size > 1:
+            path = f"{path}.{pc.data_parallel_rank}"
+        logger.info("CAPS step log: %s", path)
+        return StepLog(path)
+
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)
+        if self.caps_step_log is not None:
+            self.caps_step_log.added(request)
 
     def _caps_load_predictor(self, vllm_config) -> ExpertPredictor | None:
         mc = vllm_config.model_config
@@ -212,6 +229,9 @@ class _CapsMixin:
         st = self.caps_planner.stats
         before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"])
         self._caps_ranked_step = None
+        log = self.caps_step_log
+        if log is not None:
+            log.begin()
         if self.caps_predictor is not None and self.waiting:
             try:
                 self._caps_reorder()
@@ -224,19 +244,26 @@ class _CapsMixin:
         out = super().schedule(*args, **kwargs)
         if self.caps_observer is not None:
             self._caps_guard(self._caps_observe_schedule, out, before)
+        if log is not None:
+            self._caps_guard(log.scheduled, out, self.requests)
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
         if self.caps_observer is not None:  # before vLLM frees the requests that finished
             self._caps_guard(self._caps_observe_output, scheduler_output, model_runner_output)
-        return super().update_from_output(scheduler_output, model_runner_output)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self.caps_step_log is not None:
+            record = getattr(model_runner_output, "caps_routing", None)
+            self._caps_guard(self.caps_step_log.updated, outputs, self.has_unfinished_requests(),
+                             None if record is None else record.layer_counts)
+        return outputs
 
     def _caps_guard(self, fn, *args) -> None:
         try:
             fn(*args)
         except Exception:  # metrics must never take the engine down either
             self.caps_counters["errors"] += 1
-            self._caps_warn_once("metrics", "CAPS metrics failed; further errors are only counted",
+            self._caps_warn_once("metrics", "CAPS metrics or step log failed; further errors are only counted",
                                  log=logger.exception)
 
     def _caps_observe_schedule(self, out, before) -> None:

@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="a run whose load generator sent its P99 request later than this (s) is invalid")
     ap.add_argument("--pin", choices=("auto", "none"), default="auto",
                     help="auto: server and load generator on separate CPUs where there are two or more")
+    ap.add_argument("--step-log", action="store_true",
+                    help="CAPS arms write the engine's step timings to raw/<run>/steps.jsonl (caps.step_log)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval")
     ap.add_argument("--poll", type=float, default=2.0, help="seconds between /metrics scrapes")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
@@ -246,7 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     for i, (rep, arm) in enumerate(order, 1):
         print(f"[{i}/{len(order)}] repetition {rep + 1}, {arm}: serving {args.model}, {args.pattern} load ...",
               file=sys.stderr, flush=True)
-        runs.append(run_one(arm, rep, arm_args(arm, baseline, caps), args, raw, cpus))
+        run_caps = caps
+        if args.step_log:
+            log = raw / f"r{rep}-{arm}" / "steps.jsonl"
+            log.unlink(missing_ok=True)  # the log appends
+            run_caps = {**caps, "step_log": str(log.resolve())}
+        runs.append(run_one(arm, rep, arm_args(arm, baseline, run_caps), args, raw, cpus))
         r = runs[-1]
         s = r["summary"]
         print(f"[{i}/{len(order)}] {arm}: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "")

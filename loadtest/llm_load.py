@@ -31,7 +31,6 @@ reason; ``--samples`` writes one JSON line per request.
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,6 +40,7 @@ import requests
 from locust import LoadTestShape, User, events, task
 
 from loadtest.workload import PATTERNS, Arrival, add_load_options, build, load_prompts
+from sim.metrics import quantiles
 
 
 @events.init_command_line_parser.add_listener
@@ -255,17 +255,6 @@ def _reason(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc)[:120]}"
 
 
-def _quantiles(xs: list[float]) -> dict:
-    if not xs:
-        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "n": 0}
-    a = sorted(xs)
-
-    def q(p: float) -> float:  # nearest-rank
-        return a[min(len(a) - 1, max(0, math.ceil(p * len(a)) - 1))]
-
-    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": a[-1], "mean": sum(a) / len(a), "n": len(a)}
-
-
 def summarize(run: Run, wall_s: float) -> dict:
     o = run.options
     ok = [r for r in run.results if r["error"] is None]
@@ -275,12 +264,12 @@ def summarize(run: Run, wall_s: float) -> dict:
         "completed": len(ok), "failures": len(run.results) - len(ok),
         "failure_reasons": dict(Counter(r["error"] for r in run.results if r["error"])),
         "wall_s": wall_s,
-        "ttft_s": _quantiles([r["ttft_s"] for r in ok]),
-        "itl_s": _quantiles([x for r in ok for x in r["itl_s"]]),
-        "e2e_s": _quantiles([r["e2e_s"] for r in ok]),
-        "held_s": _quantiles([r["held_s"] for r in run.results]),
+        "ttft_s": quantiles([r["ttft_s"] for r in ok]),
+        "itl_s": quantiles([x for r in ok for x in r["itl_s"]]),
+        "e2e_s": quantiles([r["e2e_s"] for r in ok]),
+        "held_s": quantiles([r["held_s"] for r in run.results]),
         "held_share": sum(r["held_s"] > 0 for r in run.results) / len(run.results) if run.results else 0.0,
-        "lag_s": _quantiles([r["lag_s"] for r in run.results]),
+        "lag_s": quantiles([r["lag_s"] for r in run.results]),
         "hold": {"seconds": o.hold, "error": run.hold_error},
         "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0,
         "throughput_tok_s": sum(r["tokens"] for r in ok) / wall_s if wall_s > 0 else 0.0,

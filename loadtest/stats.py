@@ -43,13 +43,17 @@ _T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 _Z975 = 1.959964
 
 
+def t975(df: int) -> float:
+    """Student's t at 97.5 % for ``df`` >= 1 degrees of freedom."""
+    return _T975[df - 1] if df <= len(_T975) else _Z975
+
+
 def small_sample_factor(n: int) -> float:
     """How much wider than the percentile bootstrap a 95 % interval over n paired runs must be
     (see the module's docstring); 1 for a single run (then only requests are resampled)."""
     if n < 2:
         return 1.0
-    t = _T975[n - 2] if n - 1 <= len(_T975) else _Z975
-    return t / _Z975 * math.sqrt(n / (n - 1))
+    return t975(n - 1) / _Z975 * math.sqrt(n / (n - 1))
 
 
 @dataclass(frozen=True)

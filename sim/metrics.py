@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from sim.engine import RunResult
+
+
+def quantiles(xs: list[float]) -> dict:
+    """P50/P90/P99 by nearest rank (a value some request saw), max, mean and count: the one
+    definition the live load generator, the twin and their fidelity comparison share."""
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "n": 0}
+    a = sorted(xs)
+
+    def q(p: float) -> float:
+        return a[min(len(a) - 1, max(0, math.ceil(p * len(a)) - 1))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": a[-1], "mean": sum(a) / len(a), "n": len(a)}
 
 
 def imbalance(loads: np.ndarray) -> np.ndarray:
@@ -14,7 +29,8 @@ def imbalance(loads: np.ndarray) -> np.ndarray:
 
 
 def summarize(run: RunResult) -> dict[str, float]:
-    """Latency percentiles in ms, throughput in req/s over the makespan, mean batch imbalance."""
+    """Latency percentiles in ms (interpolated, as the prototype's study reported them),
+    throughput in req/s over the makespan, mean batch imbalance."""
     lat_ms = run.latency * 1000.0
     p50, p90, p99 = np.percentile(lat_ms, [50, 90, 99])
     makespan = float(run.completion.max() - run.workload.arrival.min())

@@ -107,6 +107,8 @@ class StepBatch:
     context_tokens: int  # KV tokens read: each scheduled request's context, once
     moe_counts: np.ndarray  # (MoE layers, experts): tokens routed to each expert
     expected: bool = False  # counts are expected values (see StepCostModel.expert_ms)
+    prefill_requests: int = 0  # requests with prompt tokens in the step
+    decode_requests: int = 0  # requests decoding one token
 
 
 class RooflineStep:
@@ -154,7 +156,7 @@ class UniformRouting:
 
 class VllmStepTime:
     """The twin's ``step_time(scheduler, out)``: reads the step off vLLM's scheduler output and
-    prices it with ``model`` (a RooflineStep), the MoE loads from ``routing`` (anything with
+    prices it with ``model`` (a RooflineStep, or a measured ``sim.step_profile.MeasuredStep``), the MoE loads from ``routing`` (anything with
     ``counts(spans)`` and ``expected``: UniformRouting, sim.routing_replay.EsftReplay). The last
     step's counts stay in ``last_counts`` for the twin's statistics."""
 
@@ -164,13 +166,15 @@ class VllmStepTime:
 
     def batch(self, scheduler, out) -> StepBatch:
         """What the step model reads of one engine's scheduled step."""
-        spans, context = [], 0
+        spans, context, prefill = [], 0, 0
         for rid, n in out.num_scheduled_tokens.items():
             req = scheduler.requests[rid]
             before = req.num_computed_tokens - n  # schedule() has advanced it already
             spans.append((rid, before, n))
             context += before + n  # its KV is read once per step (attention's arithmetic is not modelled)
-        return StepBatch(sum(n for _, _, n in spans), context, self.routing.counts(spans), self.routing.expected)
+            prefill += before < req.num_prompt_tokens
+        return StepBatch(sum(n for _, _, n in spans), context, self.routing.counts(spans), self.routing.expected,
+                         prefill, len(spans) - prefill)
 
     def __call__(self, scheduler, out) -> float:
         b = self.batch(scheduler, out)

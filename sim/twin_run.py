@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.metrics import quantiles
 from sim.step_time import HARDWARE, ModelShape, RooflineStep, UniformRouting, VllmStepTime
 from sim.workload import topic_runs
 from sim.twin import Deployment, TwinRequest, VectorSpace, build_scheduler, with_vectors
@@ -71,14 +72,6 @@ def build_requests(args, domains: list[str], seq_len: dict[str, list[int]], voca
     return reqs
 
 
-def _q(xs: list[float]) -> dict:
-    if not xs:
-        return {"p50": None, "p90": None, "p99": None, "mean": None}
-    a = np.asarray(xs)
-    return {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
-            "p99": float(np.percentile(a, 99)), "mean": float(a.mean())}
-
-
 def summarize(res, wall_s: float) -> dict:
     served = list(res.served.values())
     ttft = [s.ttft_s for s in served if s.ttft_s is not None]
@@ -91,10 +84,10 @@ def summarize(res, wall_s: float) -> dict:
     tokens = sum(len(s.token_s) for s in served)
     return {
         "requests": len(served), "steps": len(steps), "simulated_s": res.simulated_seconds,
-        "ttft_s": _q(ttft), "itl_s": _q(itl), "e2e_s": _q(e2e),
+        "ttft_s": quantiles(ttft), "itl_s": quantiles(itl), "e2e_s": quantiles(e2e),
         "throughput_rps": len(served) / span if span > 0 else None,
         "output_tok_s": tokens / span if span > 0 else None,
-        "step_ms": _q([st.seconds * 1e3 for st in steps]),
+        "step_ms": quantiles([st.seconds * 1e3 for st in steps]),
         "decode_step_distinct_experts": float(np.mean(decode)) if decode else None,
         "engagement": {
             "admission_steps_with_2plus_waiting": len(admit),
@@ -104,6 +97,7 @@ def summarize(res, wall_s: float) -> dict:
             "steps_planned": sum(st.planned for st in steps),
         },
         "queue": {"mean_waiting": float(np.mean([st.waiting for st in steps])) if steps else 0.0,
+                  "mean_running": float(np.mean([st.running for st in steps])) if steps else 0.0,
                   "max_waiting": max((st.waiting for st in steps), default=0)},
         "scheduler_wall_s": res.scheduler_seconds,
         "scheduler_share_of_simulated": res.scheduler_seconds / res.simulated_seconds if res.simulated_seconds else None,
@@ -111,10 +105,12 @@ def summarize(res, wall_s: float) -> dict:
     }
 
 
-def make_dispatch(name: str, domains: list[str], margin: int):
-    from sim.cluster import DISPATCH, DomainOracle
+def make_dispatch(name: str, domains: list[str], margin: int, snapshot_s: float):
+    from sim.cluster import DomainOracle, LeastLoaded, RoundRobin
 
-    return DomainOracle(domains, margin) if name == "domain_oracle" else DISPATCH[name]()
+    if name == "domain_oracle":
+        return DomainOracle(domains, margin, snapshot_s)
+    return LeastLoaded(snapshot_s) if name == "least_loaded" else RoundRobin()
 
 
 def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: list[TwinRequest], replay,
@@ -148,7 +144,7 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
     engines = [Engine(build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg),
                       deployment.block_size, on_arrival, name=str(k)) for k in range(args.engines)]
     ep = ExpertParallel(model, shape, args.engines, args.placement) if args.ep else None
-    dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin)
+    dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin, args.dp_snapshot)
     cluster = Cluster(engines, dispatch, lambda e, out: timing.batch(e.scheduler, out),
                       price=None if ep else model.seconds, ep=ep)
     bar = None
@@ -194,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dispatch", choices=("least_loaded", "round_robin", "domain_oracle"), default="least_loaded")
     ap.add_argument("--affinity-margin", type=int, default=8,
                     help="domain_oracle's load guard: in-flight requests above the least loaded engine it tolerates")
+    ap.add_argument("--dp-snapshot", type=float, default=0.1,
+                    help="seconds between the load snapshots vLLM's DP front end dispatches on (0: current state)")
     ap.add_argument("--pattern", choices=("bursty", "poisson"), default="bursty",
                     help="topics (domains) in runs or mixed; arrivals Poisson at --rate unless --trace")
     ap.add_argument("--trace", help="arrival times and lengths from a trace (sim/traces.py formats)")

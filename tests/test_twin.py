@@ -155,6 +155,31 @@ def test_stock_and_caps_with_fcfs_schedule_identically(vllm_twin, tiny_model):
     assert runs[0].finished_order == runs[1].finished_order
 
 
+@pytest.mark.vllm
+def test_the_step_log_records_every_step_and_request(vllm_twin, tiny_model, tmp_path):
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from caps_vllm.scheduler import CapsScheduler
+    from caps_vllm.step_log import read
+
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    reqs = _poisson(60, 300.0, vocab, seed=2)
+    d = Deployment(max_num_seqs=8, max_num_batched_tokens=128, num_blocks=300, max_model_len=2048,
+                   enable_prefix_caching=False)
+    sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "fcfs", "step_log": str(tmp_path / "s.jsonl")})
+    res = Twin(sched, _step_time).run(reqs)
+    sched.caps_step_log.close()
+    steps, lines = read(tmp_path / "s.jsonl")
+    assert [s["tokens"] for s in steps] == [s.tokens for s in res.steps]
+    assert sum(s["prefill_tokens"] for s in steps) == sum(len(r.prompt) for r in reqs)  # no prefix cache
+    assert sum(s["decode_reqs"] for s in steps) == sum(r.output_tokens - 1 for r in reqs)
+    assert all(s["t"] <= s["end"] for s in steps) and not steps[-1]["busy"] and steps[0]["busy"]
+    assert sorted(r["req"] for r in lines) == sorted(r.rid for r in reqs)
+    assert all(r["added"] <= r["first"] <= r["done"] for r in lines)
+    (tmp_path / "bad.jsonl").write_text('{"t": 1}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        read(tmp_path / "bad.jsonl")
+
+
 def _fake_esft(path, rng):
     arrays = {}
     for d in ("alpha", "beta"):
@@ -248,7 +273,7 @@ class _Eng:
 def test_least_loaded_dispatch_is_vllms_rule_on_hand_cases():
     from sim.cluster import LeastLoaded
 
-    ll = LeastLoaded()
+    ll = LeastLoaded(snapshot_s=0)
     idle = [_Eng(), _Eng(), _Eng()]
     picks = []
     for _ in range(4):  # equal loads: the scan start rotates, so ties go round-robin
@@ -256,13 +281,23 @@ def test_least_loaded_dispatch_is_vllms_rule_on_hand_cases():
         idle[i].in_flight += 1
         picks.append(i)
     assert picks == [0, 1, 2, 0]
-    ll = LeastLoaded()
+    ll = LeastLoaded(snapshot_s=0)
     # score = max(in flight, waiting + running) + 6 x waiting x max(0, kv - 0.5) when waiting
     a, b, c = _Eng(running=3), _Eng(waiting=2, kv=0.9), _Eng(running=4)
     a.in_flight, b.in_flight, c.in_flight = 3, 2, 4  # scores 3, 2 + 4.8, 4
     assert ll.choose(None, [a, b, c]) == 0
     b.scheduler.kv_cache_manager.usage = 0.5  # no KV pressure: 2
     assert ll.choose(None, [a, b, c]) == 1
+    # vLLM's snapshot: waiting/running as the coordinator last published them (every 100 ms),
+    # plus the front end's own dispatches since; in flight is always current.
+    at = lambda t: type("R", (), {"arrival_s": t})()  # noqa: E731
+    ll = LeastLoaded(snapshot_s=0.1)
+    a, b = _Eng(running=5), _Eng(running=1)
+    a.in_flight, b.in_flight = 5, 1
+    assert ll.choose(at(0.00), [a, b]) == 1  # 5 against 1
+    a.scheduler.running, a.in_flight = [], 0  # a's requests finish at once
+    assert ll.choose(at(0.05), [a, b]) == 1  # the snapshot still says 5 running there; b: 1 + 1 dispatched
+    assert ll.choose(at(0.12), [a, b]) == 0  # next snapshot: a is idle
 
 
 def test_expert_parallel_step_waits_for_the_slowest_rank():
