@@ -47,33 +47,46 @@ class RoundRobin(Dispatch):
 class LeastLoaded(Dispatch):
     """vLLM 0.32's rule: score = max(in flight, waiting + running), plus, when requests wait,
     ``6 x waiting x max(0, KV usage - 0.5)``; the lowest score wins, the scan starting one engine
-    later after each pick so that ties rotate. vLLM reads waiting/running from a snapshot the
-    coordinator refreshes every 100 ms and counts its own dispatches in between; the twin reads
-    the engines' current state (no snapshot lag)."""
+    later after each pick so that ties rotate. vLLM reads waiting/running/KV usage from a
+    snapshot the DP coordinator publishes every ``snapshot_s`` (100 ms) and counts its own
+    dispatches as waiting in between; in flight is the front end's own, always current count.
+    ``snapshot_s=0``: the engines' current state."""
 
     name = "least_loaded"
 
-    def __init__(self) -> None:
+    def __init__(self, snapshot_s: float = 0.1) -> None:
         self.start = 0
+        self.snapshot_s = snapshot_s
+        self._snap: list[list[float]] | None = None
+        self._snap_t = float("-inf")
+
+    def _loads(self, now: float, engines) -> list[list[float]]:
+        if self.snapshot_s > 0 and self._snap is not None and len(self._snap) == len(engines) \
+                and now < self._snap_t + self.snapshot_s:
+            return self._snap
+        self._snap = [[len(e.scheduler.waiting) + len(e.inbox), len(e.scheduler.running),
+                       e.scheduler.kv_cache_manager.usage] for e in engines]
+        if self.snapshot_s > 0:
+            self._snap_t = now - now % self.snapshot_s  # the coordinator's clock ticks on its own
+        return self._snap
 
     def choose(self, request, engines) -> int:
+        loads = self._loads(getattr(request, "arrival_s", 0.0), engines)
         best, best_score = 0, float("inf")
         n = len(engines)
         for k in range(n):
             i = (self.start + k) % n
-            e = engines[i]
-            sched = e.scheduler
-            waiting = len(sched.waiting) + len(e.inbox)
-            score = float(max(e.in_flight, waiting + len(sched.running)))
+            waiting, running, usage = loads[i]
+            score = float(max(engines[i].in_flight, waiting + running))
             if waiting:
-                score += waiting * 6.0 * max(0.0, sched.kv_cache_manager.usage - 0.5)
+                score += waiting * 6.0 * max(0.0, usage - 0.5)
             if score < best_score:
                 best, best_score = i, score
         self.start = (self.start + 1) % n
+        loads[best][0] += 1  # counted as waiting there until the next snapshot
         return best
 
 
-DISPATCH: dict[str, Callable[[], Dispatch]] = {"least_loaded": LeastLoaded, "round_robin": RoundRobin}
 
 
 class ExpertParallel:
@@ -197,10 +210,10 @@ class DomainOracle(Dispatch):
 
     name = "domain_oracle"
 
-    def __init__(self, domains: Sequence[str], margin: int = 8) -> None:
+    def __init__(self, domains: Sequence[str], margin: int = 8, snapshot_s: float = 0.1) -> None:
         self.home = {d: k for k, d in enumerate(domains)}
         self.margin = margin
-        self.fallback = LeastLoaded()
+        self.fallback = LeastLoaded(snapshot_s)
         self.overrides = 0
 
     def choose(self, request, engines) -> int:
@@ -210,6 +223,3 @@ class DomainOracle(Dispatch):
             self.overrides += 1
             return self.fallback.choose(request, engines)
         return i
-
-
-DISPATCH["domain_oracle"] = DomainOracle

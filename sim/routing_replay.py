@@ -60,6 +60,29 @@ class EsftReplay:
         flat = np.bincount(np.concatenate(idx), minlength=self.layers * self.experts)
         return flat.reshape(self.layers, self.experts).astype(np.float64)
 
+    def static_bound(self, tokens: int, draws: int = 200, seed: int = 0) -> dict:
+        """The dispatch bound: distinct experts per layer of a decode batch of ``tokens`` recorded
+        tokens all of one domain, against one drawn across the domains (each token a random
+        position of a random sequence), averaged over ``draws`` batches."""
+        rng = np.random.default_rng(seed)
+        tokens = max(1, int(round(tokens)))
+
+        def distinct(domain_of) -> float:
+            total = 0.0
+            for _ in range(draws):
+                rows = []
+                for d in domain_of():
+                    seq = self.seqs[d][int(rng.integers(len(self.seqs[d])))]
+                    rows.append(seq[int(rng.integers(len(seq)))])
+                c = np.bincount((np.stack(rows) + self._layer_base[0]).ravel(), minlength=self.layers * self.experts)
+                total += (c.reshape(self.layers, self.experts) > 0).sum(axis=1).mean()
+            return total / draws
+
+        doms = self.domains
+        one = np.mean([distinct(lambda d=d: [d] * tokens) for d in doms])
+        mixed = distinct(lambda: [doms[int(i)] for i in rng.integers(len(doms), size=tokens)])
+        return {"tokens": tokens, "one_domain": float(one), "mixed": float(mixed), "ratio": float(one / mixed)}
+
     def prompt_vector(self, rid: str, prompt_len: int, recall: float = 1.0,
                       rng: np.random.Generator | None = None) -> np.ndarray:
         """CAPS's vector for the request: its prompt's per-layer counts, flattened (layers x
