@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -60,6 +60,26 @@ sim-step-cost: setup
 # engine and dispatch across 4 replicas (sim/results/twin/report.md; about 15 minutes here).
 twin-study: setup
 	$(PY) -m sim.twin_study --out sim/results/twin
+
+# The twin's fidelity (issue 13): live runs that write the engine's step log (calibration: two
+# Poisson rates, one repetition per arm; then three workloads, three interleaved repetitions per
+# arm; about 25 minutes here), the cpu profile fitted on the calibration runs only, and the twin
+# replaying the three workloads against them (sim/results/twin/fidelity.{json,md}).
+FIDELITY_LIVE ?= loadtest/results/fidelity
+FIDELITY_LOAD ?= --step-log --duration 30
+TRACE ?= ../shared/data/traces/azure_llm_2023_conv.csv
+twin-fidelity-live: setup
+	$(PY) -m loadtest.compare --pattern poisson --rate 6 --seed 100 --repeats 1 $(FIDELITY_LOAD) --out $(FIDELITY_LIVE)/calibrate-poisson-6
+	$(PY) -m loadtest.compare --pattern poisson --rate 28 --seed 100 --repeats 1 $(FIDELITY_LOAD) --out $(FIDELITY_LIVE)/calibrate-poisson-28
+	$(PY) -m loadtest.compare --pattern bursty --rate 12 $(FIDELITY_LOAD) --out $(FIDELITY_LIVE)/bursty-12
+	$(PY) -m loadtest.compare --pattern poisson --rate 20 $(FIDELITY_LOAD) --out $(FIDELITY_LIVE)/poisson-20
+	$(PY) -m loadtest.compare --pattern trace --trace $(TRACE) --speedup 4 $(FIDELITY_LOAD) --out $(FIDELITY_LIVE)/azure-x4
+
+twin-fidelity: setup
+	$(PY) -m sim.step_profile --runs $(FIDELITY_LIVE)/calibrate-poisson-6 $(FIDELITY_LIVE)/calibrate-poisson-28 \
+		--out sim/profiles/cpu-tiny.json
+	$(PY) -m sim.fidelity --profile sim/profiles/cpu-tiny.json --out sim/results/twin \
+		--live $(FIDELITY_LIVE)/bursty-12 $(FIDELITY_LIVE)/poisson-20 $(FIDELITY_LIVE)/azure-x4
 
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup

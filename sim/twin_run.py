@@ -122,7 +122,9 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
     from sim.twin import Engine
 
     if arm == STOCK:
-        cls, caps_cfg = Scheduler, None
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+        cls, caps_cfg = AsyncScheduler if args.async_scheduling else Scheduler, None
     else:
         from caps_vllm.scheduler import CapsScheduler
 
@@ -141,7 +143,8 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
             if arm != STOCK:
                 req.caps_vector = replay.prompt_vector(r.rid, len(by_id[r.rid].prompt), args.oracle_recall, oracle_rng)
 
-    engines = [Engine(build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg),
+    engines = [Engine(build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg,
+                                      async_scheduling=args.async_scheduling),
                       deployment.block_size, on_arrival, name=str(k)) for k in range(args.engines)]
     ep = ExpertParallel(model, shape, args.engines, args.placement) if args.ep else None
     dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin, args.dp_snapshot)
@@ -184,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, help="default: vLLM's for the hardware")
     ap.add_argument("--kv-gib", type=float, default=40.0, help="KV-cache memory (GiB) the blocks come from")
     ap.add_argument("--no-prefix-caching", action="store_true")
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="vLLM's AsyncScheduler (CAPS: CapsAsyncScheduler); its overlap of scheduling with the "
+                         "model's step is not modelled, only its scheduling")
     ap.add_argument("--engines", type=int, default=1, help="data-parallel engines or replicas")
     ap.add_argument("--ep", action="store_true", help="expert parallel over the engines (lockstep), one rank each")
     ap.add_argument("--placement", choices=("linear", "round_robin"), default="linear")

@@ -138,7 +138,7 @@ def test_side_by_side_against_live_servers(tiny_model, tmp_path):
     cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tiny_model), "--rate", "40", "--duration", "4",
            "--max-requests", "150", "--max-tokens", "8", "--max-num-seqs", "4", "--poll", "1", "--hold", "1.5",
            "--repeats", "2", "--bootstrap", "200", "--out", str(out),
-           "--caps-config", json.dumps({"max_wait_ms": 60000}), "--strategies", "fcfs", "step_cost"]
+           "--caps-config", json.dumps({"max_wait_ms": 60000}), "--strategies", "fcfs", "step_cost", "--step-log"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     doc = json.loads((out / "compare.json").read_text())
@@ -174,6 +174,34 @@ def test_side_by_side_against_live_servers(tiny_model, tmp_path):
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "compare.json").read_text())["comparisons"] == doc["comparisons"]
+    _check_step_logs(doc, out, tiny_model)
+
+
+def _check_step_logs(doc: dict, out, tiny_model) -> None:
+    """The engines' step logs (--step-log): a line per request served, prompts of the lengths the
+    twin tokenizes them to; a profile fits on them and the twin replays the runs."""
+    from caps_vllm.step_log import read
+    from loadtest.workload import build, load_prompts
+    from sim.fidelity import Tokenize
+
+    tok = Tokenize(str(tiny_model))
+    for r in doc["runs"]:
+        steps, reqs = read(out / "raw" / f"r{r['repeat']}-{r['label']}" / "steps.jsonl")
+        assert len(reqs) == r["summary"]["completed"] and all(x["added"] <= x["first"] <= x["done"] for x in reqs)
+        assert sum(s["decode_reqs"] for s in steps) == 7 * len(reqs)  # 8 tokens: the first from the prefill step
+        assert all("experts" in s for s in steps)  # the workers' routing capture counted each step's experts
+        arrivals = build("bursty", load_prompts(), rate=40, duration=4, max_requests=150, max_tokens=8, seed=r["seed"])
+        assert sorted(len(tok(a.prompt, a.chat)) for a in arrivals) == sorted(x["prompt"] for x in reqs)
+    prof = subprocess.run([sys.executable, "-m", "sim.step_profile", "--runs", str(out), "--out", str(out / "p.json")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert prof.returncode == 0, prof.stderr[-3000:]
+    fid = subprocess.run([sys.executable, "-m", "sim.fidelity", "--profile", str(out / "p.json"), "--live", str(out),
+                          "--out", str(out / "fid")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert fid.returncode == 0, fid.stderr[-3000:]
+    cell = json.loads((out / "fid" / "fidelity.json").read_text())["cells"][0]
+    for arm in ("fcfs", "step_cost"):
+        f = cell["arms"][arm]["throughput_rps"]
+        assert len(f["live_runs"]) == len(f["twin_runs"]) == 2 and all(x > 0 for x in f["twin_runs"])
 
 
 @pytest.mark.server

@@ -156,6 +156,26 @@ def test_stock_and_caps_with_fcfs_schedule_identically(vllm_twin, tiny_model):
 
 
 @pytest.mark.vllm
+def test_async_schedulers_run_in_the_twin(vllm_twin, tiny_model):
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    from caps_vllm.scheduler import CapsAsyncScheduler, CapsScheduler
+
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    reqs = _poisson(150, 300.0, vocab, seed=3)
+    d = Deployment(max_num_seqs=8, max_num_batched_tokens=128, num_blocks=300, max_model_len=2048)
+    sync = Twin(build(str(tiny_model), Scheduler, d), _step_time).run(reqs)
+    for cls, caps in ((AsyncScheduler, None), (CapsScheduler, {"strategy": "fcfs"})):
+        sched = build(str(tiny_model), cls, d, caps=caps, async_scheduling=True)
+        assert isinstance(sched, (AsyncScheduler, CapsAsyncScheduler))
+        res = Twin(sched, _step_time).run(reqs)
+        assert sorted(res.finished_order) == sorted(r.rid for r in reqs) and len(set(res.finished_order)) == len(reqs)
+        assert all(len(res.served[r.rid].token_s) == r.output_tokens for r in reqs)
+        assert [st.tokens for st in res.steps] == [st.tokens for st in sync.steps]
+
+
+@pytest.mark.vllm
 def test_the_step_log_records_every_step_and_request(vllm_twin, tiny_model, tmp_path):
     Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
     from caps_vllm.scheduler import CapsScheduler
@@ -226,6 +246,20 @@ def test_routing_replay_counts_and_a_noisy_oracle_at_its_stated_recall(tmp_path)
         noisy[redraw] = np.argsort(g.random((int(redraw.sum()), 16)), axis=1)[:, :3]
         kept.append(np.mean([len(set(a) & set(b)) / 3 for a, b in zip(orig.reshape(-1, 3), noisy.reshape(-1, 3))]))
     assert np.mean(kept) == pytest.approx(0.6, abs=0.02)
+
+
+def test_the_static_bound_compares_one_domain_with_mixed_batches(tmp_path):
+    from sim.routing_replay import EsftReplay
+
+    # alpha routes to experts 0-1, beta to 2-3 (top-2 of 4), in every layer: a one-domain batch of
+    # many tokens touches 2 experts a layer, a mixed one all 4.
+    arrays = {}
+    for d, ex in (("alpha", [0, 1]), ("beta", [2, 3])):
+        arrays[f"{d}_experts"] = np.tile(np.array(ex, dtype=np.uint8), (30, 3, 1))
+        arrays[f"{d}_seq_lens"] = np.array([10, 20])
+    np.savez(tmp_path / "r.npz", **arrays)
+    b = EsftReplay(tmp_path / "r.npz").static_bound(32, draws=20)
+    assert (b["tokens"], b["one_domain"], b["mixed"], b["ratio"]) == (32, 2.0, 4.0, 0.5)
 
 
 @pytest.mark.vllm
