@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -56,10 +56,14 @@ fit-step-cost: setup
 sim-step-cost: setup
 	$(PY) -m sim.step_cost_study --requests 1000 --seeds 1 2 3 4 5 --out sim/results/step_cost
 
-# The vLLM twin (vLLM's own scheduler on a virtual clock): its first studies, admission inside one
-# engine and dispatch across 4 replicas (sim/results/twin/report.md; about 15 minutes here).
+# The vLLM twin (vLLM's own scheduler on a virtual clock): admission at 0.5-1.2x capacity on one
+# engine, DP4/EP4 and DP8/EP8 with the oracle headroom, every strategy at 1.2x, dispatch across 4
+# replicas (sim/results/twin/report.md; two processes, about 45 minutes here).
 twin-study: setup
-	$(PY) -m sim.twin_study --out sim/results/twin
+	$(PY) -m sim.twin_study --parts admission --deployments dp8-ep8 --out sim/results/twin & \
+	$(PY) -m sim.twin_study --parts admission strategies dispatch --deployments one-engine dp4-ep4 \
+		--out sim/results/twin; wait
+	$(PY) -m sim.twin_study --report-only --out sim/results/twin
 
 # The twin's fidelity (issue 13): live runs that write the engine's step log (calibration: two
 # Poisson rates, one repetition per arm; then three workloads, three interleaved repetitions per
@@ -80,6 +84,11 @@ twin-fidelity: setup
 		--out sim/profiles/cpu-tiny.json
 	$(PY) -m sim.fidelity --profile sim/profiles/cpu-tiny.json --out sim/results/twin \
 		--live $(FIDELITY_LIVE)/bursty-12 $(FIDELITY_LIVE)/poisson-20 $(FIDELITY_LIVE)/azure-x4
+
+# What the shared real routing leaves to win (grouping, EP balance, the token-id ceiling):
+# sim/results/routing/headroom.md (needs ../shared; a few minutes).
+headroom: setup
+	$(PY) -m sim.headroom --routing ../shared/data/routing --out sim/results/routing
 
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup
