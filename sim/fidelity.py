@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.fidelity", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", required=True, help="a measured step profile (python -m sim.step_profile)")
     ap.add_argument("--live", nargs="+", required=True, help="loadtest.compare folders run with --step-log")
-    ap.add_argument("--out", required=True, help="folder for fidelity.json and fidelity.md")
+    ap.add_argument("--out", required=True, help="folder for fidelity.json, fidelity.md and fidelity.png/.pdf")
     args = ap.parse_args(argv)
     profile = MeasuredStep.load(args.profile)
     tokenize_for, routing_for = functools.cache(Tokenize), functools.cache(CapturedRouting)
@@ -253,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "fidelity.md").write_text(report(doc))
+    from sim.plots import fidelity_figure
+
+    fidelity_figure(doc, out)
     print(report(doc))
     return 0
 

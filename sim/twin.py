@@ -66,11 +66,15 @@ class Deployment:
 
 
 def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | None = None, policy: str = "fcfs",
-                    async_scheduling: bool = False, dtype: str = "bfloat16", seed: int = 0):
+                    async_scheduling: bool = False, dtype: str = "bfloat16", seed: int = 0,
+                    parallel: dict | None = None):
     """``cls`` built as vLLM's engine core builds it, from a ``VllmConfig`` of ``deployment``;
-    ``model_dir`` needs only a ``config.json`` (no weights, no tokenizer)."""
+    ``model_dir`` needs only a ``config.json`` (no weights, no tokenizer). ``parallel``: vLLM
+    ``ParallelConfig`` fields of one engine of a data/expert-parallel server (e.g.
+    ``data_parallel_size``, ``data_parallel_rank``, ``enable_expert_parallel``), which CAPS's
+    deployment-aware strategies read."""
     import torch
-    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.config import CacheConfig, ModelConfig, ParallelConfig, SchedulerConfig, VllmConfig
     from vllm.v1.core.single_type_kv_cache_manager import register_all_kvcache_specs
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
     from vllm.v1.structured_output import StructuredOutputManager
@@ -85,6 +89,7 @@ def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | No
     cache_config = CacheConfig(block_size=d.block_size, gpu_memory_utilization=0.9, cache_dtype="auto",
                                enable_prefix_caching=d.enable_prefix_caching)
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
+                             parallel_config=ParallelConfig(**(parallel or {})),
                              additional_config={"caps": caps} if caps is not None else {})
     # The CPU platform forces async scheduling off; a GPU deployment's twin sets it back.
     vllm_config.scheduler_config.async_scheduling = async_scheduling

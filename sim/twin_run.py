@@ -143,8 +143,12 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
             if arm != STOCK:
                 req.caps_vector = replay.prompt_vector(r.rid, len(by_id[r.rid].prompt), args.oracle_recall, oracle_rng)
 
+    # Under EP the engines are the ranks of one server, and CAPS's step_cost reads that layout;
+    # replicas without EP are separate servers, each of one engine.
+    parallel = (lambda k: {"data_parallel_size": args.engines, "data_parallel_rank": k, "enable_expert_parallel": True,
+                           "expert_placement_strategy": args.placement}) if args.ep else (lambda k: None)
     engines = [Engine(build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg,
-                                      async_scheduling=args.async_scheduling),
+                                      async_scheduling=args.async_scheduling, parallel=parallel(k)),
                       deployment.block_size, on_arrival, name=str(k)) for k in range(args.engines)]
     ep = ExpertParallel(model, shape, args.engines, args.placement) if args.ep else None
     dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin, args.dp_snapshot)

@@ -1,16 +1,23 @@
-"""First studies in the twin (DeepSeek-V2-Lite layout on an H100 roofline, ESFT routing replayed):
+"""Studies in the twin (DeepSeek-V2-Lite layout on an H100 roofline, ESFT routing replayed):
 
-1. *Admission inside one engine* at vLLM's H100 defaults (1024 sequences, 8192 tokens): stock
-   vLLM vs CAPS strategies, bursty and mixed Poisson traffic, below and above saturation: does
-   CAPS ever choose, and what does it change?
-2. *Dispatch across 4 replicas*: vLLM's least-loaded rule, round-robin, and an oracle
-   domain-affinity dispatch (true domains; with its load guard, and unguarded): what is the
-   TPOT/ITL headroom of sending each request where its experts are already being read?
+1. *Admission at 0.5-1.2x capacity*, for one engine, DP4/EP4 and DP8/EP8 (engines in lockstep,
+   one expert-parallel rank each), bursty (topic runs of the four ESFT domains) and mixed
+   Poisson traffic: stock vLLM's capacity at SLO (bisection), then at 0.5, 0.8, 1.0 and 1.2x it
+   stock vLLM, CAPS ``step_cost`` and ``greedy_dot_product`` (vLLM's defaults: 1024 sequences,
+   8192 tokens), and the **oracle headroom** of CAPS admission: ``step_cost`` given the true
+   routing with unbounded lookahead (window 4096, no trigger, no max-wait bypass). Each cell also
+   carries the **static bound** of its decode batches: distinct experts of a one-domain batch of
+   the cell's mean running size against a mixed one (what perfect grouping could save).
+2. *Every CAPS strategy*, one engine, bursty, at 1.2x capacity.
+3. *Dispatch across 4 replicas* (stock vLLM in each) at 0.3, 0.6 and 1.0x the least-loaded
+   capacity: vLLM's least-loaded rule (100 ms snapshots), round-robin, and an oracle
+   domain-affinity dispatch (true domains; with its load guard, and unguarded).
 
-    python -m sim.twin_study --out sim/results/twin     # (make twin-study) about 15 minutes here
+    python -m sim.twin_study --out sim/results/twin     # (make twin-study runs it as two processes)
 
 Every cell is one ``python -m sim.twin_run`` invocation (its command is recorded); the step
-times are a roofline model, not measurements, and each cell is one seed.
+times are a roofline model, not measurements; each cell is one seed; CAPS's vectors are the
+prompts' true routing (an oracle predictor: the best CAPS can be told).
 """
 
 from __future__ import annotations
@@ -18,14 +25,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from sim import twin_run
 
-ADMISSION = [(pattern, rate) for pattern in ("bursty", "poisson") for rate in (200, 400)]
-ADMISSION_ARMS = ["stock", "fcfs", "step_cost", "greedy_dot_product"]
-DISPATCH = [(pattern, rate) for pattern in ("poisson", "bursty") for rate in (100, 200)]
+DEPLOYMENTS = {"one-engine": [], "dp4-ep4": ["--engines", "4", "--ep"], "dp8-ep8": ["--engines", "8", "--ep"]}
+LOADS = (0.5, 0.8, 1.0, 1.2)
+ARMS = ["stock", "step_cost", "greedy_dot_product"]
+HEADROOM = ["--strategies", "step_cost", "--caps-config",
+            json.dumps({"window_size": 4096, "min_batch_trigger": 1, "max_wait_ms": None})]
+DISPATCH_LOADS = (0.3, 0.6, 1.0)
 DISPATCH_ARMS = [("least_loaded", 8), ("round_robin", 8), ("domain_oracle", 8), ("domain_oracle", 10**9)]
+PARTS = ("admission", "strategies", "dispatch")
+HEADROOM_LOADS = (1.0, 1.2)  # the oracle-headroom arm where queues form
 
 
 def cell(argv: list[str], out: Path) -> dict:
@@ -37,75 +50,202 @@ def brief(r: dict) -> dict:
     keys = {"ttft_p99_s": r["ttft_s"]["p99"], "itl_p50_ms": r["itl_s"]["p50"] * 1e3, "itl_p99_ms": r["itl_s"]["p99"] * 1e3,
             "e2e_p99_s": r["e2e_s"]["p99"], "throughput_rps": r["throughput_rps"],
             "decode_distinct_experts": r["decode_step_distinct_experts"], "mean_waiting": r["queue"]["mean_waiting"],
+            "mean_running": r["queue"]["mean_running"], "ep_rank_max_over_mean": r.get("ep_rank_max_over_mean"),
             "admission_steps_2plus_waiting": r["engagement"]["admission_steps_with_2plus_waiting"],
             "share_reordered": r["engagement"]["share_reordered"],
             "share_planned": r["engagement"]["share_of_those_steps_planned"],
             "scheduler_share_of_simulated": r["scheduler_share_of_simulated"]}
-    if "caps" in r:
-        keys["caps"] = r["caps"]
-    if "dispatch_load_guard_overrides" in r:
-        keys["load_guard_overrides"] = r["dispatch_load_guard_overrides"]
-    keys["per_engine_requests"] = r["per_engine_requests"]
+    for k in ("caps", "dispatch_load_guard_overrides", "per_engine_requests"):
+        if k in r:
+            keys[k] = r[k]
     return keys
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.twin_study", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--seconds", type=float, default=6.0, help="seconds of arrivals per run (at least 500 requests)")
+    ap.add_argument("--capacity-seconds", type=float, default=10.0, help="seconds of arrivals per capacity probe")
     ap.add_argument("--routing", default=str(twin_run.ROOT.parent / "shared" / "data" / "routing" / "esft_routing.npz"))
+    ap.add_argument("--deployments", nargs="+", default=list(DEPLOYMENTS), choices=list(DEPLOYMENTS),
+                    help="the admission study's deployments")
+    ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
+                    help="what to run (parts run in separate processes share --out; the report holds every part there)")
     ap.add_argument("--out", default="sim/results/twin")
+    ap.add_argument("--report-only", action="store_true", help="no runs: the report of the parts saved in --out")
     args = ap.parse_args(argv)
     out = Path(args.out)
-    base = ["--model", "deepseek-v2-lite", "--hardware", "h100", "--requests", str(args.requests),
-            "--routing", args.routing, "--output-tokens", "128"]
-    study = {"command": "python -m sim.twin_study " + " ".join(sys.argv[1:] if argv is None else argv),
-             "note": "step times: roofline model of DeepSeek-V2-Lite on an H100 (public peak figures, assumed "
-                     "efficiencies), not measurements; ESFT routing replayed per token; one seed per cell",
-             "admission": {}, "dispatch": {}}
-    for pattern, rate in ADMISSION:
-        name = f"{pattern}-{rate}"
-        doc = cell([*base, "--pattern", pattern, "--rate", str(rate), "--strategies", *ADMISSION_ARMS],
-                   out / "cells" / f"admission-{name}")
-        study["admission"][name] = {"command": doc["command"], "arms": {a: brief(r) for a, r in doc["results"].items()}}
-    for pattern, rate in DISPATCH:
-        name = f"{pattern}-{rate}"
-        study["dispatch"][name] = {}
-        for policy, margin in DISPATCH_ARMS:
-            label = policy if policy != "domain_oracle" else ("domain_oracle" if margin < 10**6 else "domain_unguarded")
-            doc = cell([*base, "--pattern", pattern, "--rate", str(rate), "--strategies", "stock", "--engines", "4",
-                        "--dispatch", policy, "--affinity-margin", str(margin)],
-                       out / "cells" / f"dispatch-{name}-{label}")
-            study["dispatch"][name][label] = {"command": doc["command"], **brief(doc["results"]["stock"])}
+    if args.report_only:
+        return write_report(out)
+    from sim.routing_replay import EsftReplay
+
+    replay = EsftReplay(args.routing)
+    base = ["--model", "deepseek-v2-lite", "--hardware", "h100", "--routing", args.routing, "--output-tokens", "128"]
+    command = "python -m sim.twin_study " + " ".join(sys.argv[1:] if argv is None else argv)
+    parts = out / "parts"
+    parts.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    last = [t0]
+
+    def save(part: str, name: str, entry: dict) -> None:
+        now = time.perf_counter()
+        entry.update(study_command=command, wall_s=now - last[0])  # this entry's own runs
+        last[0] = now
+        (parts / f"{part}--{name}.json").write_text(json.dumps(entry, indent=1))
+
+    def n(rate: float, seconds: float) -> str:
+        return str(max(500, int(rate * seconds)))
+
+    def capacity(extra: list[str], pattern: str, name: str, start: float) -> float:
+        """Stock vLLM's capacity at SLO; a capacity cell already in --out is read, not rerun
+        (stock's schedule depends on nothing the CAPS arms change)."""
+        known = out / "cells" / f"capacity-{name}" / "results.json"
+        if known.exists():
+            return json.loads(known.read_text())["results"]["stock"]["capacity_rps"]
+        doc = cell([*base, *extra, "--pattern", pattern, "--rate", str(start), "--requests", "500", "--capacity",
+                    "--capacity-seconds", str(args.capacity_seconds), "--strategies", "stock"],
+                   out / "cells" / f"capacity-{name}")
+        return doc["results"]["stock"]["capacity_rps"]
+
+    for dep in args.deployments if "admission" in args.parts else ():
+        extra = DEPLOYMENTS[dep]
+        for pattern in ("bursty", "poisson"):
+            name = f"{dep}-{pattern}"
+            cap = capacity(extra, pattern, name, 250.0 * int(extra[1]) if extra else 250.0)
+            entry = {"capacity_rps": cap, "loads": {}}
+            for load in LOADS:
+                rate = load * cap
+                run = [*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests", n(rate, args.seconds)]
+                doc = cell([*run, "--strategies", *ARMS], out / "cells" / f"admission-{name}-{load}")
+                arms = {a: brief(r) for a, r in doc["results"].items()}
+                running = arms["stock"]["mean_running"]
+                e = entry["loads"][str(load)] = {"rate_rps": rate, "command": doc["command"],
+                                                 "static_bound": replay.static_bound(running) if running >= 1 else None,
+                                                 "arms": arms}
+                if load in HEADROOM_LOADS:
+                    head = cell([*run, *HEADROOM], out / "cells" / f"headroom-{name}-{load}")
+                    arms["step_cost_oracle_headroom"] = brief(head["results"]["step_cost"])
+                    e["headroom_command"] = head["command"]
+                print(f"[study {time.perf_counter() - t0:.0f} s] {name} at {load}x capacity done", file=sys.stderr,
+                      flush=True)
+            save("admission", name, entry)
+    if "strategies" in args.parts:
+        rate = 1.2 * capacity([], "bursty", "one-engine-bursty", 250.0)
+        from caps_vllm.strategies import STRATEGIES
+
+        doc = cell([*base, "--pattern", "bursty", "--rate", f"{rate:.6g}", "--requests", n(rate, args.seconds),
+                    "--strategies", "stock", *STRATEGIES], out / "cells" / "strategies-one-engine-bursty-1.2")
+        save("strategies", "one-engine-bursty-1.2", {"rate_rps": rate, "command": doc["command"],
+                                                     "arms": {a: brief(r) for a, r in doc["results"].items()}})
+    for pattern in ("poisson", "bursty") if "dispatch" in args.parts else ():
+        name = f"4-replicas-{pattern}"
+        cap = capacity(["--engines", "4"], pattern, name, 1000.0)
+        entry = {"capacity_rps": cap, "loads": {}}
+        for load in DISPATCH_LOADS:
+            rate = load * cap
+            cells = {}
+            for policy, margin in DISPATCH_ARMS:
+                label = policy if policy != "domain_oracle" else ("domain_oracle" if margin < 10**6 else "domain_unguarded")
+                doc = cell([*base, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests", n(rate, args.seconds),
+                            "--strategies", "stock", "--engines", "4", "--dispatch", policy, "--affinity-margin",
+                            str(margin)], out / "cells" / f"dispatch-{name}-{load}-{label}")
+                cells[label] = {"command": doc["command"], **brief(doc["results"]["stock"])}
+            running = cells["least_loaded"]["mean_running"]
+            entry["loads"][str(load)] = {"rate_rps": rate, "arms": cells,
+                                         "static_bound": replay.static_bound(running) if running >= 1 else None}
+            print(f"[study {time.perf_counter() - t0:.0f} s] {name} at {load}x capacity done", file=sys.stderr, flush=True)
+        save("dispatch", name, entry)
+    return write_report(out)
+
+
+def write_report(out: Path) -> int:
+    study = collect(out)
     (out / "study.json").write_text(json.dumps(study, indent=2))
     (out / "report.md").write_text(report(study))
+    from sim.plots import twin_study_figure
+
+    twin_study_figure(study, out)
     print(report(study))
     return 0
+
+
+def collect(out: Path) -> dict:
+    """Every part saved under ``out/parts`` (by this process or another), as one study."""
+    study = {"note": "step times: roofline model of DeepSeek-V2-Lite on an H100 (public peak figures, assumed "
+                     "efficiencies), not measurements; ESFT routing replayed per token; CAPS given the prompts' true "
+                     "routing; one seed per cell", "commands": {}, "wall_s": {},
+             "admission": {}, "strategies": {}, "dispatch": {}}
+    order = {p: i for i, p in enumerate(PARTS)}
+
+    def key(f: Path) -> tuple:
+        part, name = f.stem.split("--")
+        dep = next((i for i, d in enumerate(DEPLOYMENTS) if name.startswith(d)), len(DEPLOYMENTS))
+        return order[part], dep, name
+
+    for f in sorted((out / "parts").glob("*--*.json"), key=key):
+        part, name = f.stem.split("--")
+        entry = json.loads(f.read_text())
+        study["commands"][entry["study_command"]] = True
+        study["wall_s"][f.stem] = entry["wall_s"]
+        study[part] = entry if part == "strategies" else {**study[part], name: entry}
+    study["commands"] = list(study["commands"])
+    return study
 
 
 def _f(x, d=3):
     return "–" if x is None else (f"{x:.{d}g}" if isinstance(x, float) else str(x))
 
 
+def _rel(x, base):
+    return "–" if x is None or not base else f"{x / base - 1:+.1%}"
+
+
 def report(study: dict) -> str:
-    lines = ["# The vLLM twin: first studies", "", f"Command: `{study['command']}`", "", study["note"] + ".", "",
-             "## 1. Admission inside one engine (vLLM's H100 defaults: 1024 sequences, 8192 tokens)", "",
-             "| cell | arm | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) | decode distinct experts | mean waiting "
-             "| admission steps with ≥ 2 waiting | reordered | planned by CAPS | scheduler / simulated time |",
-             "|---" * 11 + "|"]
+    lines = ["# The vLLM twin: studies", "", "Commands: " + "; ".join(f"`{c}`" for c in study["commands"])
+             + f" ({sum(study['wall_s'].values()) / 60:.0f} min of runs here).", "", study["note"] + ".", "",
+             "## 1. Admission at 0.5–1.2× capacity (vLLM's H100 defaults: 1024 sequences, 8192 tokens per engine)", "",
+             "Capacity at SLO (P99 TTFT ≤ 2 s, P99 ITL ≤ 100 ms) of stock vLLM, by bisection. Per load: stock's "
+             "figures, then each CAPS arm's change against stock (ITL P50 / P99, TTFT P99), CAPS's engagement "
+             "(admission steps with ≥ 2 waiting where it chose other than the oldest), and the static bound at the "
+             "cell's mean decode batch (distinct experts per layer, one domain vs mixed).", "",
+             "| cell | capacity (req/s) | load | stock ITL p50 / p99 (ms) | stock TTFT p99 (s) | decode distinct "
+             "| EP rank max/mean | arm | ITL p50 | ITL p99 | TTFT p99 | reordered | static bound |",
+             "|---" * 13 + "|"]
     for name, c in study["admission"].items():
-        for arm, r in c["arms"].items():
-            lines.append(f"| {name} | {arm} | {_f(r['ttft_p99_s'])} | {_f(r['itl_p50_ms'])} | {_f(r['itl_p99_ms'])} | "
-                         f"{_f(r['decode_distinct_experts'])} | {_f(r['mean_waiting'])} | "
-                         f"{r['admission_steps_2plus_waiting']} | {_f(r['share_reordered'])} | {_f(r['share_planned'])} | "
-                         f"{_f(r['scheduler_share_of_simulated'])} |")
-    lines += ["", "## 2. Dispatch across 4 replicas (stock vLLM in each)", "",
-              "| cell | dispatch | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) | decode distinct experts | requests per "
-              "replica | load-guard overrides |", "|---" * 8 + "|"]
+        for load, e in c["loads"].items():
+            s = e["arms"]["stock"]
+            sb = e["static_bound"]
+            bound = f"{sb['ratio'] - 1:+.1%} at {sb['tokens']}" if sb else "–"
+            for arm, r in e["arms"].items():
+                if arm == "stock":
+                    continue
+                lines.append(
+                    f"| {name} | {_f(c['capacity_rps'], 4)} | {load}× | {_f(s['itl_p50_ms'])} / {_f(s['itl_p99_ms'])} | "
+                    f"{_f(s['ttft_p99_s'])} | {_f(s['decode_distinct_experts'])} | {_f(s['ep_rank_max_over_mean'])} | "
+                    f"{arm} | {_rel(r['itl_p50_ms'], s['itl_p50_ms'])} | {_rel(r['itl_p99_ms'], s['itl_p99_ms'])} | "
+                    f"{_rel(r['ttft_p99_s'], s['ttft_p99_s'])} | {_f(r['share_reordered'])} | {bound} |")
+    if study["strategies"]:
+        st = study["strategies"]
+        s = st["arms"]["stock"]
+        lines += ["", f"## 2. Every CAPS strategy: one engine, bursty, 1.2× capacity ({st['rate_rps']:.4g} req/s)", "",
+                  "| arm | ITL p50 (ms) | ITL p99 (ms) | TTFT p99 (s) | decode distinct experts | reordered | "
+                  "scheduler / simulated time |", "|---" * 7 + "|"]
+        for arm, r in st["arms"].items():
+            lines.append(f"| {arm} | {_f(r['itl_p50_ms'])} ({_rel(r['itl_p50_ms'], s['itl_p50_ms'])}) | "
+                         f"{_f(r['itl_p99_ms'])} | {_f(r['ttft_p99_s'])} | {_f(r['decode_distinct_experts'])} | "
+                         f"{_f(r['share_reordered'])} | {_f(r['scheduler_share_of_simulated'])} |")
+    lines += ["", "## 3. Dispatch across 4 replicas (stock vLLM in each)", "",
+              "| cell | capacity (req/s) | load | dispatch | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) | decode distinct "
+              "experts | requests per replica | load-guard overrides | static bound |", "|---" * 11 + "|"]
     for name, c in study["dispatch"].items():
-        for label, r in c.items():
-            lines.append(f"| {name} | {label} | {_f(r['ttft_p99_s'])} | {_f(r['itl_p50_ms'])} | {_f(r['itl_p99_ms'])} | "
-                         f"{_f(r['decode_distinct_experts'])} | {r['per_engine_requests']} | "
-                         f"{r.get('load_guard_overrides', '–')} |")
+        for load, e in c["loads"].items():
+            sb = e["static_bound"]
+            bound = f"{sb['ratio'] - 1:+.1%} at {sb['tokens']}" if sb else "–"
+            base = e["arms"]["least_loaded"]
+            for label, r in e["arms"].items():
+                rel = "" if label == "least_loaded" else f" ({_rel(r['itl_p50_ms'], base['itl_p50_ms'])})"
+                lines.append(f"| {name} | {_f(c['capacity_rps'], 4)} | {load}× | {label} | {_f(r['ttft_p99_s'])} | "
+                             f"{_f(r['itl_p50_ms'])}{rel} | {_f(r['itl_p99_ms'])} | {_f(r['decode_distinct_experts'])} | "
+                             f"{r.get('per_engine_requests', '–')} | {r.get('dispatch_load_guard_overrides', '–')} | {bound} |")
     return "\n".join(lines) + "\n"
 
 

@@ -436,3 +436,46 @@ def test_synthetic_routing_is_fitted_to_the_stated_skew():
     np.testing.assert_allclose(r.prompt_vector("x", 10).reshape(4, 128), r.counts([("x", 0, 10)]))
     with pytest.raises(ValueError, match="domain 'z'"):
         r.bind("q", "z")
+
+
+def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
+    from sim.twin_study import collect, report
+
+    arm = {"itl_p50_ms": 10.0, "itl_p99_ms": 20.0, "ttft_p99_s": 1.0, "decode_distinct_experts": 60.0,
+           "ep_rank_max_over_mean": None, "share_reordered": 0.0, "scheduler_share_of_simulated": 0.3,
+           "per_engine_requests": [10]}
+    bound = {"tokens": 32, "one_domain": 50.0, "mixed": 55.0, "ratio": 50 / 55}
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for part, name, entry, command in (
+            ("admission", "one-engine-bursty", {"capacity_rps": 250.0, "loads": {"1.0": {
+                "arms": {"stock": arm, "step_cost": {**arm, "itl_p50_ms": 9.0}}, "static_bound": bound}}}, "A"),
+            ("admission", "dp8-ep8-bursty", {"capacity_rps": 1200.0, "loads": {"0.5": {
+                "arms": {"stock": arm, "step_cost": arm}, "static_bound": None}}}, "B"),
+            ("dispatch", "4-replicas-poisson", {"capacity_rps": 1000.0, "loads": {"0.3": {
+                "arms": {"least_loaded": arm, "domain_oracle": {**arm, "itl_p50_ms": 9.5}}, "static_bound": bound}}},
+             "A")):
+        (parts / f"{part}--{name}.json").write_text(json.dumps({**entry, "study_command": command, "wall_s": 60.0}))
+    study = collect(tmp_path)
+    assert list(study["admission"]) == ["one-engine-bursty", "dp8-ep8-bursty"] and study["commands"] == ["A", "B"]
+    text = report(study)
+    assert "| one-engine-bursty | 250 | 1.0× | 10 / 20 | 1 | 60 | – | step_cost | -10.0% | +0.0% | +0.0% | 0 | " \
+           "-9.1% at 32 |" in text
+    assert "| 4-replicas-poisson | 1000 | 0.3× | domain_oracle | 1 | 9.5 (-5.0%) |" in text
+    assert "(3 min of runs here)" in text
+
+
+@pytest.mark.vllm
+def test_expert_parallel_engines_tell_caps_their_layout(vllm_twin):
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from caps_vllm.scheduler import CapsScheduler
+    from sim.twin import VectorSpace, with_vectors
+
+    cls = with_vectors(CapsScheduler, VectorSpace(26, 64, 6))
+    d = Deployment(max_num_seqs=8, max_num_batched_tokens=256, num_blocks=100)
+    ep = build(str(MODELS / "deepseek-v2-lite"), cls, d, caps={"strategy": "step_cost"},
+               parallel={"data_parallel_size": 4, "data_parallel_rank": 2, "enable_expert_parallel": True,
+                         "expert_placement_strategy": "round_robin"})
+    assert ep._caps_deployment(ep.vllm_config) == {"experts": 64, "ranks": 4, "placement": "round_robin"}
+    one = build(str(MODELS / "deepseek-v2-lite"), cls, d, caps={"strategy": "step_cost"})
+    assert one._caps_deployment(one.vllm_config)["ranks"] == 1
