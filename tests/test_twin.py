@@ -113,6 +113,15 @@ def _poisson(n: int, rate: float, vocab: int, seed: int = 0):
                         int(rng.integers(1, 40))) for i in range(n)]
 
 
+def _tiny_workload(tiny_model, n: int, seed: int, **deployment):
+    """``n`` Poisson requests at 300/s over the embedded model's vocabulary, and a small deployment."""
+    from sim.twin import Deployment
+
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    return _poisson(n, 300.0, vocab, seed=seed), Deployment(max_num_seqs=8, max_num_batched_tokens=128,
+                                                             num_blocks=300, max_model_len=2048, **deployment)
+
+
 def _step_time(sched, out):
     return 0.002 + 1e-5 * sum(out.num_scheduled_tokens.values())
 
@@ -145,9 +154,7 @@ def test_stock_and_caps_with_fcfs_schedule_identically(vllm_twin, tiny_model):
     Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
     from caps_vllm.scheduler import CapsScheduler
 
-    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
-    reqs = _poisson(200, 300.0, vocab, seed=1)
-    d = Deployment(max_num_seqs=8, max_num_batched_tokens=128, num_blocks=300, max_model_len=2048)
+    reqs, d = _tiny_workload(tiny_model, 200, seed=1)
     runs = [Twin(build(str(tiny_model), cls, d, caps=caps), _step_time).run(reqs)
             for cls, caps in ((Scheduler, None), (CapsScheduler, {"strategy": "fcfs", "min_batch_trigger": 2}))]
     a, b = ([(s.tokens, s.admitted) for s in r.steps] for r in runs)
@@ -162,9 +169,7 @@ def test_async_schedulers_run_in_the_twin(vllm_twin, tiny_model):
 
     from caps_vllm.scheduler import CapsAsyncScheduler, CapsScheduler
 
-    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
-    reqs = _poisson(150, 300.0, vocab, seed=3)
-    d = Deployment(max_num_seqs=8, max_num_batched_tokens=128, num_blocks=300, max_model_len=2048)
+    reqs, d = _tiny_workload(tiny_model, 150, seed=3)
     sync = Twin(build(str(tiny_model), Scheduler, d), _step_time).run(reqs)
     for cls, caps in ((AsyncScheduler, None), (CapsScheduler, {"strategy": "fcfs"})):
         sched = build(str(tiny_model), cls, d, caps=caps, async_scheduling=True)
@@ -181,10 +186,7 @@ def test_the_step_log_records_every_step_and_request(vllm_twin, tiny_model, tmp_
     from caps_vllm.scheduler import CapsScheduler
     from caps_vllm.step_log import read
 
-    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
-    reqs = _poisson(60, 300.0, vocab, seed=2)
-    d = Deployment(max_num_seqs=8, max_num_batched_tokens=128, num_blocks=300, max_model_len=2048,
-                   enable_prefix_caching=False)
+    reqs, d = _tiny_workload(tiny_model, 60, seed=2, enable_prefix_caching=False)
     sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "fcfs", "step_log": str(tmp_path / "s.jsonl")})
     res = Twin(sched, _step_time).run(reqs)
     sched.caps_step_log.close()
