@@ -8,6 +8,9 @@
    routing with unbounded lookahead (window 4096, no trigger, no max-wait bypass). Each cell also
    carries the **static bound** of its decode batches: distinct experts of a one-domain batch of
    the cell's mean running size against a mixed one (what perfect grouping could save).
+   *Many experts*: the same for Qwen3-30B-A3B (128 experts, top-8) on an H200 roofline, one engine
+   and DP4/EP4, with synthetic routing fitted to 0.87x uniform's distinct experts at 32 tokens
+   (an ASSUMPTION from LLMServingSim's figure; no static bound: no recorded sequences).
 2. *Every CAPS strategy*, one engine, bursty, at 1.2x capacity.
 3. *Dispatch across 4 replicas* (stock vLLM in each) at 0.3, 0.6 and 1.0x the least-loaded
    capacity: vLLM's least-loaded rule (100 ms snapshots), round-robin, and an oracle
@@ -37,7 +40,7 @@ HEADROOM = ["--strategies", "step_cost", "--caps-config",
             json.dumps({"window_size": 4096, "min_batch_trigger": 1, "max_wait_ms": None})]
 DISPATCH_LOADS = (0.3, 0.6, 1.0)
 DISPATCH_ARMS = [("least_loaded", 8), ("round_robin", 8), ("domain_oracle", 8), ("domain_oracle", 10**9)]
-PARTS = ("admission", "strategies", "dispatch")
+PARTS = ("admission", "many_experts", "strategies", "dispatch")
 HEADROOM_LOADS = (1.0, 1.2)  # the oracle-headroom arm where queues form
 
 
@@ -95,39 +98,49 @@ def main(argv: list[str] | None = None) -> int:
     def n(rate: float, seconds: float) -> str:
         return str(max(500, int(rate * seconds)))
 
-    def capacity(extra: list[str], pattern: str, name: str, start: float) -> float:
+    def capacity(extra: list[str], pattern: str, name: str, start: float, model: list[str] = base) -> float:
         """Stock vLLM's capacity at SLO; a capacity cell already in --out is read, not rerun
         (stock's schedule depends on nothing the CAPS arms change)."""
         known = out / "cells" / f"capacity-{name}" / "results.json"
         if known.exists():
             return json.loads(known.read_text())["results"]["stock"]["capacity_rps"]
-        doc = cell([*base, *extra, "--pattern", pattern, "--rate", str(start), "--requests", "500", "--capacity",
+        doc = cell([*model, *extra, "--pattern", pattern, "--rate", str(start), "--requests", "500", "--capacity",
                     "--capacity-seconds", str(args.capacity_seconds), "--strategies", "stock"],
                    out / "cells" / f"capacity-{name}")
         return doc["results"]["stock"]["capacity_rps"]
 
-    for dep in args.deployments if "admission" in args.parts else ():
-        extra = DEPLOYMENTS[dep]
-        for pattern in ("bursty", "poisson"):
-            name = f"{dep}-{pattern}"
-            cap = capacity(extra, pattern, name, 250.0 * int(extra[1]) if extra else 250.0)
-            entry = {"capacity_rps": cap, "loads": {}}
-            for load in LOADS:
-                rate = load * cap
-                run = [*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests", n(rate, args.seconds)]
-                doc = cell([*run, "--strategies", *ARMS], out / "cells" / f"admission-{name}-{load}")
-                arms = {a: brief(r) for a, r in doc["results"].items()}
-                running = arms["stock"]["mean_running"]
-                e = entry["loads"][str(load)] = {"rate_rps": rate, "command": doc["command"],
-                                                 "static_bound": replay.static_bound(running) if running >= 1 else None,
-                                                 "arms": arms}
-                if load in HEADROOM_LOADS:
-                    head = cell([*run, *HEADROOM], out / "cells" / f"headroom-{name}-{load}")
-                    arms["step_cost_oracle_headroom"] = brief(head["results"]["step_cost"])
-                    e["headroom_command"] = head["command"]
-                print(f"[study {time.perf_counter() - t0:.0f} s] {name} at {load}x capacity done", file=sys.stderr,
-                      flush=True)
-            save("admission", name, entry)
+    def admission(part: str, model: list[str], prefix: str, deployments: list[str], bound) -> None:
+        """Stock capacity, then every load of LOADS, per deployment and traffic (see the module)."""
+        for dep in deployments:
+            extra = DEPLOYMENTS[dep]
+            for pattern in ("bursty", "poisson"):
+                name = f"{prefix}{dep}-{pattern}"
+                cap = capacity(extra, pattern, name, 250.0 * int(extra[1]) if extra else 250.0, model)
+                entry = {"capacity_rps": cap, "loads": {}}
+                for load in LOADS:
+                    rate = load * cap
+                    run = [*model, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests",
+                           n(rate, args.seconds)]
+                    doc = cell([*run, "--strategies", *ARMS], out / "cells" / f"admission-{name}-{load}")
+                    arms = {a: brief(r) for a, r in doc["results"].items()}
+                    running = arms["stock"]["mean_running"]
+                    e = entry["loads"][str(load)] = {"rate_rps": rate, "command": doc["command"],
+                                                     "static_bound": bound(running) if running >= 1 else None,
+                                                     "arms": arms}
+                    if load in HEADROOM_LOADS:
+                        head = cell([*run, *HEADROOM], out / "cells" / f"headroom-{name}-{load}")
+                        arms["step_cost_oracle_headroom"] = brief(head["results"]["step_cost"])
+                        e["headroom_command"] = head["command"]
+                    print(f"[study {time.perf_counter() - t0:.0f} s] {name} at {load}x capacity done", file=sys.stderr,
+                          flush=True)
+                save(part, name, entry)
+
+    if "admission" in args.parts:
+        admission("admission", base, "", args.deployments, replay.static_bound)
+    if "many_experts" in args.parts:
+        many = ["--model", "qwen3-30b-a3b", "--hardware", "h200", "--routing", "synthetic", "--output-tokens", "128"]
+        admission("many_experts", many, "qwen3-30b-a3b-", [d for d in args.deployments if d != "dp8-ep8"],
+                  lambda running: None)
     if "strategies" in args.parts:
         rate = 1.2 * capacity([], "bursty", "one-engine-bursty", 250.0)
         from caps_vllm.strategies import STRATEGIES
@@ -173,7 +186,7 @@ def collect(out: Path) -> dict:
     study = {"note": "step times: roofline model of DeepSeek-V2-Lite on an H100 (public peak figures, assumed "
                      "efficiencies), not measurements; ESFT routing replayed per token; CAPS given the prompts' true "
                      "routing; one seed per cell", "commands": {}, "wall_s": {},
-             "admission": {}, "strategies": {}, "dispatch": {}}
+             "admission": {}, "many_experts": {}, "strategies": {}, "dispatch": {}}
     order = {p: i for i, p in enumerate(PARTS)}
 
     def key(f: Path) -> tuple:
@@ -210,7 +223,7 @@ def report(study: dict) -> str:
              "| cell | capacity (req/s) | load | stock ITL p50 / p99 (ms) | stock TTFT p99 (s) | decode distinct "
              "| EP rank max/mean | arm | ITL p50 | ITL p99 | TTFT p99 | reordered | static bound |",
              "|---" * 13 + "|"]
-    for name, c in study["admission"].items():
+    for name, c in [*study["admission"].items(), *study.get("many_experts", {}).items()]:
         for load, e in c["loads"].items():
             s = e["arms"]["stock"]
             sb = e["static_bound"]
