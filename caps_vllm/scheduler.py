@@ -103,6 +103,12 @@ class _CapsMixin:
         if self.caps_step_log is not None:
             self.caps_step_log.added(request)
 
+    def finish_requests(self, request_ids, finished_status):
+        aborted = super().finish_requests(request_ids, finished_status)
+        if self.caps_step_log is not None:
+            self.caps_step_log.dropped(r.request_id for r in aborted)
+        return aborted
+
     def _caps_load_predictor(self, vllm_config) -> ExpertPredictor | None:
         mc = vllm_config.model_config
         try:

@@ -8,7 +8,7 @@ requests attend over) and whether work was left (``busy``: the engine loop goes 
 the next step, so the next ``t`` minus this one is the whole step period: model, sampling,
 scheduling, output handling). A request line says when it was added to the scheduler, how long
 after vLLM stamped its arrival (the front end's share of its TTFT), its prompt length, and when
-its first and last tokens came out of a step. Where the workers capture routing, a step line
+its first and last tokens came out of a step (an aborted request leaves none). Where the workers capture routing, a step line
 also says how many (MoE layer, expert) pairs it ran (``experts``). No vLLM import: it reads the objects it is given.
 """
 
@@ -38,6 +38,12 @@ class StepLog:
             "req": request.request_id, "added": self.clock(),
             "front_s": max(0.0, self.wall() - request.arrival_time), "prompt": request.num_prompt_tokens,
             "first": None, "done": None}
+
+    def dropped(self, request_ids) -> None:
+        """Requests finished from outside (aborted: a client went away) leave no line, and no
+        entry behind: the log's memory stays bounded by the requests in flight."""
+        for rid in request_ids:
+            self._reqs.pop(rid, None)
 
     def begin(self) -> None:
         self._t0 = self.clock()

@@ -189,6 +189,15 @@ def test_the_step_log_records_every_step_and_request(vllm_twin, tiny_model, tmp_
     reqs, d = _tiny_workload(tiny_model, 60, seed=2, enable_prefix_caching=False)
     sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "fcfs", "step_log": str(tmp_path / "s.jsonl")})
     res = Twin(sched, _step_time).run(reqs)
+    # An aborted request (its client went away) leaves no line and no entry behind.
+    from vllm.v1.request import RequestStatus
+
+    from sim.twin import make_request
+
+    sched.add_request(make_request("gone", [1, 2, 3], 0.0))
+    assert "gone" in sched.caps_step_log._reqs
+    assert [r.request_id for r in sched.finish_requests("gone", RequestStatus.FINISHED_ABORTED)] == ["gone"]
+    assert "gone" not in sched.caps_step_log._reqs
     sched.caps_step_log.close()
     steps, lines = read(tmp_path / "s.jsonl")
     assert [s["tokens"] for s in steps] == [s.tokens for s in res.steps]
