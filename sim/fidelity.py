@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from caps_vllm.step_log import read
 from sim.captured_routing import CapturedRouting
 from sim.metrics import quantiles
-from sim.step_profile import MeasuredStep
+from sim.step_profile import FEATURES, MeasuredStep
 from sim.step_time import VllmStepTime
 
 #: (figure, goal as a relative error)
@@ -56,27 +57,22 @@ def figures(ttft: list[float], e2e: list[float], ends: list[float], steps: int) 
             "ttft_p50": t["p50"], "ttft_p90": t["p90"], "e2e_p50": e["p50"], "e2e_p90": e["p90"]}
 
 
-def live_figures(run_dir: Path) -> dict:
-    """A live run's figures from its Locust samples and its engine step log."""
-    from caps_vllm.step_log import read
+def live_figures(run_dir: Path, steps: list[dict]) -> dict:
+    """A live run's figures from its Locust samples and its engine step log's step lines."""
     from loadtest.records import read_samples
 
     ok = [s for s in read_samples(run_dir / "samples.jsonl") if s.get("error") is None]
-    steps, _ = read(run_dir / "steps.jsonl")
     return figures([s["ttft_s"] for s in ok], [s["e2e_s"] for s in ok],
                    [s["t"] + s["held_s"] + s["lag_s"] + s["e2e_s"] for s in ok], len(steps))
 
 
-def own_steps(run_dir: Path, profile: MeasuredStep) -> float:
+def own_steps(steps: list[dict], profile: MeasuredStep) -> float:
     """The profile's price of a live run's own steps (their logged composition and routed experts)
     over their measured periods: how fast the machine ran in that run, against the profile."""
-    from caps_vllm.step_log import read
     from sim.step_profile import periods
 
-    x, y = periods(read(run_dir / "steps.jsonl")[0])
-    coef = np.array([profile.fixed_s, profile.token_s, profile.prefill_request_s, profile.decode_request_s,
-                     profile.context_s, profile.expert_s])
-    return float((x @ coef).sum() / y.sum())
+    x, y = periods(steps)
+    return float((x @ profile.coefficients()).sum() / y.sum())
 
 
 def kv_tokens(serve_log: Path) -> int | None:
@@ -159,8 +155,9 @@ def compare_workload(folder: Path, profile: MeasuredStep, tokenize_for, routing_
             kv = kv_tokens(d / "serve.log")
             if kv is None:
                 raise ValueError(f"{d / 'serve.log'}: no 'KV cache size' line")
-            live[r["repeat"]] = live_figures(d)
-            speed.setdefault(arm, []).append(own_steps(d, profile))
+            steps, _ = read(d / "steps.jsonl")
+            live[r["repeat"]] = live_figures(d, steps)
+            speed.setdefault(arm, []).append(own_steps(steps, profile))
             t0 = time.perf_counter()
             twin[r["repeat"]] = twin_run(args, r["seed"], arm.removesuffix("-aa"), profile,
                                          tokenize_for(args["model"]), kv, routing_for)
@@ -241,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     cells = [compare_workload(Path(f), profile, tokenize_for, routing_for) for f in args.live]
     figs = [f for c in cells for a in c["arms"].values() for f in a.values()]
     errs = [abs(f["error"]["mean"]) for f in figs if f["error"]["mean"] is not None]
-    coef = {k: getattr(profile, k) for k in ("fixed_s", "token_s", "prefill_request_s", "decode_request_s",
-                                             "context_s", "expert_s", "front_s", "output_s")}
+    coef = {f"{k}_s": float(v) for k, v in zip(FEATURES, profile.coefficients())}
+    coef.update(front_s=profile.front_s, output_s=profile.output_s)
     doc = {"command": "python -m sim.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
            "profile": args.profile, "profile_source": profile.source, "profile_coefficients": coef,
            "profile_fit": profile.fit, "cells": cells,

@@ -61,6 +61,11 @@ class MeasuredStep:
         moe = StepCostModel(fixed_ms=0.0, weight_ms=self.expert_s * 1e3, token_ms=0.0, form="linear")
         object.__setattr__(self, "_moe", moe)
 
+    def coefficients(self) -> np.ndarray:
+        """The step coefficients in the order of FEATURES (what ``periods`` rows multiply)."""
+        return np.array([self.fixed_s, self.token_s, self.prefill_request_s, self.decode_request_s, self.context_s,
+                         self.expert_s])
+
     def seconds(self, b: StepBatch) -> float:
         moe_ms = float(self._moe.layer_ms(b.moe_counts, expected=b.expected).sum()) if b.moe_counts.size else 0.0
         return (self.fixed_s + self.token_s * b.tokens + self.prefill_request_s * b.prefill_requests
