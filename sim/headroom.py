@@ -34,25 +34,9 @@ BATCHES = (8, 16, 32, 64, 128)
 TOP_K = {"olmoe": 8, "mistral": 2}
 
 
-def _tokens(replay: EsftReplay, domains: list[str], rng: np.random.Generator) -> np.ndarray:
-    """[len(domains), layers, k] routing rows: one random recorded token of each listed domain."""
-    rows = []
-    for d in domains:
-        seq = replay.seqs[d][int(rng.integers(len(replay.seqs[d])))]
-        rows.append(seq[int(rng.integers(len(seq)))])
-    return np.stack(rows)
-
-
-def _counts(replay: EsftReplay, rows: np.ndarray) -> np.ndarray:
-    flat = (rows + replay._layer_base[0]).ravel()
-    return np.bincount(flat, minlength=replay.layers * replay.experts).reshape(replay.layers, replay.experts)
-
-
 def greedy(replay: EsftReplay, window: np.ndarray, batch: int) -> np.ndarray:
     """``batch`` of the ``window`` tokens, each step the one adding the fewest new pairs."""
-    onehot = np.zeros((len(window), replay.layers * replay.experts), dtype=bool)
-    for i, r in enumerate(window):
-        onehot[i, (r + replay._layer_base[0]).ravel()] = True
+    onehot = np.stack([replay.row_counts(r[None]).ravel() > 0 for r in window])
     covered = np.zeros(onehot.shape[1], dtype=bool)
     free = np.ones(len(window), dtype=bool)
     picked = []
@@ -74,11 +58,11 @@ def grouping(replay: EsftReplay, draws: int, seed: int) -> list[dict]:
         one, mixed, best = [], [], []
         for _ in range(draws):
             d = doms[int(rng.integers(len(doms)))]
-            one.append((_counts(replay, _tokens(replay, [d] * b, rng)) > 0).sum(axis=1).mean())
+            one.append((replay.row_counts(replay.sample([d] * b, rng)) > 0).sum(axis=1).mean())
             mix = [doms[int(i)] for i in rng.integers(len(doms), size=4 * b)]
-            window = _tokens(replay, mix, rng)
-            mixed.append((_counts(replay, window[:b]) > 0).sum(axis=1).mean())
-            best.append((_counts(replay, greedy(replay, window, b)) > 0).sum(axis=1).mean())
+            window = replay.sample(mix, rng)
+            mixed.append((replay.row_counts(window[:b]) > 0).sum(axis=1).mean())
+            best.append((replay.row_counts(greedy(replay, window, b)) > 0).sum(axis=1).mean())
         out.append({"tokens": b, "one_domain": float(np.mean(one)), "mixed": float(np.mean(mixed)),
                     "greedy_window_4x": float(np.mean(best))})
     return out
@@ -98,7 +82,7 @@ def balance(replay: EsftReplay, draws: int, seed: int) -> list[dict]:
                     for _ in range(draws):
                         ds = [doms[int(rng.integers(len(doms)))]] * b if kind == "one_domain" else \
                             [doms[int(i)] for i in rng.integers(len(doms), size=b)]
-                        loads = rank_sums(_counts(replay, _tokens(replay, ds, rng)).astype(np.float64), place)
+                        loads = rank_sums(replay.row_counts(replay.sample(ds, rng)).astype(np.float64), place)
                         vals.append(float((loads.max(axis=1) / loads.mean(axis=1)).mean()))
                     figs[kind] = float(np.mean(vals))
                 out.append({"ranks": ranks, "placement": placement, "tokens": b, **figs})

@@ -54,11 +54,24 @@ class EsftReplay:
 
     def counts(self, spans: list[tuple[str, int, int]]) -> np.ndarray:
         """Per-layer expert counts [layers, experts] of a step's (request, start, n) spans."""
-        idx = [(self.rows(rid, s, n) + self._layer_base).ravel() for rid, s, n in spans if n > 0]
-        if not idx:
+        rows = [self.rows(rid, s, n) for rid, s, n in spans if n > 0]
+        if not rows:
             return np.zeros((self.layers, self.experts))
-        flat = np.bincount(np.concatenate(idx), minlength=self.layers * self.experts)
-        return flat.reshape(self.layers, self.experts).astype(np.float64)
+        return self.row_counts(np.concatenate(rows)).astype(np.float64)
+
+    def row_counts(self, rows: np.ndarray) -> np.ndarray:
+        """[layers, experts] counts of [tokens, layers, top_k] routing rows."""
+        flat = np.bincount((rows + self._layer_base).ravel(), minlength=self.layers * self.experts)
+        return flat.reshape(self.layers, self.experts)
+
+    def sample(self, domains: list[str], rng: np.random.Generator) -> np.ndarray:
+        """[len(domains), layers, top_k]: one recorded token of each listed domain, a random
+        position of a random sequence."""
+        rows = []
+        for d in domains:
+            seq = self.seqs[d][int(rng.integers(len(self.seqs[d])))]
+            rows.append(seq[int(rng.integers(len(seq)))])
+        return np.stack(rows)
 
     def static_bound(self, tokens: int, draws: int = 200, seed: int = 0) -> dict:
         """The dispatch bound: distinct experts per layer of a decode batch of ``tokens`` recorded
@@ -70,12 +83,7 @@ class EsftReplay:
         def distinct(domain_of) -> float:
             total = 0.0
             for _ in range(draws):
-                rows = []
-                for d in domain_of():
-                    seq = self.seqs[d][int(rng.integers(len(self.seqs[d])))]
-                    rows.append(seq[int(rng.integers(len(seq)))])
-                c = np.bincount((np.stack(rows) + self._layer_base[0]).ravel(), minlength=self.layers * self.experts)
-                total += (c.reshape(self.layers, self.experts) > 0).sum(axis=1).mean()
+                total += (self.row_counts(self.sample(domain_of(), rng)) > 0).sum(axis=1).mean()
             return total / draws
 
         doms = self.domains
@@ -98,8 +106,7 @@ class EsftReplay:
             m = int(redraw.sum())
             if m:  # k distinct experts, uniformly: the first k of a random permutation
                 rows[redraw] = np.argsort(rng.random((m, self.experts)), axis=1)[:, : self.top_k]
-        flat = np.bincount((rows + self._layer_base).ravel(), minlength=self.layers * self.experts)
-        return flat.astype(np.float64)
+        return self.row_counts(rows).ravel().astype(np.float64)
 
 
 class SkewedRouting:
