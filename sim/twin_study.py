@@ -44,9 +44,17 @@ PARTS = ("admission", "many_experts", "strategies", "dispatch")
 HEADROOM_LOADS = (1.0, 1.2)  # the oracle-headroom arm where queues form
 
 
-def cell(argv: list[str], out: Path) -> dict:
-    twin_run.main([*argv, "--no-progress", "--out", str(out)])
-    return json.loads((out / "results.json").read_text())
+def cell(argv: list[str], out: Path, reuse: bool = False) -> dict:
+    """One ``twin_run`` invocation's results; ``reuse``: a results.json already in ``out`` that
+    the very same command wrote is read instead of rerun."""
+    argv = [*argv, "--no-progress", "--out", str(out)]
+    done = out / "results.json"
+    if reuse and done.exists():
+        doc = json.loads(done.read_text())
+        if doc.get("command") == "python -m sim.twin_run " + " ".join(argv):
+            return doc
+    twin_run.main(argv)
+    return json.loads(done.read_text())
 
 
 def brief(r: dict) -> dict:
@@ -99,14 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         return str(max(500, int(rate * seconds)))
 
     def capacity(extra: list[str], pattern: str, name: str, start: float, model: list[str] = base) -> float:
-        """Stock vLLM's capacity at SLO; a capacity cell already in --out is read, not rerun
-        (stock's schedule depends on nothing the CAPS arms change)."""
-        known = out / "cells" / f"capacity-{name}" / "results.json"
-        if known.exists():
-            return json.loads(known.read_text())["results"]["stock"]["capacity_rps"]
+        """Stock vLLM's capacity at SLO; a capacity cell in --out written by the same command is
+        read, not rerun (stock's schedule depends on nothing the CAPS arms change)."""
         doc = cell([*model, *extra, "--pattern", pattern, "--rate", str(start), "--requests", "500", "--capacity",
                     "--capacity-seconds", str(args.capacity_seconds), "--strategies", "stock"],
-                   out / "cells" / f"capacity-{name}")
+                   out / "cells" / f"capacity-{name}", reuse=True)
         return doc["results"]["stock"]["capacity_rps"]
 
     def admission(part: str, model: list[str], prefix: str, deployments: list[str], bound) -> None:
