@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from caps_vllm.routing import counts_from_rows
+
 
 class CapturedRouting:
     """``counts(spans)`` of the twin's step model: exact per-expert counts (not expected)."""
@@ -54,16 +56,10 @@ class CapturedRouting:
             rows = self._prompt[rid]
             routed = rows[start : start + n]
             if len(routed):
-                _add(total, routed)
+                total += counts_from_rows(routed, self.experts)
             for pos in range(start + len(routed), start + n):  # decode tokens: uniform draws
                 rng = np.random.default_rng([self.seed, zlib.crc32(rid.encode()), pos])
-                _add(total, np.argpartition(rng.random((self.layers, self.experts)), self.top_k, axis=1)
-                     [None, :, : self.top_k])
+                draw = np.argpartition(rng.random((self.layers, self.experts)), self.top_k, axis=1)[:, : self.top_k]
+                total += counts_from_rows(draw[None], self.experts)
         return total
 
-
-def _add(total: np.ndarray, rows: np.ndarray) -> None:
-    """Add [tokens, layers, k] expert ids to [layers, experts] counts."""
-    layers, experts = total.shape
-    flat = (np.arange(layers)[None, :, None] * experts + rows).ravel()
-    total += np.bincount(flat, minlength=layers * experts).reshape(layers, experts)

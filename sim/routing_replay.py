@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from caps_vllm.routing import counts_from_rows
+
 
 class EsftReplay:
     expected = False  # counts are realised token counts, not expectations
@@ -38,7 +40,6 @@ class EsftReplay:
         self.experts = int(max(int(s.max()) for d in self.domains for s in self.seqs[d])) + 1
         self.rng = np.random.default_rng(seed)
         self.bound: dict[str, np.ndarray] = {}  # request id -> its recorded sequence
-        self._layer_base = (np.arange(self.layers) * self.experts)[None, :, None]
 
     def bind(self, rid: str, domain: str) -> None:
         """Give request ``rid`` one recorded sequence of ``domain`` (seeded choice)."""
@@ -61,8 +62,7 @@ class EsftReplay:
 
     def row_counts(self, rows: np.ndarray) -> np.ndarray:
         """[layers, experts] counts of [tokens, layers, top_k] routing rows."""
-        flat = np.bincount((rows + self._layer_base).ravel(), minlength=self.layers * self.experts)
-        return flat.reshape(self.layers, self.experts)
+        return counts_from_rows(rows, self.experts)
 
     def sample(self, domains: list[str], rng: np.random.Generator) -> np.ndarray:
         """[len(domains), layers, top_k]: one recorded token of each listed domain, a random

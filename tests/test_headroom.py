@@ -28,7 +28,6 @@ def test_greedy_picks_the_tokens_that_add_fewest_experts(tmp_path):
     np.savez(tmp_path / "r.npz", **arrays)
     rep = EsftReplay(tmp_path / "r.npz")
     rep.experts = 8
-    rep._layer_base = (np.arange(rep.layers) * rep.experts)[None, :, None]
     window = np.array([[[0, 1], [0, 1]], [[4, 5], [6, 7]], [[0, 1], [0, 2]], [[0, 1], [0, 1]]])
     picked = greedy(rep, window, 3)
     # after the first (0,1 / 0,1), its twin adds nothing, then the one adding one new pair
