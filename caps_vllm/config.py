@@ -36,6 +36,18 @@ class CapsConfig:
     capture: bool = True
     #: export CAPS's Prometheus metrics (see README, "Metrics")
     metrics: bool = True
+    #: learn the token -> expert table online from the captured routing, with the router dry
+    #: run as the prior (caps_vllm.learned_table); the state is kept next to the router table
+    learn: bool = True
+    #: prompt tokens per step whose routed expert ids the workers send back for learning
+    learn_rows_per_step: int = 256
+    #: token ids the learning table tracks (memory: this x MoE layers x experts x 4 bytes)
+    learn_max_tokens: int = 8192
+    #: learned routing halves its weight after this many more learned tokens
+    learn_half_life_tokens: float = 2e6
+    #: per-request counts of decode tokens too, for the prompt -> decode accuracy metrics
+    #: (one [layers, experts] matrix per running request per step; off by default)
+    capture_decode: bool = False
     #: where the router token tables are cached (default ~/.cache/caps_vllm or $CAPS_VLLM_CACHE)
     cache_dir: str | None = None
     #: append one JSON line per engine step and per finished request here (caps_vllm.step_log:
@@ -75,7 +87,13 @@ class CapsConfig:
             raise ValueError(f"caps.max_wait_ms: {self.max_wait_ms!r} is out of range; valid: a number in (0, 3600000] or null")
         if self.vectors not in ("per_token", "counts"):
             raise ValueError(f"caps.vectors: {self.vectors!r}; valid: 'per_token' or 'counts'")
-        for name in ("predictor", "capture", "metrics"):
+        _int_in("learn_rows_per_step", self.learn_rows_per_step, 1, 1_000_000)
+        _int_in("learn_max_tokens", self.learn_max_tokens, 8, 100_000_000)
+        if isinstance(self.learn_half_life_tokens, bool) or not isinstance(self.learn_half_life_tokens, (int, float)) \
+                or not 1 <= self.learn_half_life_tokens <= 1e15:
+            raise ValueError(f"caps.learn_half_life_tokens: {self.learn_half_life_tokens!r} is out of range; "
+                             "valid: a number in [1, 1e15]")
+        for name in ("predictor", "capture", "metrics", "learn", "capture_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"caps.{name}: {getattr(self, name)!r}; valid: true or false")
         for name in ("cache_dir", "step_log"):

@@ -3,9 +3,10 @@
 They appear on ``vllm serve``'s own ``/metrics`` through prometheus_client's multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR``, which :mod:`caps_vllm.plugin` sets up for ``vllm serve``).
 Names follow vLLM's (``vllm:`` prefix, ``_seconds``/``_total`` suffixes, ``model_name`` and
-``engine`` labels); the only other label is ``layer``, bounded by the model's MoE layers, so
-the number of series never grows with requests. Only histograms and counters are used: they
-aggregate correctly across processes in multiprocess mode without a gauge mode to choose.
+``engine`` labels); the only other labels are ``layer``, bounded by the model's MoE layers, and
+``table`` (``learned`` or ``dry_run``), so the number of series never grows with requests. Only
+histograms and counters are used: they aggregate correctly across processes in multiprocess
+mode without a gauge mode to choose.
 """
 
 from __future__ import annotations
@@ -46,6 +47,17 @@ SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
                                    "histogram of its prompt tokens", _FRACTION, ()),
     "vllm:caps_predictor_topk_overlap": ("histogram", "Per request: share of the actual top-k experts of its prompt "
                                          "that the predictor also ranked top-k (mean over layers)", _FRACTION, ()),
+    "vllm:caps_predictor_decode_cosine": ("histogram", "Per finished request (caps.capture_decode): cosine of its "
+                                          "prompt's predicted expert histogram and the actual one of its decode "
+                                          "tokens", _FRACTION, ()),
+    "vllm:caps_predictor_decode_topk_overlap": ("histogram", "Per finished request (caps.capture_decode): share of "
+                                                "the actual top-k experts of its decode tokens that the prompt's "
+                                                "prediction ranked top-k (mean over layers)", _FRACTION, ()),
+    "vllm:caps_learning_routed_picks": ("counter", "Routed (prompt token, layer) top-k choices the learning table "
+                                        "was scored on before it learned them", None, ()),
+    "vllm:caps_learning_hits": ("counter", "Of those choices, how many the table predicted (table=learned: the "
+                                "learning table, table=dry_run: the router dry run alone); top-k recall is "
+                                "hits / routed picks", None, ("table",)),
     "vllm:caps_selection_seconds": ("histogram", "Per ranked step: time CAPS took to order the waiting queue",
                                     _SECONDS, ()),
     "vllm:caps_steps": ("counter", "Scheduler steps that scheduled tokens", None, ()),
@@ -100,6 +112,11 @@ class CapsMetrics:
     def inc(self, name: str, amount: float = 1) -> None:
         if amount:
             self._m[name].inc(amount)
+
+    def inc_labeled(self, name: str, value: str, amount: float = 1) -> None:
+        """A counter with one extra label (few values, e.g. table="learned"/"dry_run")."""
+        if amount:
+            _family(name).labels(self.model_name, self.engine, value).inc(amount)
 
     def observe(self, name: str, value: float) -> None:
         self._m[name].observe(value)

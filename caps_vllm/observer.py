@@ -32,6 +32,7 @@ class RoutingObserver:
         self._prompts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (first routed position, counts)
         self._units: dict[str, np.ndarray | None] = {}  # scheduled last step -> per-token prediction
         self._sum = np.zeros(layers * num_experts)
+        self._decodes: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}  # req -> (prediction, decode counts)
         self._warned: set[str] = set()
 
     def _warn_once(self, key: str, msg: str, *args) -> None:
@@ -105,7 +106,7 @@ class RoutingObserver:
         shape = load_shape(record.layer_counts)
         if shape is not None:
             m.observe_load("actual", shape)
-        if self.predict is None or not record.prompt_counts and not self._prompts:
+        if self.predict is None or not (record.prompt_counts or self._prompts or record.decode_counts or self._decodes):
             return
         if record.layer_counts.shape != self.shape:
             self._warn_once("shape", "CAPS: routing has shape %s, the predictor %s; predictor accuracy is not "
@@ -122,16 +123,43 @@ class RoutingObserver:
             ids, done = info
             if done:
                 start, acc = self._prompts.pop(rid)
-                self._score(ids[start:], acc)
+                self._score(ids[start:], acc, "vllm:caps_predictor")
+        self._on_decode(record, prompt_of)
 
-    def _score(self, ids: Sequence[int], actual: np.ndarray) -> None:
+    def _on_decode(self, record: RoutingRecord, prompt_of) -> None:
+        """Accumulate each request's decode counts (scored by ``on_finished``)."""
+        for rid, counts in record.decode_counts.items():
+            if rid in self._decodes:
+                pred, acc = self._decodes[rid]
+                self._decodes[rid] = (pred, acc + counts)
+                continue
+            info = prompt_of(rid)
+            pred = None if info is None else self.predict(info[0])
+            self._decodes[rid] = (None if pred is None else pred.reshape(self.shape), counts.copy())
+
+    def on_finished(self, request_ids, score: bool = True) -> None:
+        """Requests that finished (``score``) or were aborted: their decode tokens against their prompt's prediction."""
+        for rid in request_ids:
+            pred, acc = self._decodes.pop(rid, (None, None))
+            if score and pred is not None:
+                self._observe_accuracy(pred, acc, "vllm:caps_predictor_decode")
+
+    def _score(self, ids: Sequence[int], actual: np.ndarray, prefix: str) -> None:
         predicted = self.predict(ids)
-        if predicted is None:
-            return
-        predicted = predicted.reshape(self.shape)
+        if predicted is not None:
+            self._observe_accuracy(predicted.reshape(self.shape), actual, prefix)
+
+    def _observe_accuracy(self, predicted: np.ndarray, actual: np.ndarray, prefix: str) -> None:
         cos = cosine(predicted, actual)
         overlap = topk_overlap(predicted, actual, self.top_k)
         if cos is not None:
-            self.metrics.observe("vllm:caps_predictor_cosine", cos)
+            self.metrics.observe(f"{prefix}_cosine", cos)
         if overlap is not None:
-            self.metrics.observe("vllm:caps_predictor_topk_overlap", overlap)
+            self.metrics.observe(f"{prefix}_topk_overlap", overlap)
+
+    def on_learning(self, recall) -> None:
+        """One step's prequential recall counts of the learning table and of the dry run."""
+        m = self.metrics
+        m.inc("vllm:caps_learning_routed_picks", recall.picks)
+        m.inc_labeled("vllm:caps_learning_hits", "learned", recall.learned_hits)
+        m.inc_labeled("vllm:caps_learning_hits", "dry_run", recall.prior_hits)

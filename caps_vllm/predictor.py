@@ -195,12 +195,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("CAPS_VLLM_CACHE", Path.home() / ".cache" / "caps_vllm"))
 
 
+def table_path(model_dir: Path, key: str, cache_dir: Path | None = None, kind: str = "router_table") -> Path:
+    """Where the cache keeps a model's ``kind`` of table (``router_table`` .npy, ``router_learned`` .npz)."""
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    ext = ".npy" if kind == "router_table" else ".npz"
+    return cache_dir / f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model_dir.name)}-{key}{ext}"
+
+
 def load_or_build_table(model_dir: Path, spec: RouterSpec, revision: str | None = None,
                         cache_dir: Path | None = None) -> np.ndarray:
     """The token table from the disk cache, or built and cached (atomically) on first use."""
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = fingerprint(model_dir, revision)
-    path = cache_dir / f"router_table-{re.sub(r'[^A-Za-z0-9_.-]', '_', model_dir.name)}-{key}.npy"
+    path = table_path(model_dir, fingerprint(model_dir, revision), cache_dir)
+    cache_dir = path.parent
     if path.exists():
         try:
             table = np.load(path, allow_pickle=False)
@@ -225,11 +231,17 @@ class ExpertPredictor:
     ``vector(ids)`` returns the per-layer expert counts over the prompt, flattened to
     ``moe_layers * num_experts``, or None when no prompt token is in the table (empty
     prompt, only added tokens): the caller then falls back to FCFS for that request.
-    Token ids outside the table are skipped and counted in ``unknown_tokens``.
+    Token ids outside the table are skipped and counted in ``unknown_tokens``. The learning
+    table (:mod:`caps_vllm.learner`) replaces a token's experts with ``refresh`` as it learns.
     """
 
-    def __init__(self, table: np.ndarray, num_experts: int, moe_layers: tuple[int, ...] | None = None) -> None:
+    def __init__(self, table: np.ndarray, num_experts: int, moe_layers: tuple[int, ...] | None = None,
+                 fingerprint: str = "", learned_path: Path | None = None) -> None:
         vocab, layers, top_k = table.shape
+        #: the dry-run table (the learning table's prior); ``_bins`` may move away from it
+        self.table = table
+        #: the model's cache key, and where its learned table is kept (None: nowhere)
+        self.fingerprint, self.learned_path = fingerprint, learned_path
         self.vocab, self.layers, self.top_k, self.num_experts = vocab, layers, top_k, num_experts
         #: decoder-layer index of each table layer (the model's MoE layers, in order)
         self.moe_layers = tuple(moe_layers) if moe_layers is not None else tuple(range(layers))
@@ -238,8 +250,14 @@ class ExpertPredictor:
         # layers; int16 where it fits (half the memory and a little faster than int32).
         dtype = np.int16 if self.d < 2**15 else np.int32
         offsets = (np.arange(layers, dtype=dtype) * num_experts)[None, :, None]
+        self._offsets = offsets
         self._bins = (table.astype(dtype) + offsets).reshape(vocab, layers * top_k)
         self.unknown_tokens = 0
+
+    def refresh(self, tokens: np.ndarray, rows: np.ndarray) -> None:
+        """Predict ``rows`` [tokens, layers, top_k] for ``tokens`` from now on (the learning table's changes)."""
+        if len(tokens):
+            self._bins[tokens] = (rows.astype(self._bins.dtype) + self._offsets[0]).reshape(len(tokens), -1)
 
     @classmethod
     def from_model(cls, model: str, revision: str | None = None, cache_dir: Path | None = None) -> "ExpertPredictor":
@@ -249,7 +267,9 @@ class ExpertPredictor:
             raise PredictorUnavailable(f"no config.json in {model_dir}")
         config = json.loads(config_path.read_text())
         spec = router_spec(config.get("text_config", config))  # multimodal wrappers nest the LM config
-        return cls(load_or_build_table(model_dir, spec, revision, cache_dir), spec.num_experts, spec.moe_layers)
+        key = fingerprint(model_dir, revision)
+        return cls(load_or_build_table(model_dir, spec, revision, cache_dir), spec.num_experts, spec.moe_layers,
+                   key, table_path(model_dir, key, cache_dir, kind="router_learned"))
 
     def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:
         """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""

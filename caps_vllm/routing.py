@@ -20,9 +20,11 @@ class RoutingRecord:
     ``layer_counts[l, e]`` is how many of the step's tokens layer ``moe_layers[l]`` sent to
     expert ``e`` (each token counts once per expert of its top-k). ``prompt_counts[req_id]``
     holds the same for the prompt tokens that request had in this step (what the predictor
-    predicts); ``prompt_start[req_id]`` is the first of those prompt positions. Decode tokens
-    appear only in ``layer_counts``: shipping per-request decode rows would cost a copy per
-    request per step.
+    predicts); ``prompt_start[req_id]`` is the first of those prompt positions.
+    ``decode_counts[req_id]`` (only with ``caps.capture_decode``) counts the request's decode
+    tokens of the step. ``prompt_rows[req_id]`` (only with ``caps.learn``) holds the routed
+    expert ids ``[tokens, layers, top_k]`` of that request's first prompt tokens of the step,
+    from ``prompt_start`` on (at most ``learn_rows_per_step`` tokens a step in all).
     """
 
     moe_layers: tuple[int, ...]
@@ -30,6 +32,8 @@ class RoutingRecord:
     num_tokens: int
     prompt_counts: dict[str, np.ndarray] = field(default_factory=dict)
     prompt_start: dict[str, int] = field(default_factory=dict)
+    decode_counts: dict[str, np.ndarray] = field(default_factory=dict)
+    prompt_rows: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

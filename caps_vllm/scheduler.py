@@ -31,6 +31,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from caps_vllm.admission import AdmissionPlanner, Waiting
 from caps_vllm.config import CapsConfig
+from caps_vllm.learner import OnlineLearner
 from caps_vllm.plugin import OWNED_ENV, route_logs_through_vllm
 from caps_vllm.predictor import ExpertPredictor, PredictorUnavailable
 from caps_vllm.routing import RoutingRecord, counts_from_rows
@@ -73,6 +74,7 @@ class _CapsMixin:
         self.caps_config = CapsConfig.from_dict(raw)  # an invalid value stops startup here
         self.caps_counters: Counter[str] = Counter()
         self.caps_predictor = self._caps_load_predictor(vllm_config) if self.caps_config.predictor else None
+        self.caps_learner = self._caps_make_learner()
         d = self.caps_predictor.d if self.caps_predictor is not None else 1
         self.caps_planner = AdmissionPlanner(self.caps_config, d, self._caps_deployment(vllm_config))
         self._caps_running: dict[str, np.ndarray] = {}
@@ -105,6 +107,8 @@ class _CapsMixin:
 
     def finish_requests(self, request_ids, finished_status):
         aborted = super().finish_requests(request_ids, finished_status)
+        if self.caps_observer is not None:
+            self.caps_observer.on_finished((r.request_id for r in aborted), score=False)
         if self.caps_step_log is not None:
             self.caps_step_log.dropped(r.request_id for r in aborted)
         return aborted
@@ -123,6 +127,17 @@ class _CapsMixin:
         if vocab != pred.vocab:
             logger.warning("CAPS router table covers %d token ids, the model %d: others are skipped", pred.vocab, vocab)
         return pred
+
+    def _caps_make_learner(self) -> OnlineLearner | None:
+        cfg, pred = self.caps_config, self.caps_predictor
+        if not (cfg.learn and cfg.capture) or not isinstance(pred, ExpertPredictor):
+            return None
+        return OnlineLearner(pred, cfg.learn_max_tokens, cfg.learn_half_life_tokens)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.caps_learner is not None:
+            self.caps_learner.close()
 
     def _caps_deployment(self, vllm_config) -> dict:
         """Experts per layer and vLLM's expert-parallel layout, for deployment-aware strategies.
@@ -255,14 +270,34 @@ class _CapsMixin:
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        if self.caps_observer is not None:  # before vLLM frees the requests that finished
-            self._caps_guard(self._caps_observe_output, scheduler_output, model_runner_output)
+        record = getattr(model_runner_output, "caps_routing", None)
+        aux = getattr(model_runner_output, "aux_output_connector_output", None)
+        if record is None and aux and self.caps_predictor is not None:
+            record = self._caps_record_from_rows(aux)
+        if record is not None:  # before vLLM frees the requests that finished
+            if self.caps_observer is not None:  # scored before the table learns these rows
+                self._caps_guard(self._caps_observe_output, record)
+            if self.caps_learner is not None:
+                self._caps_guard(self._caps_learn, record)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self.caps_observer is not None and self.caps_config.capture_decode:
+            done = [o.request_id for eco in outputs.values() for o in eco.outputs if o.finish_reason is not None]
+            self._caps_guard(self.caps_observer.on_finished, done)
         if self.caps_step_log is not None:
-            record = getattr(model_runner_output, "caps_routing", None)
             self._caps_guard(self.caps_step_log.updated, outputs, self.has_unfinished_requests(),
                              None if record is None else record.layer_counts)
         return outputs
+
+    def _caps_learn(self, record: RoutingRecord) -> None:
+        reqs = self.requests
+
+        def prompt_of(rid):
+            r = reqs.get(rid)
+            return None if r is None or r.mm_features else r.prompt_token_ids
+
+        recall = self.caps_learner.observe(record, prompt_of)
+        if self.caps_observer is not None and recall.picks:
+            self.caps_observer.on_learning(recall)
 
     def _caps_guard(self, fn, *args) -> None:
         try:
@@ -282,11 +317,7 @@ class _CapsMixin:
         obs.on_schedule(out.num_scheduled_tokens,
                         lambda rid: self._caps_vector(reqs[rid]) if predicted and rid in reqs else None)
 
-    def _caps_observe_output(self, scheduler_output, model_runner_output) -> None:
-        record = getattr(model_runner_output, "caps_routing", None)
-        aux = getattr(model_runner_output, "aux_output_connector_output", None)
-        if record is None and aux and self.caps_predictor is not None:
-            record = self._caps_record_from_rows(aux)
+    def _caps_observe_output(self, record: RoutingRecord) -> None:
         reqs = self.requests
 
         def prompt_of(rid):
@@ -312,6 +343,10 @@ class _CapsMixin:
             if in_prompt:
                 rec.prompt_counts[rid] = counts_from_rows(rows[:in_prompt], pred.num_experts)
                 rec.prompt_start[rid] = out.token_start
+                if self.caps_learner is not None:
+                    rec.prompt_rows[rid] = rows[:in_prompt]
+            if self.caps_config.capture_decode and len(rows) > in_prompt:
+                rec.decode_counts[rid] = counts_from_rows(rows[in_prompt:], pred.num_experts)
         return rec
 
 

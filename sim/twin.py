@@ -90,7 +90,9 @@ def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | No
                                enable_prefix_caching=d.enable_prefix_caching)
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
                              parallel_config=ParallelConfig(**(parallel or {})),
-                             additional_config={"caps": caps} if caps is not None else {})
+                             # no workers, so no captured routing: the twin predicts with the dry run only
+                             # (a learning table resumed from the user's cache would make runs differ)
+                             additional_config={"caps": {"learn": False, **(caps or {})}})
     # The CPU platform forces async scheduling off; a GPU deployment's twin sets it back.
     vllm_config.scheduler_config.async_scheduling = async_scheduling
     kv_cache_config = KVCacheConfig(

@@ -24,10 +24,13 @@ def main() -> None:
 
     model, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "eager")
     llm = LLM(model=model, scheduler_cls="caps_vllm.CapsScheduler", max_model_len=512, enforce_eager=mode == "eager",
-              seed=0, max_num_seqs=4, max_num_batched_tokens=64, dtype="float32", additional_config={"caps": {}})
+              seed=0, max_num_seqs=4, max_num_batched_tokens=64, dtype="float32",
+              additional_config={"caps": {"capture_decode": True, "learn_rows_per_step": 40}})
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     prompt_counts: dict[str, np.ndarray] = {}
-    steps = {"records": 0, "routed": 0, "scheduled": 0, "layer_sum": 0}
+    steps = {"records": 0, "routed": 0, "scheduled": 0, "layer_sum": 0, "max_rows": 0}
+    rows_of: dict[str, list] = {}  # rid -> [(start, rows)] shipped for the learning table
+    decode: dict[str, np.ndarray] = {}
     update = type(sched).update_from_output
 
     def spy(self, scheduler_output, output):  # what the scheduler receives from the worker
@@ -39,6 +42,11 @@ def main() -> None:
             steps["layer_sum"] += int(rec.layer_counts.sum())
             for rid, c in rec.prompt_counts.items():
                 prompt_counts[rid] = prompt_counts.get(rid, 0) + c
+            for rid, c in rec.decode_counts.items():
+                decode[rid] = decode.get(rid, 0) + c
+            for rid, r in rec.prompt_rows.items():
+                rows_of.setdefault(rid, []).append((rec.prompt_start[rid], r))
+            steps["max_rows"] = max(steps["max_rows"], sum(len(r) for r in rec.prompt_rows.values()))
         return update(self, scheduler_output, output)
 
     type(sched).update_from_output = spy
@@ -56,9 +64,18 @@ def main() -> None:
                 logits = hf(torch.tensor([o.prompt_token_ids]), output_router_logits=True).router_logits
             rows = np.stack([torch.topk(l, k, dim=-1).indices.numpy() for l in logits], axis=1)
             truth = counts_from_rows(rows, e)
-            got = next(v for rid, v in prompt_counts.items() if rid.split("-")[0] == o.request_id)
-            result["prompts"].append({"tokens": len(o.prompt_token_ids), "equal": bool(np.array_equal(got, truth)),
-                                      "total": int(got.sum())})
+            rid = next(r for r in prompt_counts if r.split("-")[0] == o.request_id)
+            got = prompt_counts[rid]
+            shipped = rows_of.get(rid, [])
+            result["prompts"].append({
+                "tokens": len(o.prompt_token_ids), "equal": bool(np.array_equal(got, truth)), "total": int(got.sum()),
+                # the rows shipped for learning are the routed ids of exactly those prompt positions
+                # (as sets: vLLM and transformers order a top-k differently)
+                "rows_equal": all(np.array_equal(np.sort(r, -1), np.sort(rows[s : s + len(r)], -1))
+                                  for s, r in shipped),
+                "rows": sum(len(r) for _, r in shipped),
+                "decode_total": int(decode[rid].sum()) if rid in decode else 0,
+            })
     result["top_k"] = sched.caps_predictor.top_k if sched.caps_predictor is not None else None
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -30,6 +30,12 @@ def test_captured_routing_equals_transformers_router(tiny_model):
     # every scheduled token was routed exactly once per MoE layer to top_k experts
     assert steps["routed"] == steps["scheduled"] > 0
     assert steps["layer_sum"] == steps["routed"] * 4 * result["top_k"]
+    # learning rows: exact routed ids, never more than learn_rows_per_step (40) a step
+    assert all(p["rows_equal"] for p in prompts) and 0 < steps["max_rows"] <= 40
+    assert sum(p["rows"] > 0 for p in prompts) >= 5
+    assert sum(p["rows"] for p in prompts) < sum(p["tokens"] for p in prompts)  # the budget cut some
+    # capture_decode: 3 generated tokens = 1 from the prefill + 2 decode steps, each routed to 4 layers x top-k
+    assert all(p["decode_total"] == 2 * 4 * result["top_k"] for p in prompts), prompts
 
 
 @pytest.mark.engine

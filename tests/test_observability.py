@@ -49,7 +49,9 @@ def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, 
 
     _need_prometheus()
     srv = Server(tiny_model, ["--scheduler-cls", "caps_vllm.CapsScheduler", "--no-enable-prefix-caching",
-                              "--additional-config", json.dumps({"caps": {"min_batch_trigger": 2}})],
+                              "--additional-config",
+                              json.dumps({"caps": {"min_batch_trigger": 2, "capture_decode": True,
+                                                   "learn_rows_per_step": 4096}})],
                  tmp_path / "serve.log")
     mon = Monitor(f"127.0.0.1:{srv.port}", tmp_path / "monitor")
     try:
@@ -96,6 +98,13 @@ def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, 
         assert prom("sum(vllm:caps_predictor_cosine_count)") == n
         assert 0 < prom("sum(vllm:caps_predictor_cosine_sum)") <= n
         assert prom("sum(vllm:caps_errors_total)") == 0
+        # the learning table was scored on every prompt token (4 MoE layers x top-4 choices each) ...
+        picks = prom("sum(vllm:caps_learning_routed_picks_total)")
+        assert picks == prompt_tokens * 4 * 4
+        assert 0 < prom('sum(vllm:caps_learning_hits_total{table="dry_run"})') <= picks
+        assert 0 < prom('sum(vllm:caps_learning_hits_total{table="learned"})') <= picks
+        # ... and every request's decode tokens against its prompt's prediction
+        assert prom("sum(vllm:caps_predictor_decode_cosine_count)") == n
         layers = {r["metric"]["layer"] for r in mon.query("vllm:caps_actual_layer_load_max_over_mean_count")}
         assert layers == {"0", "1", "2", "3"}
         assert all(r["metric"]["model_name"] == "tiny" for r in mon.query('{__name__=~"vllm:caps_.*"}'))

@@ -101,6 +101,37 @@ def test_predictor_accuracy_is_scored_once_the_prompt_is_routed_over_the_routed_
     assert obs._prompts == {} and _value("vllm:caps_predictor_cosine_count", "t-acc") == 1
 
 
+def test_decode_accuracy_is_scored_against_the_prompts_prediction_once_the_request_finishes():
+    obs = _observer("t-dec", lambda ids: np.array([1.0, 1, 0, 0, 0, 0, 1, 1]))
+    step = np.array([[1, 0, 1, 0], [0, 0, 1, 1]])
+    alive = {"r": ([4, 5], True)}
+    for _ in range(3):  # three decode steps of r
+        obs.on_output(RoutingRecord((0, 1), step, 1, decode_counts={"r": step}), alive.get)
+    assert _value("vllm:caps_predictor_decode_cosine_count", "t-dec") == 0  # still running
+    obs.on_finished(["r"])
+    assert _value("vllm:caps_predictor_decode_cosine_count", "t-dec") == 1
+    # prediction [1,1,0,0] vs decode [3,0,3,0] in layer 0 (cosine 0.5), [0,0,1,1] vs [0,0,3,3] in layer 1 (1.0)
+    assert _value("vllm:caps_predictor_decode_cosine_sum", "t-dec") == pytest.approx(
+        cosine(np.array([1.0, 1, 0, 0, 0, 0, 1, 1]), np.array([3.0, 0, 3, 0, 0, 0, 3, 3])))
+    assert _value("vllm:caps_predictor_decode_topk_overlap_sum", "t-dec") == pytest.approx((0.5 + 1.0) / 2)
+    assert obs._decodes == {}
+    obs.on_output(RoutingRecord((0, 1), step, 1, decode_counts={"q": step}), {"q": ([4], True)}.get)
+    obs.on_finished(["q"], score=False)  # aborted: forgotten, not scored
+    assert obs._decodes == {} and _value("vllm:caps_predictor_decode_cosine_count", "t-dec") == 1
+
+
+def test_learning_counters():
+    from caps_vllm.learned_table import Recall
+
+    obs = _observer("t-learn")
+    obs.on_learning(Recall(picks=40, learned_hits=30, prior_hits=10))
+    obs.on_learning(Recall(picks=8, learned_hits=8, prior_hits=1))
+    assert _value("vllm:caps_learning_routed_picks_total", "t-learn") == 48
+    hits = {dict(k)["table"]: v for k, v in _samples("vllm:caps_learning_hits_total").items()
+            if ("model_name", "t-learn") in k}
+    assert hits == {"learned": 38, "dry_run": 11}
+
+
 def test_admission_counters():
     obs = _observer("t-adm")
     obs.on_admission(admitted=3, ranked=2, bypassed=1, no_vector=1, selection_s=1e-4)
@@ -138,7 +169,7 @@ def test_series_do_not_grow_with_requests():
 def test_metric_names_follow_vllm_conventions():
     for name, (kind, doc, _, extra) in SPEC.items():
         assert name.startswith("vllm:caps_") and doc
-        assert set(extra) <= {"layer"}
+        assert set(extra) <= {"layer", "table"}  # bounded: the MoE layers; learned or dry_run
         assert not name.endswith("_total")  # prometheus_client adds it to counters
         if kind == "histogram" and "seconds" in name:
             assert name.endswith("_seconds")

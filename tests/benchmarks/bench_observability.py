@@ -1,8 +1,8 @@
 """What routing capture and CAPS metrics cost: engine throughput with them on and off.
 
 Printed figures, not a test. The embedded tiny model in vllm.LLM (CPU, eager, in-process),
-CAPS scheduler both times with the same strategy; "on" = capture + metrics (the default),
-"off" = `{"capture": false, "metrics": false}`. Each configuration runs in its own process
+CAPS scheduler both times with the same strategy; "on" = capture + metrics + the learning
+table (the default), "off" = `{"capture": false, "metrics": false}`. Each configuration runs in its own process
 (one engine per process); each times ROUNDS generate() calls of PROMPTS prompts x TOKENS
 tokens after one warm-up call, and the two run alternately REPEATS times (the machine is
 noisy). Reported: median generate() wall time per configuration and the ratio on/off.
@@ -68,11 +68,39 @@ def observer_step_cost(layers: int = 24, experts: int = 60, top_k: int = 4, runn
           f"median {statistics.median(samples) * 1e3:.3f} ms")
 
 
+def learner_step_cost(vocab: int = 151936, layers: int = 24, experts: int = 60, top_k: int = 4,
+                      rows: int = 256, max_tokens: int = 8192) -> None:
+    """The learning table's work per step at Qwen1.5-MoE shape: ``rows`` prompt tokens learned
+    (the default ``learn_rows_per_step``) with the table full, tokens drawn Zipf-like."""
+    import numpy as np
+
+    from caps_vllm.learned_table import LearnedTable
+
+    rng = np.random.default_rng(0)
+    prior = rng.integers(0, experts, size=(vocab, layers, top_k), dtype=np.uint8)
+    lt = LearnedTable(prior, experts, max_tokens=max_tokens)
+    p = 1.0 / np.arange(1, vocab + 1) ** 1.1
+    p /= p.sum()
+    samples = []
+    for i in range(300):
+        ids = rng.choice(vocab, rows, p=p)
+        routed = rng.integers(0, experts, size=(rows, layers, top_k))
+        t0 = time.perf_counter()
+        lt.observe(ids, routed)
+        if i >= 100:  # the table is warm (and evicting) by then
+            samples.append(time.perf_counter() - t0)
+    print(f"learning table (its own thread; the step only queues rows) per step, {rows} prompt tokens, "
+          f"{layers}x{experts} experts, {max_tokens} tokens tracked "
+          f"({lt.bytes / 2**20:.0f} MB): median {statistics.median(samples) * 1e3:.2f} ms, "
+          f"p99 {np.percentile(samples, 99) * 1e3:.2f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     observer_step_cost()
+    learner_step_cost()
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
@@ -90,7 +118,7 @@ def main() -> None:
             times[name] += json.loads(line[7:])
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     n = PROMPTS * TOKENS
-    print(f"routing capture + metrics, tiny model, {PROMPTS} prompts x {TOKENS} tokens, "
+    print(f"routing capture + metrics + learning, tiny model, {PROMPTS} prompts x {TOKENS} tokens, "
           f"{len(times['on'])} timed generate() calls each")
     print(f"  off: {off:.3f} s ({n / off:.0f} tok/s)   on: {on:.3f} s ({n / on:.0f} tok/s)   on/off = {on / off:.3f}")
 
