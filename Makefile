@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -104,9 +104,25 @@ sim-trace: setup
 	$(PY) -m sim.evaluate --requests 3000 --seeds 42 123 --rates 150 300 --patterns trace \
 		--trace ../shared/data/traces/azure_llm_2023_conv.csv --out sim/results/trace
 
-# The embedded default model (random-weight Qwen2-MoE, local tokenizer) in ~/.cache/caps_vllm.
+# The embedded default model (the shipped trained tiny Qwen2-MoE) copied into ~/.cache/caps_vllm.
 model: setup
 	$(PY) -m caps_vllm.tiny_model
+
+# Retrain the shipped model from its seeded init on the shared prompt pool (one thread, so the
+# same weights come out bitwise; about 30 minutes here;
+# writes caps_vllm/data/tiny-qwen2-moe), then measure it: trained vs untrained perplexity, expert
+# balance and topic skew (sim/results/routing/model.{md,json,png}), and the predictor on the live
+# engine against the token-id ceiling (sim/results/routing/predictor.{md,json,png}, a few minutes).
+POOL ?= ../shared/data/prompts/topic_prompts_combined.jsonl
+train-model: setup
+	$(PY) -m caps_vllm.train_tiny --pool $(POOL) --out caps_vllm/data/tiny-qwen2-moe --steps 2000
+
+model-study: setup
+	$(PY) -m sim.model_study --pool $(POOL) --out sim/results/routing
+
+predictor-study: setup
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(PY) -m sim.predictor_study --pool $(POOL) \
+		--requests 3000 --out sim/results/routing
 
 # vllm serve with CAPS on the embedded model, on loopback (Ctrl-C stops it).
 PORT ?= 8000

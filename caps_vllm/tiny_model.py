@@ -1,16 +1,19 @@
-"""The embedded default model: a small random-weight Qwen2-MoE generated locally.
+"""The embedded default model: a tiny Qwen2-MoE trained on real text, shipped with the package.
 
-No model hub is needed: the weights come from a seeded ``Qwen2MoeForCausalLM`` (60 routed
-experts, top-4, a shared expert, like Qwen1.5-MoE but tiny) and the tokenizer is a byte-level
-BPE trained on the project's own prompt pool. It produces nonsense text; it exists so that
-vLLM, the router dry run and the scheduler run for real on any machine.
+No model hub is needed: ``caps_vllm/data/tiny-qwen2-moe/`` holds bf16 weights (13 MB), a
+byte-level BPE tokenizer and the training record, written by :mod:`caps_vllm.train_tiny`
+(60 routed experts, top-4 and a shared expert like Qwen1.5-MoE, 4 layers of hidden 128).
+Its routers learned from the prompt pool, so expert loads follow topics as in a real MoE;
+``generate`` copies it into the cache folder where vLLM and the predictor read it. The
+seeded *untrained* model of the same shape (``--untrained``) is kept for comparisons.
 
-    python -m caps_vllm.tiny_model [OUT_DIR]      # default: ~/.cache/caps_vllm/models/tiny-qwen2-moe
+    python -m caps_vllm.tiny_model [OUT_DIR]   # default: ~/.cache/caps_vllm/models/tiny-qwen2-moe
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -27,6 +30,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 VOCAB = 1024
+SHIPPED = "data/tiny-qwen2-moe"
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+               "tokenizer_config.json", "chat_template.jinja", "caps_model.json")
 
 
 def default_dir() -> Path:
@@ -39,11 +45,11 @@ def prompt_pool() -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def build_tokenizer(out: Path):
+def build_tokenizer(corpus: list[str], out: Path):
+    """A byte-level BPE of VOCAB ids trained on ``corpus`` (deterministic), saved to ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [row["prompt"] for row in prompt_pool()]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -57,43 +63,98 @@ def build_tokenizer(out: Path):
     return hf
 
 
-def generate(out: Path | str | None = None, layers: int = 4, seed: int = 0) -> Path:
-    """Write the model (config, safetensors, tokenizer) to ``out`` unless it is already there."""
-    out = Path(out) if out else default_dir()
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    import torch
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+def model_config(tok, layers: int = 4, aux_coef: float = 0.01):
+    """The embedded model's Qwen2-MoE shape (trained and untrained alike)."""
+    from transformers import Qwen2MoeConfig
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(tmp)
-    cfg = Qwen2MoeConfig(
+    return Qwen2MoeConfig(
         vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=2048,
         rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[],
         num_experts=60, num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-        norm_topk_prob=False, qkv_bias=True,
+        norm_topk_prob=False, qkv_bias=True, router_aux_loss_coef=aux_coef,
         bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
     )
-    torch.manual_seed(seed)
-    model = Qwen2MoeForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(tmp, safe_serialization=True)
+
+
+def save_model(model, tok, out: Path, record: dict) -> Path:
+    """bf16 safetensors + tokenizer + ``caps_model.json`` (``record``), written atomically."""
+    import torch
+
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    tok.save_pretrained(tmp)
+    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+    cfg = model.config
     (tmp / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, indent=2))
-    if out.exists():  # an incomplete earlier attempt
+    (tmp / "caps_model.json").write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)
     return out
 
 
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for name in MODEL_FILES:
+        p = folder / name
+        h.update(name.encode() + (p.read_bytes() if p.exists() else b"-"))
+    return h.hexdigest()
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("caps_vllm").joinpath(SHIPPED)))
+
+
+def generate(out: Path | str | None = None) -> Path:
+    """The shipped trained model, copied to ``out`` (the cache by default) unless an identical copy is there."""
+    out = Path(out) if out else default_dir()
+    src = shipped_dir()
+    if not (src / "model.safetensors").exists():
+        raise FileNotFoundError(f"the embedded model is missing from the package ({src}); reinstall caps-vllm")
+    if out.is_dir() and _digest(out) == _digest(src):
+        return out
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for name in MODEL_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, tmp / name)
+    if out.exists():  # an older or incomplete copy
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return out
+
+
+def untrained(out: Path | str, seed: int = 0) -> Path:
+    """The embedded model's shape and tokenizer with seeded random weights (the training's start)."""
+    import torch
+    from transformers import AutoTokenizer, Qwen2MoeForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(shipped_dir()))
+    torch.manual_seed(seed)
+    model = Qwen2MoeForCausalLM(model_config(tok))
+    return save_model(model, tok, Path(out), {"untrained": {"seed": seed}})
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m caps_vllm.tiny_model", description=__doc__.split("\n")[0])
     ap.add_argument("out", nargs="?", default=None, help=f"output folder (default {default_dir()})")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--untrained", action="store_true", help="write the seeded untrained model instead (needs OUT)")
+    ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    print(generate(a.out, layers=a.layers))
+    if a.untrained:
+        if a.out is None:
+            ap.error("--untrained needs an output folder")
+        print(untrained(a.out, a.seed))
+    else:
+        print(generate(a.out))
 
 
 if __name__ == "__main__":

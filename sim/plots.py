@@ -1,4 +1,4 @@
-"""Figures of a sweep: P99 latency against arrival rate, and the improvement heat-map."""
+"""Figures of the simulator's and the studies' results (PNG and PDF, next to their JSON)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,69 @@ def write_figures(doc: dict, out: Path) -> list[Path]:
     return written
 
 
-def _save(fig, stem: Path) -> list[Path]:
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+def model_figure(doc: dict, out: Path) -> list[Path]:
+    """model.png: the training curve and the topic skew per layer, trained vs untrained."""
+    curve = doc["training"]["curve"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    pts = [p for p in curve if "train_loss" in p]
+    a.plot([p["step"] for p in pts], [p["train_loss"] for p in pts], lw=1, label="train loss (LM)")
+    ev = [p for p in curve if "held_out_ppl" in p]
+    a.plot([p["step"] for p in ev], [np.log(p["held_out_ppl"]) for p in ev], "o-", ms=3,
+           label="held-out log perplexity")
+    a.set_xlabel("step")
+    a.legend()
+    a.set_title("training curve")
+    layers = np.arange(len(doc["trained"]["cv"]))
+    for name, off in (("trained", -0.2), ("untrained", 0.2)):
+        b.bar(layers + off, doc[name]["topic_js_to_pool_bits"], width=0.4, label=name)
+    b.set_xticks(layers, [str(v) for v in layers])
+    b.set_xlabel("MoE layer")
+    b.set_ylabel("JS(category ‖ pool), bits")
+    b.set_title("topic skew of expert choice")
+    b.legend()
+    fig.tight_layout()
+    return _save(fig, out, pdf=False)
+
+
+def predictor_figure(doc: dict, out: Path) -> list[Path]:
+    """predictor.png: the learning table's recall as it serves, and per-layer recall of each table."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    curve = doc["learning_curve"]
+    x = [c["requests"] for c in curve]
+    a.plot(x, [c["learned"] for c in curve], "o-", ms=3, label="learning table (prequential)")
+    a.plot(x, [c["dry_run"] for c in curve], "s-", ms=3, label="router dry run")
+    a.axhline(np.mean(doc["token_recall"]["ceiling"]), color="k", ls="--", lw=1, label="token-id ceiling")
+    a.axhline(doc["chance_recall"], color="grey", ls=":", lw=1, label="chance")
+    a.set_xlabel("prompts served")
+    a.set_ylabel("top-k recall, prompt tokens (mean over layers)")
+    a.legend(fontsize=8)
+    layers = np.arange(len(doc["moe_layers"]))
+    for i, (key, label) in enumerate((("dry_run", "dry run"), ("ceiling", "ceiling"),
+                                      ("learned_final_in_sample", "learned (end)"))):
+        b.bar(layers + (i - 1) * 0.27, doc["token_recall"][key], width=0.27, label=label)
+    b.axhline(doc["chance_recall"], color="grey", ls=":", lw=1)
+    b.set_xticks(layers, [str(v) for v in doc["moe_layers"]])
+    b.set_xlabel("MoE layer")
+    b.set_ylabel("top-k recall")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out, pdf=False)
+
+
+def write_study(out: Path, stem: str, doc: dict, report: str, figure=None) -> None:
+    """A study's results: STEM.json, STEM.md (the report, also printed) and its figure STEM.png/.pdf."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(report)
+    if figure is not None:
+        figure(doc, out / stem)
+    print(report)
+
+
+def _save(fig, stem: Path, pdf: bool = True) -> list[Path]:
+    paths = [stem.with_suffix(".png")] + ([stem.with_suffix(".pdf")] if pdf else [])
     for p in paths:
         fig.savefig(p, dpi=120)
     plt.close(fig)

@@ -19,8 +19,9 @@ def main() -> None:
 
     model, sched = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None)
     caps = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    # float32: the same arithmetic as transformers' reference (tests compare greedy outputs)
     llm = LLM(model=model, scheduler_cls=sched, max_model_len=512, enforce_eager=True, seed=0, max_num_seqs=4,
-              additional_config={"caps": caps} if caps else {})
+              dtype="float32", additional_config={"caps": caps} if caps else {})
     pool = prompt_pool()
     # Topic bursts: runs of one category, so admission order has something to change.
     prompts = [row["prompt"] for row in sorted(pool, key=lambda r: r["category"])][:48]
@@ -28,12 +29,17 @@ def main() -> None:
     chats = llm.chat([[{"role": "user", "content": p}] for p in prompts[:6]], SamplingParams(temperature=0.0, max_tokens=6))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     stats = vars(scheduler.caps_planner.stats) if hasattr(scheduler, "caps_planner") else None
+    learner = getattr(scheduler, "caps_learner", None)
+    if learner is not None:
+        learner.flush()
     print("RESULT " + json.dumps({
         "scheduler": type(scheduler).__name__,
         "outputs": [list(o.outputs[0].token_ids) for o in outs],
         "chat": [list(o.outputs[0].token_ids) for o in chats],
         "caps_stats": stats,
         "caps_counters": dict(getattr(scheduler, "caps_counters", {})),
+        "learner": None if learner is None else {"rows": learner.table.rows_learned, "resumed": learner.resumed,
+                                                 "changed": int((learner.table.table != learner.table.prior).any(axis=(1, 2)).sum())},
     }), flush=True)
 
 

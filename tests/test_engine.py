@@ -13,6 +13,7 @@ import pytest
 from tests.servers import ROOT, Server
 
 pytest.importorskip("vllm")
+torch = pytest.importorskip("torch")
 CAPS = {"min_batch_trigger": 2, "max_wait_ms": 60000}
 
 
@@ -24,16 +25,43 @@ def _engine(model, sched, caps=None):
     return json.loads(line[len("RESULT "):])
 
 
+@pytest.fixture(scope="module")
+def fcfs_run(tiny_model):
+    return _engine(tiny_model, None)
+
+
 @pytest.mark.engine
-def test_caps_changes_admission_not_results(tiny_model):
+def test_caps_changes_admission_not_results(tiny_model, fcfs_run):
     caps = _engine(tiny_model, "caps_vllm.CapsScheduler", CAPS)
-    fcfs = _engine(tiny_model, None)
+    fcfs = fcfs_run
     assert caps["scheduler"] == "CapsScheduler" and fcfs["scheduler"] == "Scheduler"
     assert caps["caps_stats"]["plans"] > 0 and caps["caps_stats"]["ranked"] > 0, "CAPS really ordered admissions"
     assert caps["caps_counters"].get("errors", 0) == 0
     assert caps["outputs"] == fcfs["outputs"]  # greedy results do not depend on admission order
     assert caps["chat"] == fcfs["chat"]
     assert all(len(o) == 12 for o in caps["outputs"])
+    # the learning table learned from the routing the workers captured, and changed predictions
+    assert caps["learner"]["rows"] > 1000 and caps["learner"]["changed"] > 0
+    again = _engine(tiny_model, "caps_vllm.CapsScheduler", CAPS)  # a restart resumes the persisted state
+    assert again["learner"]["resumed"] and again["learner"]["rows"] > caps["learner"]["rows"]
+    assert again["outputs"] == fcfs["outputs"]
+
+
+@pytest.mark.engine
+def test_shipped_model_greedy_in_vllm_equals_transformers(tiny_model, fcfs_run):
+    """The trained weights load in both, and both decode the same greedy continuations."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from caps_vllm.tiny_model import prompt_pool
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
+    prompts = [row["prompt"] for row in sorted(prompt_pool(), key=lambda r: r["category"])][:6]  # engine_run's first
+    for prompt, vllm_ids in zip(prompts, fcfs_run["outputs"]):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert out[0, ids.shape[1]:].tolist() == vllm_ids
 
 
 @pytest.mark.server

@@ -190,3 +190,26 @@ def test_a_smaller_bound_resumes_the_heaviest_tokens(tmp_path):
     heaviest = learner.table.owner[np.argsort(-learner.table.mass)[:20]]
     assert set(small.table.owner[small.table.owner >= 0]) == set(heaviest)
 
+
+def test_the_ceiling_is_the_best_token_table_and_exact_for_deterministic_routing():
+    from sim.predictor_study import ceiling_table, token_recall
+
+    rng = np.random.default_rng(9)
+    ids = _zipf_ids(rng, 4000)
+    exact = TRUE[ids].astype(np.int64)
+    table, recall = ceiling_table(ids, exact, VOCAB, EXPERTS)
+    assert np.allclose(recall, 1.0) and np.allclose(token_recall(table, ids, exact), 1.0)
+    noisy = _route(ids, rng)
+    table, recall = ceiling_table(ids, noisy, VOCAB, EXPERTS)
+    assert np.allclose(token_recall(table, ids, noisy), recall)
+    for other in (TRUE, PRIOR):  # no token-id table does better in-sample
+        assert (token_recall(other, ids, noisy) <= recall + 1e-12).all()
+    assert (token_recall(PRIOR, ids, noisy) < 0.3).all()
+
+
+def test_jensen_shannon_divergence_in_bits():
+    from sim.model_study import js
+
+    p = np.array([1.0, 1, 0, 0])
+    assert js(p, p) == 0 and js(p, np.array([0, 0, 1.0, 1])) == pytest.approx(1.0)
+    assert 0 < js(p, np.array([1.0, 1, 1, 1])) < 1
