@@ -1,27 +1,36 @@
 """Admission order: which waiting requests go to the front of vLLM's queue, and in what order.
 
 This is the whole of CAPS's policy, kept out of vLLM's budget loop (as vLLM keeps policy in
-its request queue): given the waiting requests in queue order, it returns a new order, and
-vLLM's own ``schedule()`` then admits from the front while its budgets (tokens, KV blocks,
-sequences, LoRA, ...) allow. The rules, in order:
+its request queue): given the waiting requests in queue order and the capacity vLLM has left
+this step, it returns a new order, and vLLM's own ``schedule()`` then admits from the front
+while its budgets (tokens, KV blocks, sequences, LoRA, ...) allow.
+
+There is a decision only when vLLM will admit some but not all of the waiting requests: the
+planner estimates how many it would admit in FCFS order (:func:`fcfs_admissions`: free sequence
+slots, the token budget left after the running requests' tokens, chunked prefill, free KV
+blocks), so a queue held back by the token budget or the KV cache engages CAPS as well as one
+held back by sequence slots. The rules, in order:
 
 1. preempted requests stay first (vLLM put them there);
-2. requests waiting longer than ``max_wait_ms`` next, oldest first (bounded wait);
-3. the strategy ranks a window of the next ``window_size`` requests against the load already
-   running plus rules 1-2; its first pick is always the oldest of them (anti-starvation);
-   a request without a predicted vector keeps its FCFS position inside the window;
-4. everything else keeps its order.
-Below ``min_batch_trigger`` waiting requests, with no free slot, or when every waiting request
-fits in the free slots (no admission decision to make), the order is not touched.
-Under the priority policy only the leading requests of the best priority are reordered, so a
-lower priority never overtakes a higher one.
+2. requests waiting longer than ``max_wait_ms`` next, oldest first (a hard bound, off by
+   default: under overload every request would pass it and the order would be FCFS);
+3. requests passed over ``max_passes`` times next, oldest first: a request is *passed over* in
+   a step where a younger request is admitted and it is not, so no request is ever overtaken
+   in more than ``max_passes`` steps (the starvation bound, which holds under any load);
+4. the strategy picks, from the ``k`` requests FCFS would admit plus the next ``window_size``,
+   the ``k`` to admit (no request is pinned first, so one free place is still a choice);
+   a request without a predicted vector keeps its FCFS position among them;
+5. everything else keeps its order.
+Below ``min_batch_trigger`` waiting requests the order is not touched. Under the priority
+policy only the leading requests of the best priority are reordered, so a lower priority never
+overtakes a higher one.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -42,16 +51,54 @@ class Waiting(Generic[T]):
     arrival: float  # seconds, same clock as ``now``
     preempted: bool = False
     priority: int = 0
+    need: int = 1  # tokens vLLM would compute for it this step (prompt left, capped by the threshold)
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """What vLLM has left for new requests this step (an estimate; vLLM enforces the real budgets).
+
+    ``tokens``: the token budget after the running requests' tokens; ``kv_tokens``: free KV
+    cache, in tokens; None: not a limit. ``chunked``: a prompt longer than the budget left is
+    admitted as a chunk (chunked prefill) instead of stopping admission.
+    """
+
+    slots: int
+    tokens: int | None = None
+    kv_tokens: int | None = None
+    chunked: bool = True
+
+
+def fcfs_admissions(needs: Iterable[int], cap: Capacity) -> int:
+    """How many requests of ``needs`` (queue order) vLLM would admit this step in that order."""
+    slots, tokens, kv = cap.slots, cap.tokens, cap.kv_tokens
+    n = 0
+    for need in needs:
+        if slots <= 0 or (tokens is not None and tokens <= 0):
+            break
+        take = need if tokens is None else min(need, tokens)
+        if (tokens is not None and need > tokens and not cap.chunked) or (kv is not None and take > kv):
+            break
+        n += 1
+        slots -= 1
+        if tokens is not None:
+            tokens -= take
+        if kv is not None:
+            kv -= take
+    return n
 
 
 @dataclass
 class AdmissionStats:
     """Cumulative counters (exported as metrics by the scheduler)."""
 
+    engaged: int = 0  # steps with a decision: vLLM would admit some but not all waiting requests
     plans: int = 0  # steps where the strategy ranked a window
+    reordered: int = 0  # steps whose admitted set differs from FCFS's (as estimated)
     fcfs_fallback: int = 0  # steps left in FCFS order because fewer than min_batch_trigger waited
-    ranked: int = 0  # requests ranked by the strategy into the admission slots
+    ranked: int = 0  # requests ranked by the strategy into the admission places
     bypassed: int = 0  # requests admitted ahead of the strategy by the max-wait rule (once each)
+    pinned: int = 0  # requests put ahead of the strategy after max_passes passes (once each)
     no_vector: int = 0  # window requests kept in FCFS position for lack of a prediction
     last_selection_s: float = 0.0  # wall time of the last plan that ranked a window
 
@@ -68,84 +115,127 @@ class AdmissionPlanner:
         self.pairs = PairwiseCache(d, capacity=max(64, 2 * cfg.window_size))
         self.stats = AdmissionStats()
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
+        self.passes: dict[Hashable, int] = {}  # steps each waiting request was passed over in
 
-    def engaged(self, queue_len: int, free_slots: int) -> bool:
-        """Whether there is an admission decision to make (counts the FCFS-fallback steps)."""
-        if queue_len == 0 or free_slots <= 0:
+    def engaged(self, queue_len: int, admits: int) -> bool:
+        """Whether there is a decision: vLLM would admit ``admits`` (>= 1) of ``queue_len`` (counted)."""
+        if queue_len == 0 or admits <= 0:
             return False
         if queue_len < self.cfg.min_batch_trigger:
             self.stats.fcfs_fallback += 1
             return False
-        return queue_len > free_slots  # else everybody gets a slot
+        if queue_len <= admits:
+            return False  # everybody gets in
+        self.stats.engaged += 1
+        return True
 
     def plan(
         self,
         waiting: Sequence[Waiting[T]],
         vector_of: Callable[[T], np.ndarray | None],
         running_load: np.ndarray,
-        free_slots: int,
+        capacity: Capacity | int,
         now: float,
         by_priority: bool = False,
         queue_len: int | None = None,
+        admits: int | None = None,
     ) -> list[T] | None:
         """The new order of ``waiting``, or None to keep the current one.
 
+        ``capacity``: what vLLM has left this step (an int: free sequence slots only).
         ``waiting`` may be just the head of a longer queue (``queue_len`` requests): the
-        window_size + free_slots oldest are all the rules can move, since the tail is in
-        arrival order and younger than the window.
+        requests FCFS would admit plus ``window_size`` are all the rules can move, since the
+        tail is in arrival order and younger than them. A caller that already asked
+        :meth:`engaged` passes the FCFS admission count as ``admits``.
         """
+        cap = capacity if isinstance(capacity, Capacity) else Capacity(slots=int(capacity))
         n = len(waiting) if queue_len is None else queue_len
-        if not self.engaged(n, free_slots):
-            return None
+        k = admits
+        if k is None:
+            k = fcfs_admissions((w.need for w in waiting), cap)
+            if not self.engaged(n, k):
+                return None
         started = time.perf_counter()
-        g = n
+        g = len(waiting)
         if by_priority:
-            g = next((i for i, w in enumerate(waiting) if w.priority != waiting[0].priority), n)
+            g = next((i for i, w in enumerate(waiting) if w.priority != waiting[0].priority), g)
         group = waiting[:g]
         alive = {w.key for w in group}
         front: list[Waiting[T]] = []  # preempted
         overdue: list[Waiting[T]] = []
+        pinned: list[Waiting[T]] = []  # passed over max_passes times
         pool: list[Waiting[T]] = []
         oldest_ok = -math.inf if self.cfg.max_wait_ms is None else now - self.cfg.max_wait_ms / 1000.0
         for w in group:
-            (front if w.preempted else overdue if w.arrival < oldest_ok else pool).append(w)
+            if w.preempted:
+                front.append(w)
+            elif w.arrival < oldest_ok:
+                overdue.append(w)
+            elif self.passes.get(w.key, 0) >= self.cfg.max_passes:
+                pinned.append(w)
+            else:
+                pool.append(w)
         self._bypassed &= alive
         for w in overdue:
             if w.key not in self._bypassed:
                 self._bypassed.add(w.key)
                 self.stats.bypassed += 1
-        slots = free_slots - len(front) - len(overdue)
-        window, beyond = pool[: self.cfg.window_size], pool[self.cfg.window_size :]
-        if slots <= 1 or len(window) <= 1:
-            # Nothing for the strategy to choose; the max-wait rule may still reorder.
-            new = front + overdue + pool
-            if not overdue or all(a is b for a, b in zip(new, waiting)):
-                return None
-            return [w.item for w in new] + [w.item for w in waiting[g:]]
+        self.passes = {key: c for key, c in self.passes.items() if key in alive}
+        ahead = front + overdue + pinned
+        places = fcfs_admissions((w.need for w in ahead + pool), cap) - len(ahead)
+        window, beyond = pool[: max(places, 0) + self.cfg.window_size], pool[max(places, 0) + self.cfg.window_size :]
+        order = list(range(len(window)))
+        if places >= 1 and len(window) > places:
+            order = self._choose(window, vector_of, running_load, ahead, places)
+            self.stats.plans += 1
+            self.stats.ranked += places
+            self.stats.last_selection_s = time.perf_counter() - started
+        self.pairs.retain(alive)
+        new = ahead + [window[i] for i in order] + beyond
+        self._count_passes(new, cap)
+        if all(a is b for a, b in zip(new, group)):
+            return None
+        fcfs = {w.key for w in group[:k]}
+        if {w.key for w in new[: fcfs_admissions((w.need for w in new), cap)]} != fcfs:
+            self.stats.reordered += 1
+        return [w.item for w in new] + [w.item for w in waiting[g:]]
 
+    def _choose(self, window, vector_of, running_load, ahead, places: int) -> list[int]:
+        """Window positions in admission order: the strategy's ``places`` picks, then the rest (FCFS)."""
         load = running_load.copy()
-        for w in front + overdue:
+        for w in ahead:
             v = vector_of(w.item)
             if v is not None:
                 load += v
         vecs = [vector_of(w.item) for w in window]
         scored = [i for i, v in enumerate(vecs) if v is not None]
-        ranked: list[int] = []
+        picked: list[int] = []
         if scored:
             missing = [i for i in scored if window[i].key not in self.pairs]
             self.pairs.add_many([window[i].key for i in missing], [vecs[i] for i in missing])
             cand, gram = self.pairs.window([window[i].key for i in scored])
-            picks = self.strategy.select(load, cand, slots, gram=gram, checked=True)
-            picked = set(picks)
-            ranked = [scored[p] for p in picks] + [scored[p] for p in range(len(scored)) if p not in picked]
-        # Requests without a vector keep their FCFS place; the ranked ones fill the others.
-        it = iter(ranked)
-        order = [i if vecs[i] is None else next(it) for i in range(len(window))]
-        self.pairs.retain(alive)
-        st = self.stats
-        st.plans += 1
-        st.ranked += min(slots, len(scored))
-        st.no_vector += len(window) - len(scored)
-        st.last_selection_s = time.perf_counter() - started
-        new = front + overdue + [window[i] for i in order] + beyond
-        return [w.item for w in new] + [w.item for w in waiting[g:]]
+            # Strategies keep their index 0 first; a zero "nothing" candidate there leaves
+            # every real request free to be picked (or not) on its merits.
+            cand = np.vstack([np.zeros((1, cand.shape[1])), cand])
+            gram = np.pad(gram, ((1, 0), (1, 0))) if gram is not None else None
+            picks = self.strategy.select(load, cand, min(places, len(scored)) + 1, gram=gram, checked=True)
+            picked = [scored[p - 1] for p in picks[1:]]
+        self.stats.no_vector += len(window) - len(scored)
+        # Requests without a vector keep their FCFS place; the picked ones, then the others, fill the rest.
+        chosen = set(picked)
+        it = iter(picked + [i for i in scored if i not in chosen])
+        return [i if vecs[i] is None else next(it) for i in range(len(window))]
+
+    def _count_passes(self, new: list[Waiting[T]], cap: Capacity) -> None:
+        """A request left waiting while a younger one is admitted ahead of it is passed over once."""
+        admitted = new[: fcfs_admissions((w.need for w in new), cap)]
+        if not admitted:
+            return
+        youngest = max(w.arrival for w in admitted)
+        keys = {w.key for w in admitted}
+        for w in new[len(admitted) :]:
+            if w.arrival < youngest and w.key not in keys:
+                c = self.passes.get(w.key, 0) + 1
+                self.passes[w.key] = c
+                if c == self.cfg.max_passes:
+                    self.stats.pinned += 1

@@ -19,12 +19,16 @@ class CapsConfig:
     strategy: str = "step_cost"
     #: extra keyword arguments of the strategy, e.g. {"sample": 8} for power_of_d
     strategy_params: dict = field(default_factory=dict)
-    #: how many of the oldest waiting requests the strategy may choose from
+    #: how many waiting requests beyond those FCFS would admit this step the strategy may choose from
     window_size: int = 32
     #: below this many waiting requests, admission is plain FCFS
     min_batch_trigger: int = 4
-    #: a request waiting longer than this is admitted ahead of the strategy (null: never)
-    max_wait_ms: float | None = 2000.0
+    #: a request passed over (a younger one admitted while it waits) this many steps is admitted
+    #: ahead of the strategy: nobody is overtaken in more than max_passes steps (0: FCFS)
+    max_passes: int = 4
+    #: a request waiting longer than this is admitted ahead of the strategy (null: never; under
+    #: overload every request passes any fixed bound, and the order becomes FCFS)
+    max_wait_ms: float | None = None
     #: "per_token": a request's load is its routing per prompt token (what it adds to each
     #: decode step, equal mass for every request); "counts": total over the prompt
     vectors: str = "per_token"
@@ -80,6 +84,7 @@ class CapsConfig:
             make_strategy(self.strategy, seed=0, **self.strategy_params)  # raises a named ValueError
         _int_in("window_size", self.window_size, 1, 4096)
         _int_in("min_batch_trigger", self.min_batch_trigger, 1, 1_000_000)
+        _int_in("max_passes", self.max_passes, 0, 1_000_000)
         _int_in("seed", self.seed, 0, 2**32 - 1)
         if self.max_wait_ms is not None and (
             isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) or not 0 < self.max_wait_ms <= 3.6e6

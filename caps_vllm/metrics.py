@@ -66,6 +66,12 @@ SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
     "vllm:caps_admitted_requests": ("counter", "Requests admitted from the waiting queue for the first time",
                                     None, ()),
     "vllm:caps_ranked_requests": ("counter", "Requests placed into free slots by the CAPS strategy", None, ()),
+    "vllm:caps_engaged_steps": ("counter", "Scheduler steps with an admission decision: vLLM would admit some but "
+                                "not all waiting requests (slots, token budget or KV cache)", None, ()),
+    "vllm:caps_reordered_steps": ("counter", "Steps whose admitted requests differ from what FCFS would admit "
+                                  "(as CAPS estimates vLLM's budgets)", None, ()),
+    "vllm:caps_pass_over_pinned_requests": ("counter", "Requests passed over max_passes times and then admitted "
+                                            "ahead of the strategy (the starvation bound at work)", None, ()),
     "vllm:caps_max_wait_bypass_requests": ("counter", "Requests admitted ahead of the strategy because they "
                                            "waited longer than max_wait_ms", None, ()),
     "vllm:caps_fcfs_fallback_requests": ("counter", "Requests admitted in steps where CAPS left the FCFS order "

@@ -29,7 +29,7 @@ from vllm.v1.core.sched.request_queue import FCFSRequestQueue, SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
-from caps_vllm.admission import AdmissionPlanner, Waiting
+from caps_vllm.admission import AdmissionPlanner, Capacity, Waiting, fcfs_admissions
 from caps_vllm.config import CapsConfig
 from caps_vllm.learner import OnlineLearner
 from caps_vllm.plugin import OWNED_ENV, route_logs_through_vllm
@@ -225,19 +225,48 @@ class _CapsMixin:
         np.maximum(self._caps_running_load, 0.0, out=self._caps_running_load)  # float drift
         return self._caps_running_load
 
+    def _caps_capacity(self, free: int) -> Capacity:
+        """What vLLM will have left for waiting requests this step, as its ``schedule()`` spends it:
+        the token budget after every running request's next tokens (decode, prefill chunks,
+        capped by long_prefill_token_threshold) and the free KV blocks (prefix-cache hits and
+        the watermark are not counted: an estimate; vLLM enforces the real budgets)."""
+        tokens = self.max_num_scheduled_tokens
+        thr = self.scheduler_config.long_prefill_token_threshold
+        for r in self.running:
+            if tokens <= 0:
+                break
+            n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
+            if 0 < thr < n:
+                n = thr
+            tokens -= max(0, min(n, tokens))
+        kv = self.kv_cache_manager.block_pool.get_num_free_blocks() * self.block_size
+        return Capacity(free, tokens, kv, self.scheduler_config.enable_chunked_prefill)
+
+    def _caps_need(self, r: Request) -> int:
+        n = r.num_tokens - r.num_computed_tokens
+        thr = self.scheduler_config.long_prefill_token_threshold
+        return thr if 0 < thr < n else n
+
     def _caps_reorder(self) -> None:
         waiting = self.waiting
         max_active = getattr(self, "max_num_active_reqs", self.max_num_running_reqs)
         free = max_active - len(self.running) - getattr(self, "num_waiting_for_streaming_input", 0) \
             - len(getattr(self, "kv_holding_waiting", ()))
-        if not self.caps_planner.engaged(len(waiting), free):
+        if free <= 0 or len(waiting) < self.caps_config.min_batch_trigger:
+            self.caps_planner.engaged(len(waiting), free)  # counts the FCFS-fallback steps
             return  # checked before any per-step work: most steps stop here
+        cap = self._caps_capacity(free)
+        admits = fcfs_admissions((self._caps_need(r) for r in waiting), cap)
+        if not self.caps_planner.engaged(len(waiting), admits):
+            return
         plans = self.caps_planner.stats.plans
-        # Only the head can move (see AdmissionPlanner.plan): O(window + free), not O(queue).
-        head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority)
-                for r in itertools.islice(waiting, self.caps_config.window_size + free)]
-        order = self.caps_planner.plan(head, self._caps_vector, self._caps_update_running_load(), free, self.caps_clock(),
-                                       by_priority=self.policy == SchedulingPolicy.PRIORITY, queue_len=len(waiting))
+        # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue).
+        head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority,
+                        self._caps_need(r))
+                for r in itertools.islice(waiting, admits + self.caps_config.window_size)]
+        order = self.caps_planner.plan(head, self._caps_vector, self._caps_update_running_load(), cap,
+                                       self.caps_clock(), by_priority=self.policy == SchedulingPolicy.PRIORITY,
+                                       queue_len=len(waiting), admits=admits)
         if order is not None:
             assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
             new = order + list(itertools.islice(waiting, len(head), None))  # built before the queue is touched
@@ -248,7 +277,7 @@ class _CapsMixin:
 
     def schedule(self, *args, **kwargs):
         st = self.caps_planner.stats
-        before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"])
+        before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"], st.engaged, st.reordered, st.pinned)
         self._caps_ranked_step = None
         log = self.caps_step_log
         if log is not None:
@@ -312,7 +341,8 @@ class _CapsMixin:
         ranked = None if self._caps_ranked_step is None else st.ranked - before[0]
         obs.on_admission(len(out.scheduled_new_reqs), ranked, st.bypassed - before[1],
                          self.caps_counters["predictor_fallback"] - before[2],
-                         st.last_selection_s if ranked is not None else None)
+                         st.last_selection_s if ranked is not None else None,
+                         st.engaged - before[3], st.reordered - before[4], st.pinned - before[5])
         reqs, predicted = self.requests, self.caps_predictor is not None
         obs.on_schedule(out.num_scheduled_tokens,
                         lambda rid: self._caps_vector(reqs[rid]) if predicted and rid in reqs else None)

@@ -80,6 +80,7 @@ def summarize(res, wall_s: float) -> dict:
     span = max(s.finished_s for s in served) - min(s.arrival_s for s in served)
     steps = res.steps
     admit = [st for st in steps if st.admitted and st.waiting_before >= 2]
+    contested = [st for st in admit if len(st.admitted) < st.waiting_before]  # somebody had to stay behind
     decode = [st.distinct_experts for st in steps if st.prefill_tokens == 0 and st.distinct_experts is not None]
     tokens = sum(len(s.token_s) for s in served)
     return {
@@ -95,6 +96,8 @@ def summarize(res, wall_s: float) -> dict:
             "requests_out_of_order": sum(st.out_of_order for st in steps),
             "share_of_those_steps_planned": sum(st.planned for st in admit) / len(admit) if admit else None,
             "steps_planned": sum(st.planned for st in steps),
+            "contested_steps": len(contested),
+            "share_of_contested_planned": sum(st.planned for st in contested) / len(contested) if contested else None,
         },
         "queue": {"mean_waiting": float(np.mean([st.waiting for st in steps])) if steps else 0.0,
                   "mean_running": float(np.mean([st.running for st in steps])) if steps else 0.0,
@@ -346,6 +349,8 @@ def table(results: dict) -> str:
             ("admission steps with ≥ 2 waiting", lambda r: r["engagement"]["admission_steps_with_2plus_waiting"]),
             ("… of them reordered", lambda r: r["engagement"]["share_reordered"]),
             ("… of them planned by CAPS", lambda r: r["engagement"]["share_of_those_steps_planned"]),
+            ("contested steps (some waiting request left behind)", lambda r: r["engagement"]["contested_steps"]),
+            ("… of them planned by CAPS ", lambda r: r["engagement"]["share_of_contested_planned"]),
             ("scheduler time / simulated time", lambda r: r["scheduler_share_of_simulated"]),
             ("simulated s per wall s", lambda r: r["simulated_s_per_wall_s"])]
     arms = list(results)

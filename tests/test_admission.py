@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caps_vllm.admission import AdmissionPlanner, Waiting
+from caps_vllm.admission import AdmissionPlanner, Capacity, Waiting, fcfs_admissions
 from caps_vllm.config import CapsConfig
 
 D = 4
@@ -41,78 +41,135 @@ def planner(**kw):
 def test_complementary_requests_move_ahead_of_the_hotspot():
     p = planner()
     w = waiting(("hot1", 5), ("hot2", 4), ("hot3", 3), ("b", 2), ("c", 1))
-    order = p.plan(w, vec, running_load=np.array([8.0, 0, 0, 0]), free_slots=3, now=100.0)
-    assert order[0] == "hot1"  # the oldest always first
-    assert order[1:3] == ["b", "c"]  # complements of the running hot expert
+    order = p.plan(w, vec, running_load=np.array([8.0, 0, 0, 0]), capacity=3, now=100.0)
+    assert set(order[:3]) == {"b", "c", "hot1"}  # complements of the running hot expert (nobody pinned first)
     assert sorted(order) == sorted(x.item for x in w)  # nothing lost, nothing duplicated
-    assert p.stats.plans == 1 and p.stats.ranked == 3
+    assert p.stats.plans == 1 and p.stats.ranked == 3 and p.stats.engaged == 1 and p.stats.reordered == 1
 
 
-def test_below_trigger_or_without_free_slots_the_order_is_kept():
+def test_one_free_place_is_still_a_choice():
+    p = planner()
+    order = p.plan(waiting(("hot1", 5), ("hot2", 4), ("b", 3)), vec, np.array([8.0, 0, 0, 0]), capacity=1, now=100.0)
+    assert order[0] == "b" and p.passes == {"hot1": 1, "hot2": 1}
+
+
+def test_below_trigger_or_without_capacity_the_order_is_kept():
     p = planner(min_batch_trigger=4)
     w = waiting(("hot1", 3), ("hot2", 2), ("b", 1))
-    assert p.plan(w, vec, np.zeros(D), free_slots=3, now=100.0) is None
+    assert p.plan(w, vec, np.zeros(D), capacity=1, now=100.0) is None
     assert p.stats.fcfs_fallback == 1
     w4 = waiting(("hot1", 4), ("hot2", 3), ("hot3", 2), ("b", 1))
-    assert p.plan(w4, vec, np.zeros(D), free_slots=0, now=100.0) is None
+    assert p.plan(w4, vec, np.zeros(D), capacity=0, now=100.0) is None
+    assert p.plan(w4, vec, np.zeros(D), capacity=Capacity(slots=8, tokens=0), now=100.0) is None
+    assert p.stats.engaged == 0
 
 
-def test_preempted_stay_first_then_overdue_then_strategy():
+def test_fcfs_admissions_follow_vllms_budgets():
+    needs = [100, 300, 50, 700]
+    assert fcfs_admissions(needs, Capacity(slots=8)) == 4
+    assert fcfs_admissions(needs, Capacity(slots=2)) == 2
+    assert fcfs_admissions(needs, Capacity(slots=8, tokens=420)) == 3  # the third is a chunk of 20
+    assert fcfs_admissions(needs, Capacity(slots=8, tokens=400)) == 2  # no budget left for a third
+    assert fcfs_admissions(needs, Capacity(slots=8, tokens=420, chunked=False)) == 2
+    assert fcfs_admissions(needs, Capacity(slots=8, kv_tokens=460)) == 3
+
+
+def test_the_token_budget_engages_caps_with_free_slots_to_spare():
+    """vLLM's defaults: plenty of sequence slots, the token budget is what holds the queue."""
+    p = planner()
+    w = [Waiting(n, n, 100.0 - a, need=600) for n, a in (("hot1", 5), ("hot2", 4), ("b", 3), ("c", 2))]
+    cap = Capacity(slots=256, tokens=1000)  # room for one prompt and a chunk of another
+    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=cap, now=100.0)
+    assert order[:2] == ["b", "c"] and p.stats.engaged == 1
+    assert p.plan(w, vec, np.zeros(D), capacity=Capacity(slots=256, tokens=10_000), now=100.0) is None  # all fit
+
+
+def test_preempted_stay_first_then_overdue_then_pinned_then_strategy():
     p = planner(max_wait_ms=1500)
     w = waiting(("hot9", 0.5, True), ("hot3", 1), ("hot1", 5), ("hot4", 0.7), ("hot2", 1.8), ("b", 0.5))
-    order = p.plan(w, vec, np.zeros(D), free_slots=5, now=100.0)
-    # preempted first, then the two waiting > 1.5 s, then the strategy: its oldest, a complement
-    assert order == ["hot9", "hot1", "hot2", "hot3", "b", "hot4"]
+    order = p.plan(w, vec, np.zeros(D), capacity=5, now=100.0)
+    # preempted first, then the two waiting > 1.5 s, then the strategy's two picks
+    assert order[:3] == ["hot9", "hot1", "hot2"] and "b" in order[3:5]
     assert p.stats.bypassed == 2
-    # One slot left after the rules: only the max-wait reordering happens.
-    assert p.plan(w, vec, np.zeros(D), free_slots=3, now=100.0) == ["hot9", "hot1", "hot2", "hot3", "hot4", "b"]
+    p.passes["hot3"] = p.cfg.max_passes  # passed over too often: ahead of the strategy, after the overdue
+    assert p.plan(w, vec, np.zeros(D), capacity=5, now=100.0)[:4] == ["hot9", "hot1", "hot2", "hot3"]
 
 
 def test_requests_without_a_vector_keep_their_fcfs_position():
     p = planner()
     w = waiting(("hot1", 5), ("x", 4), ("hot2", 3), ("b", 2))
-    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), free_slots=2, now=100.0)
-    assert order == ["hot1", "x", "b", "hot2"]
+    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=2, now=100.0)
+    assert order[1] == "x" and order[0] == "b"
     assert p.stats.no_vector == 1
 
 
 def test_priority_group_is_reordered_alone():
     p = planner()
     w = waiting(("hot1", 5, False, 0), ("hot2", 4, False, 0), ("b", 3, False, 0), ("c", 9, False, 1))
-    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), free_slots=2, now=100.0, by_priority=True)
-    assert order == ["hot1", "b", "hot2", "c"]  # the priority-1 request stays behind
+    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=2, now=100.0, by_priority=True)
+    assert order[0] == "b" and order[-1] == "c"  # the priority-1 request stays behind
 
 
 def test_window_limits_the_choice():
-    p = planner(window_size=2)
+    p = planner(window_size=1)
     w = waiting(("hot1", 5), ("hot2", 4), ("b", 3))
-    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), free_slots=2, now=100.0)
-    assert order == ["hot1", "hot2", "b"]  # b is outside the window of 2
+    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=1, now=100.0)
+    assert order is None  # one place: the window is hot1 (FCFS's pick) + 1 more, both hot; b is outside
 
 
 def test_pairwise_cache_forgets_requests_that_left():
     p = planner()
-    p.plan(waiting(("hot1", 5), ("b", 4), ("c", 3)), vec, np.zeros(D), free_slots=2, now=100.0)
+    p.plan(waiting(("hot1", 5), ("b", 4), ("c", 3)), vec, np.zeros(D), capacity=2, now=100.0)
     assert len(p.pairs) == 3
-    p.plan(waiting(("c", 3), ("d", 1), ("b5", 0.5)), vec, np.zeros(D), free_slots=2, now=100.0)
+    p.plan(waiting(("c", 3), ("d", 1), ("b5", 0.5)), vec, np.zeros(D), capacity=2, now=100.0)
     assert len(p.pairs) == 3 and "hot1" not in p.pairs
 
 
 def test_no_decision_when_everyone_fits():
     p = planner()
     w = waiting(("hot1", 5), ("hot2", 4), ("b", 3))
-    assert p.plan(w, vec, np.array([8.0, 0, 0, 0]), free_slots=3, now=100.0) is None
+    assert p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=3, now=100.0) is None
     assert p.stats.plans == 0
+
+
+@pytest.mark.parametrize("max_passes", [0, 1, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_nobody_is_overtaken_in_more_than_max_passes_steps(max_passes, seed):
+    """An adversarial stream (every new request is a complement, the old ones all hot), one
+    admission a step: the worst-case number of steps in which a younger request was admitted
+    ahead of a waiting one is max_passes."""
+    rng = np.random.default_rng(seed)
+    p = planner(max_passes=max_passes)
+    queue, overtaken, t = [], {}, 0.0
+    for step in range(300):
+        for _ in range(int(rng.integers(0, 3))):
+            t += 1.0
+            queue.append(Waiting(f"{'hot' if rng.random() < 0.7 else 'bcd'[int(rng.integers(3))]}{step}_{t}",
+                                 f"r{t}", t))
+        if not queue:
+            continue
+        order = p.plan(queue, lambda n: vec(n.split("_")[0]), np.array([50.0, 0, 0, 0]), capacity=1, now=t)
+        items = order if order is not None else [w.item for w in queue]
+        by_item = {w.item: w for w in queue}
+        admitted = by_item[items[0]]
+        for w in queue:
+            if w is not admitted and w.arrival < admitted.arrival:
+                overtaken[w.key] = overtaken.get(w.key, 0) + 1
+        queue = [by_item[i] for i in items[1:]]
+    assert max(overtaken.values(), default=0) <= max_passes
+    if max_passes:
+        assert max(overtaken.values(), default=0) == max_passes  # the bound is reached: CAPS did choose
 
 
 def test_config_defaults_and_errors():
     cfg = CapsConfig.from_dict(None)
-    assert cfg.strategy == "step_cost" and cfg.vectors == "per_token"
+    assert cfg.strategy == "step_cost" and cfg.vectors == "per_token" and cfg.max_passes == 4 and cfg.max_wait_ms is None
     for bad, field in [
         ({"strategy": "nope"}, "caps.strategy"),
         ({"window_size": 0}, "caps.window_size"),
         ({"window_size": True}, "caps.window_size"),
         ({"min_batch_trigger": -1}, "caps.min_batch_trigger"),
+        ({"max_passes": -1}, "caps.max_passes"),
         ({"max_wait_ms": 0}, "caps.max_wait_ms"),
         ({"vectors": "raw"}, "caps.vectors"),
         ({"predictor": "yes"}, "caps.predictor"),

@@ -17,8 +17,8 @@ torch = pytest.importorskip("torch")
 CAPS = {"min_batch_trigger": 2, "max_wait_ms": 60000}
 
 
-def _engine(model, sched, caps=None):
-    cmd = [sys.executable, str(ROOT / "tests" / "engine_run.py"), str(model), sched or "", json.dumps(caps or {})]
+def _engine(model, sched, caps=None, mode="small"):
+    cmd = [sys.executable, str(ROOT / "tests" / "engine_run.py"), str(model), sched or "", json.dumps(caps or {}), mode]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
@@ -45,6 +45,19 @@ def test_caps_changes_admission_not_results(tiny_model, fcfs_run):
     again = _engine(tiny_model, "caps_vllm.CapsScheduler", CAPS)  # a restart resumes the persisted state
     assert again["learner"]["resumed"] and again["learner"]["rows"] > caps["learner"]["rows"]
     assert again["outputs"] == fcfs["outputs"]
+
+
+@pytest.mark.engine
+def test_caps_chooses_at_vllms_cpu_defaults(tiny_model):
+    """No budget lowered to force a choice: 96 long prompts at once queue on vLLM's token budget
+    with sequence slots to spare, and CAPS (its defaults) chooses; every request completes once."""
+    run = _engine(tiny_model, "caps_vllm.CapsScheduler", {}, mode="cpu-defaults")
+    slots, tokens = run["budgets"]
+    assert slots > 96 and tokens >= 2048  # vLLM's own defaults: the slots never bind
+    st = run["caps_stats"]
+    assert st["engaged"] > 0 and st["plans"] > 0 and st["ranked"] > 0, st
+    assert len(run["outputs"]) == 96 and all(len(o) == 12 for o in run["outputs"])
+    assert run["caps_counters"].get("errors", 0) == 0
 
 
 @pytest.mark.engine
