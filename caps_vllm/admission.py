@@ -19,7 +19,9 @@ held back by sequence slots. The rules, in order:
    in more than ``max_passes`` steps (the starvation bound, which holds under any load);
 4. the strategy picks, from the ``k`` requests FCFS would admit plus the next ``window_size``,
    the ``k`` to admit (no request is pinned first, so one free place is still a choice);
-   a request without a predicted vector keeps its FCFS position among them;
+   a request without a predicted vector keeps its FCFS position among them. A strategy that
+   prices steps (``step_cost``) keeps FCFS's ``k`` unless its own pick is predicted to make the
+   decode step they join cheaper by more than ``min_gain_ms``: never worse than FCFS by its model;
 5. everything else keeps its order.
 Below ``min_batch_trigger`` waiting requests the order is not touched. Under the priority
 policy only the leading requests of the best priority are reordered, so a lower priority never
@@ -99,6 +101,7 @@ class AdmissionStats:
     ranked: int = 0  # requests ranked by the strategy into the admission places
     bypassed: int = 0  # requests admitted ahead of the strategy by the max-wait rule (once each)
     pinned: int = 0  # requests put ahead of the strategy after max_passes passes (once each)
+    kept_fcfs: int = 0  # plans where the strategy's pick gained less than min_gain_ms: FCFS's was kept
     no_vector: int = 0  # window requests kept in FCFS position for lack of a prediction
     last_selection_s: float = 0.0  # wall time of the last plan that ranked a window
 
@@ -218,8 +221,17 @@ class AdmissionPlanner:
             # every real request free to be picked (or not) on its merits.
             cand = np.vstack([np.zeros((1, cand.shape[1])), cand])
             gram = np.pad(gram, ((1, 0), (1, 0))) if gram is not None else None
-            picks = self.strategy.select(load, cand, min(places, len(scored)) + 1, gram=gram, checked=True)
-            picked = [scored[p - 1] for p in picks[1:]]
+            b = min(places, len(scored))
+            picks = [p - 1 for p in self.strategy.select(load, cand, b + 1, gram=gram, checked=True)[1:]]
+            if hasattr(self.strategy, "cost") and sorted(picks) != list(range(b)):
+                # Never worse than FCFS by the step model: its b oldest unless the pick gains enough.
+                real = cand[1:]
+                both = np.stack([load + real[picks].sum(axis=0), load + real[:b].sum(axis=0)])
+                ms = self.strategy.cost(both)
+                if ms[1] - ms[0] <= self.cfg.min_gain_ms:
+                    picks = list(range(b))
+                    self.stats.kept_fcfs += 1
+            picked = [scored[p] for p in picks]
         self.stats.no_vector += len(window) - len(scored)
         # Requests without a vector keep their FCFS place; the picked ones, then the others, fill the rest.
         chosen = set(picked)

@@ -26,6 +26,9 @@ class CapsConfig:
     #: a request passed over (a younger one admitted while it waits) this many steps is admitted
     #: ahead of the strategy: nobody is overtaken in more than max_passes steps (0: FCFS)
     max_passes: int = 4
+    #: step_cost keeps FCFS's admissions unless its own are predicted to make the decode step they
+    #: join cheaper by more than this (milliseconds of the step-cost model)
+    min_gain_ms: float = 0.0
     #: a request waiting longer than this is admitted ahead of the strategy (null: never; under
     #: overload every request passes any fixed bound, and the order becomes FCFS)
     max_wait_ms: float | None = None
@@ -90,6 +93,9 @@ class CapsConfig:
             isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) or not 0 < self.max_wait_ms <= 3.6e6
         ):
             raise ValueError(f"caps.max_wait_ms: {self.max_wait_ms!r} is out of range; valid: a number in (0, 3600000] or null")
+        if isinstance(self.min_gain_ms, bool) or not isinstance(self.min_gain_ms, (int, float)) \
+                or not 0 <= self.min_gain_ms <= 1e6:
+            raise ValueError(f"caps.min_gain_ms: {self.min_gain_ms!r} is out of range; valid: a number in [0, 1e6]")
         if self.vectors not in ("per_token", "counts"):
             raise ValueError(f"caps.vectors: {self.vectors!r}; valid: 'per_token' or 'counts'")
         _int_in("learn_rows_per_step", self.learn_rows_per_step, 1, 1_000_000)

@@ -70,6 +70,8 @@ SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
                                 "not all waiting requests (slots, token budget or KV cache)", None, ()),
     "vllm:caps_reordered_steps": ("counter", "Steps whose admitted requests differ from what FCFS would admit "
                                   "(as CAPS estimates vLLM's budgets)", None, ()),
+    "vllm:caps_kept_fcfs_steps": ("counter", "Steps where step_cost's choice was predicted to gain no more than "
+                                  "min_gain_ms over FCFS's, so FCFS's admissions were kept", None, ()),
     "vllm:caps_pass_over_pinned_requests": ("counter", "Requests passed over max_passes times and then admitted "
                                             "ahead of the strategy (the starvation bound at work)", None, ()),
     "vllm:caps_max_wait_bypass_requests": ("counter", "Requests admitted ahead of the strategy because they "

@@ -277,7 +277,8 @@ class _CapsMixin:
 
     def schedule(self, *args, **kwargs):
         st = self.caps_planner.stats
-        before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"], st.engaged, st.reordered, st.pinned)
+        before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"], st.engaged, st.reordered, st.pinned,
+                  st.kept_fcfs)
         self._caps_ranked_step = None
         log = self.caps_step_log
         if log is not None:
@@ -342,7 +343,8 @@ class _CapsMixin:
         obs.on_admission(len(out.scheduled_new_reqs), ranked, st.bypassed - before[1],
                          self.caps_counters["predictor_fallback"] - before[2],
                          st.last_selection_s if ranked is not None else None,
-                         st.engaged - before[3], st.reordered - before[4], st.pinned - before[5])
+                         st.engaged - before[3], st.reordered - before[4], st.pinned - before[5],
+                         st.kept_fcfs - before[6])
         reqs, predicted = self.requests, self.caps_predictor is not None
         obs.on_schedule(out.num_scheduled_tokens,
                         lambda rid: self._caps_vector(reqs[rid]) if predicted and rid in reqs else None)

@@ -180,3 +180,17 @@ def test_config_defaults_and_errors():
             CapsConfig.from_dict(bad)
     with pytest.raises(ValueError, match="must be an object"):
         CapsConfig.from_dict([1])
+
+
+def test_step_cost_keeps_fcfs_unless_its_pick_gains_more_than_min_gain():
+    # one device: a request on the experts already read is cheaper than one that adds new experts
+    w = waiting(("b", 5), ("c", 4), ("hot1", 3))
+    running = np.array([8.0, 0, 0, 0])
+    p = planner(strategy="step_cost")
+    order = p.plan(w, vec, running, capacity=1, now=100.0)
+    assert order[0] == "hot1" and p.stats.kept_fcfs == 0  # affinity, ahead of two older requests
+    strict = planner(strategy="step_cost", min_gain_ms=1e6)
+    assert strict.plan(w, vec, running, capacity=1, now=100.0) is None  # the gain is below the bar: FCFS
+    assert strict.stats.kept_fcfs == 1 and strict.stats.plans == 1
+    with pytest.raises(ValueError, match="caps.min_gain_ms"):
+        CapsConfig.from_dict({"min_gain_ms": -1})
