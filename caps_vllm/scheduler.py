@@ -100,13 +100,20 @@ class _CapsMixin:
         logger.info("CAPS step log: %s", path)
         return StepLog(path)
 
+    @property
+    def _caps_on(self) -> bool:
+        """False for an object built without CAPS's __init__ (vLLM's tests do so): it acts as the stock class."""
+        return "caps_config" in self.__dict__
+
     def add_request(self, request: Request) -> None:
         super().add_request(request)
-        if self.caps_step_log is not None:
+        if self._caps_on and self.caps_step_log is not None:
             self.caps_step_log.added(request)
 
     def finish_requests(self, request_ids, finished_status):
         aborted = super().finish_requests(request_ids, finished_status)
+        if not self._caps_on:
+            return aborted
         if self.caps_observer is not None:
             self.caps_observer.on_finished((r.request_id for r in aborted), score=False)
         if self.caps_step_log is not None:
@@ -136,7 +143,7 @@ class _CapsMixin:
 
     def shutdown(self) -> None:
         super().shutdown()
-        if self.caps_learner is not None:
+        if self._caps_on and self.caps_learner is not None:
             self.caps_learner.close()
 
     def _caps_deployment(self, vllm_config) -> dict:
@@ -276,6 +283,8 @@ class _CapsMixin:
             self._caps_ranked_step = self.caps_planner.stats.ranked
 
     def schedule(self, *args, **kwargs):
+        if not self._caps_on:
+            return super().schedule(*args, **kwargs)
         st = self.caps_planner.stats
         before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"], st.engaged, st.reordered, st.pinned,
                   st.kept_fcfs)
@@ -300,10 +309,18 @@ class _CapsMixin:
         return out
 
     def update_from_output(self, scheduler_output, model_runner_output):
+        if not self._caps_on:
+            return super().update_from_output(scheduler_output, model_runner_output)
         record = getattr(model_runner_output, "caps_routing", None)
         aux = getattr(model_runner_output, "aux_output_connector_output", None)
         if record is None and aux and self.caps_predictor is not None:
-            record = self._caps_record_from_rows(aux)
+            try:
+                record = self._caps_record_from_rows(aux)
+            except Exception:  # rows of a shape CAPS does not know: metrics and learning skip the step
+                self.caps_counters["errors"] += 1
+                self._caps_warn_once("rows", "CAPS could not read vLLM's routed-experts rows; routing metrics and "
+                                     "learning skip such steps (further errors are only counted)",
+                                     log=logger.exception)
         if record is not None:  # before vLLM frees the requests that finished
             if self.caps_observer is not None:  # scored before the table learns these rows
                 self._caps_guard(self._caps_observe_output, record)
@@ -367,7 +384,10 @@ class _CapsMixin:
         total = np.zeros((len(layers), pred.num_experts), dtype=np.int64)
         rec = RoutingRecord(tuple(layers), total, 0)
         for rid, out in aux.items():
-            rows = np.asarray(out.rows)[:, layers]
+            rows = np.asarray(out.rows)
+            if rows.ndim != 3 or not len(rows):
+                continue  # no routing for this request in this step (e.g. a prompt-end offset)
+            rows = rows[:, layers]
             total += counts_from_rows(rows, pred.num_experts)
             rec.num_tokens += len(rows)
             r = self.requests.get(rid)

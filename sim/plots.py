@@ -140,7 +140,7 @@ def twin_study_figure(study: dict, out: Path) -> list[Path]:
             ax.grid(alpha=0.3)
         axes[0][j].legend(fontsize=6)
     fig.tight_layout()
-    return _save(fig, out / "study")
+    return _save(fig, out / "study", pdf=False)
 
 
 def fidelity_figure(doc: dict, out: Path) -> list[Path]:
@@ -159,4 +159,4 @@ def fidelity_figure(doc: dict, out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=5)
     fig.tight_layout()
-    return _save(fig, out / "fidelity")
+    return _save(fig, out / "fidelity", pdf=False)
