@@ -46,6 +46,13 @@ class Recall:
         self.prior_hits += prior
 
 
+def topk_hits(table: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[tokens, layers, top_k] bools: whether each routed pick in ``rows`` is among the experts
+    ``table`` predicts for its token id (the numerator of top-k recall)."""
+    pred = table[ids].astype(np.int64)
+    return (pred[:, :, :, None] == np.asarray(rows, dtype=np.int64)[:, :, None, :]).any(axis=2)
+
+
 class LearnedTable:
     """Online per-token expert counts over a dry-run prior; ``table`` is the current top-k."""
 
@@ -93,6 +100,7 @@ class LearnedTable:
         row_slot = self._slots(uniq)[np.searchsorted(uniq, ids)]
         if (row_slot < 0).any():  # more new tokens in one batch than the table holds
             ids, rows, row_slot = ids[row_slot >= 0], rows[row_slot >= 0], row_slot[row_slot >= 0]
+            uniq = np.unique(ids)
         w = self.scale
         layer = np.arange(self.layers)[None, :, None]
         flat = (row_slot[:, None, None] * self.layers + layer) * self.num_experts + rows
@@ -104,15 +112,12 @@ class LearnedTable:
             self.counts /= self.scale
             self.mass /= self.scale
             self.scale = 1.0
-        return self._refresh(np.unique(ids))
+        return self._refresh(uniq)
 
     def _score(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Prequential recall: how many routed picks each table had before learning them."""
-        def hits(table: np.ndarray) -> int:
-            pred = table[ids].astype(np.int64)  # [t, layers, k]
-            return int((pred[:, :, :, None] == rows[:, :, None, :]).any(axis=2).sum())
-
-        self.recall.add(rows.size, hits(self.table), hits(self.prior))
+        self.recall.add(rows.size, int(topk_hits(self.table, ids, rows).sum()),
+                        int(topk_hits(self.prior, ids, rows).sum()))
 
     def _slots(self, tokens: np.ndarray) -> np.ndarray:
         """Rows of ``tokens`` (sorted, unique), allocating (and evicting) where needed."""

@@ -39,10 +39,16 @@ def default_dir() -> Path:
     return default_cache_dir() / "models" / "tiny-qwen2-moe"
 
 
-def prompt_pool() -> list[dict]:
-    """The project's own labelled prompt pool (category, prompt)."""
-    text = resources.files("caps_vllm").joinpath("data/topic_prompts.jsonl").read_text()
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+def prompt_pool(path: Path | str | None = None) -> list[dict]:
+    """The rows of a JSON-lines prompt pool (category, prompt, ...); the project's own by default.
+
+    Lines are split on newlines only: real prompts hold characters (U+2028) that
+    ``str.splitlines`` would also break on."""
+    if path is None:
+        text = resources.files("caps_vllm").joinpath("data/topic_prompts.jsonl").read_text()
+    else:
+        text = Path(path).read_text()
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def build_tokenizer(corpus: list[str], out: Path):

@@ -19,7 +19,6 @@ id) is held out for perplexity and routing measurements. The result (bf16 weight
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import time
@@ -27,13 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from caps_vllm.tiny_model import build_tokenizer, model_config, save_model
+from caps_vllm.tiny_model import build_tokenizer, model_config, prompt_pool, save_model
 
 HELD_OUT_EVERY = 20
-
-
-def read_pool(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().split("\n") if line.strip()]
 
 
 def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -97,7 +92,7 @@ def train(pool: Path, save_to: Path | None, steps: int, seed: int = 0, batch: in
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    train_rows, held_rows = split(read_pool(pool))
+    train_rows, held_rows = split(prompt_pool(pool))
     with tempfile.TemporaryDirectory() as tmp:
         tok = build_tokenizer([r["prompt"] for r in train_rows], Path(tmp))
     cfg = model_config(tok, aux_coef=aux_coef)

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from caps_vllm.routing import counts_from_rows
-from caps_vllm.train_tiny import pack, perplexity, read_pool, split
+from caps_vllm.tiny_model import generate, prompt_pool, untrained
+from caps_vllm.train_tiny import pack, perplexity, split
 from sim.captured_routing import CapturedRouting
 from sim.plots import model_figure, write_study
 
@@ -117,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.pool.exists():
         print(f"no prompt pool at {a.pool}", file=sys.stderr)
         return 2
-    from caps_vllm.tiny_model import generate, untrained
-
     trained = generate()
-    _, held = split(read_pool(a.pool))
+    _, held = split(prompt_pool(a.pool))
     record = json.loads((trained / "caps_model.json").read_text())
     doc = {"held_out_prompts": len(held), "training": record["training"],
            "vocab": json.loads((trained / "config.json").read_text())["vocab_size"]}

@@ -31,8 +31,10 @@ from pathlib import Path
 
 import numpy as np
 
-from caps_vllm.routing import cosine, topk_overlap
-from caps_vllm.train_tiny import HELD_OUT_EVERY, read_pool
+from caps_vllm.learned_table import topk_hits
+from caps_vllm.routing import cosine, counts_from_rows, topk_overlap
+from caps_vllm.tiny_model import prompt_pool
+from caps_vllm.train_tiny import HELD_OUT_EVERY
 from sim.plots import predictor_figure, write_study
 
 POOL = Path("../shared/data/prompts/topic_prompts_combined.jsonl")
@@ -92,8 +94,7 @@ def serve(model: str, rows: list[dict], max_prompt: int, decode: int, seed: int,
 
 def token_recall(table: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Per layer: share of the routed top-k picks that ``table`` predicts for each token id."""
-    pred = table[ids].astype(np.int64)
-    return (pred[:, :, :, None] == rows[:, :, None, :].astype(np.int64)).any(axis=2).mean(axis=(0, 2))
+    return topk_hits(table, ids, rows).mean(axis=(0, 2))
 
 
 def ceiling_table(ids: np.ndarray, rows: np.ndarray, vocab: int, experts: int) -> tuple[np.ndarray, np.ndarray]:
@@ -104,15 +105,6 @@ def ceiling_table(ids: np.ndarray, rows: np.ndarray, vocab: int, experts: int) -
     table = np.argsort(-counts, axis=2, kind="stable")[:, :, :k]
     best = np.take_along_axis(counts, table, axis=2).sum(axis=(0, 2))
     return table, best / (len(ids) * k)
-
-
-def histogram(table: np.ndarray, ids: np.ndarray, experts: int) -> np.ndarray:
-    """[layers, experts] predicted counts of a prompt: its tokens' table rows counted."""
-    rows = table[ids].astype(np.int64)
-    out = np.zeros((rows.shape[1], experts))
-    for layer in range(rows.shape[1]):
-        out[layer] = np.bincount(rows[:, layer].ravel(), minlength=experts)
-    return out
 
 
 def per_layer(pred: np.ndarray, actual: np.ndarray, k: int) -> tuple[list[float], list[float]]:
@@ -143,39 +135,26 @@ def analyse(run: dict) -> dict:
     }
     doc["learning_curve"] = [{"requests": int(c[0]), "learned": float(c[2] / c[1]), "dry_run": float(c[3] / c[1])}
                              for c in _window_rates(curve, 20)]
-    # Per-request histograms: prompt and decode, per layer, means over requests.
+    # Per-request histograms: prompt and decode, per layer, means over requests; each
+    # prediction is scored against the request's prompt routing and against its decode routing.
+    actual = [counts_from_rows(r["rows"], experts) for r in reqs]
     tables = {"dry_run": run["dry_table"], "ceiling": ceil_tab, "learned": run["learned_table"]}
-    sections = {"prompt": {}, "decode": {}}
-    for name, tab in [*tables.items(), ("actual_prompt", None), ("uniform", None)]:
-        for target in ("prompt", "decode"):
+    predicted = {name: [counts_from_rows(tab[r["ids"]], experts) for r in reqs] for name, tab in tables.items()}
+    predicted["actual_prompt"] = actual  # a perfect prompt predictor (of decode routing only)
+    predicted["uniform"] = [np.ones(a.shape) for a in actual]
+    truths = {"prompt": actual, "decode": [r["decode"] for r in reqs]}
+    sections: dict = {target: {} for target in truths}
+    for name, preds in predicted.items():
+        for target, truth in truths.items():
             if name == "actual_prompt" and target == "prompt":
                 continue
-            cos_l, ovl_l = [], []
-            for r in reqs:
-                actual_prompt = _counts(r["rows"], experts)
-                actual = actual_prompt if target == "prompt" else r["decode"]
-                if actual is None:
-                    continue
-                if name == "actual_prompt":
-                    pred = actual_prompt
-                elif name == "uniform":
-                    pred = np.ones_like(actual, dtype=np.float64)
-                else:
-                    pred = histogram(tab, r["ids"], experts)
-                c, o = per_layer(pred, actual, k)
-                cos_l.append(c)
-                ovl_l.append(o)
-            sections[target][name] = {"cosine": _mean_layers(cos_l), "topk_overlap": _mean_layers(ovl_l)}
+            scores = [per_layer(p, t, k) for p, t in zip(preds, truth) if t is not None]
+            sections[target][name] = {"cosine": _mean_layers([c for c, _ in scores]),
+                                      "topk_overlap": _mean_layers([o for _, o in scores])}
             if name == "uniform":  # no ranking to compare: a random top-k overlaps k/E on average
                 sections[target][name]["topk_overlap"] = [round(k / experts, 4)] * len(run["moe_layers"])
     doc["histograms"] = sections
     return doc
-
-
-def _counts(rows: np.ndarray, experts: int) -> np.ndarray:
-    from caps_vllm.routing import counts_from_rows
-
-    return counts_from_rows(rows, experts).astype(np.float64)
 
 
 def _mean_layers(values: list[list]) -> list[float]:
@@ -253,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from caps_vllm.tiny_model import generate
 
     model = a.model or str(generate())
-    pool = read_pool(a.pool)
+    pool = prompt_pool(a.pool)
     rng = np.random.default_rng(a.seed)
     rows = [pool[i] for i in rng.permutation(len(pool))[: a.requests]]
     with tempfile.TemporaryDirectory() as cache:  # a fresh learning table
