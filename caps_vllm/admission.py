@@ -195,11 +195,11 @@ class AdmissionPlanner:
             self.stats.last_selection_s = time.perf_counter() - started
         self.pairs.retain(alive)
         new = ahead + [window[i] for i in order] + beyond
-        self._count_passes(new, cap)
+        admitted = new[: fcfs_admissions((w.need for w in new), cap)]
+        self._count_passes(new, admitted)
         if all(a is b for a, b in zip(new, group)):
             return None
-        fcfs = {w.key for w in group[:k]}
-        if {w.key for w in new[: fcfs_admissions((w.need for w in new), cap)]} != fcfs:
+        if {w.key for w in admitted} != {w.key for w in group[:k]}:
             self.stats.reordered += 1
         return [w.item for w in new] + [w.item for w in waiting[g:]]
 
@@ -238,9 +238,9 @@ class AdmissionPlanner:
         it = iter(picked + [i for i in scored if i not in chosen])
         return [i if vecs[i] is None else next(it) for i in range(len(window))]
 
-    def _count_passes(self, new: list[Waiting[T]], cap: Capacity) -> None:
-        """A request left waiting while a younger one is admitted ahead of it is passed over once."""
-        admitted = new[: fcfs_admissions((w.need for w in new), cap)]
+    def _count_passes(self, new: list[Waiting[T]], admitted: list[Waiting[T]]) -> None:
+        """A request left waiting while a younger one (of ``admitted``, the head of ``new``) is
+        admitted ahead of it is passed over once."""
         if not admitted:
             return
         youngest = max(w.arrival for w in admitted)

@@ -238,21 +238,21 @@ class _CapsMixin:
         capped by long_prefill_token_threshold) and the free KV blocks (prefix-cache hits and
         the watermark are not counted: an estimate; vLLM enforces the real budgets)."""
         tokens = self.max_num_scheduled_tokens
-        thr = self.scheduler_config.long_prefill_token_threshold
         for r in self.running:
             if tokens <= 0:
                 break
-            n = r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
-            if 0 < thr < n:
-                n = thr
+            n = self._caps_capped(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
             tokens -= max(0, min(n, tokens))
         kv = self.kv_cache_manager.block_pool.get_num_free_blocks() * self.block_size
         return Capacity(free, tokens, kv, self.scheduler_config.enable_chunked_prefill)
 
-    def _caps_need(self, r: Request) -> int:
-        n = r.num_tokens - r.num_computed_tokens
+    def _caps_capped(self, n: int) -> int:
+        """A request's tokens this step as vLLM caps them (long_prefill_token_threshold)."""
         thr = self.scheduler_config.long_prefill_token_threshold
         return thr if 0 < thr < n else n
+
+    def _caps_need(self, r: Request) -> int:
+        return self._caps_capped(r.num_tokens - r.num_computed_tokens)
 
     def _caps_reorder(self) -> None:
         waiting = self.waiting
