@@ -21,7 +21,10 @@ held back by sequence slots. The rules, in order:
    the ``k`` to admit (no request is pinned first, so one free place is still a choice);
    a request without a predicted vector keeps its FCFS position among them. A strategy that
    prices steps (``step_cost``) keeps FCFS's ``k`` unless its own pick is predicted to make the
-   decode step they join cheaper by more than ``min_gain_ms``: never worse than FCFS by its model;
+   decode steps they share cheaper by more than the share ``min_gain``: never worse than FCFS by
+   its model;
+   and where the routing is captured, a guard scores each reordering on the real routing and
+   keeps FCFS while they lose (:mod:`caps_vllm.guard`);
 5. everything else keeps its order.
 Below ``min_batch_trigger`` waiting requests the order is not touched. Under the priority
 policy only the leading requests of the best priority are reordered, so a lower priority never
@@ -39,6 +42,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from caps_vllm.config import CapsConfig
+from caps_vllm.guard import FcfsGuard
 from caps_vllm.strategies import PairwiseCache, make_strategy
 
 T = TypeVar("T")
@@ -101,8 +105,9 @@ class AdmissionStats:
     ranked: int = 0  # requests ranked by the strategy into the admission places
     bypassed: int = 0  # requests admitted ahead of the strategy by the max-wait rule (once each)
     pinned: int = 0  # requests put ahead of the strategy after max_passes passes (once each)
-    kept_fcfs: int = 0  # plans where the strategy's pick gained less than min_gain_ms: FCFS's was kept
+    kept_fcfs: int = 0  # plans where the strategy's pick gained no more than min_gain: FCFS's was kept
     no_vector: int = 0  # window requests kept in FCFS position for lack of a prediction
+    guard_fallback: int = 0  # planned steps left FCFS because the live guard tripped (caps_vllm.guard)
     last_selection_s: float = 0.0  # wall time of the last plan that ranked a window
 
 
@@ -119,6 +124,7 @@ class AdmissionPlanner:
         self.stats = AdmissionStats()
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
         self.passes: dict[Hashable, int] = {}  # steps each waiting request was passed over in
+        self.guard: FcfsGuard | None = None  # set by the scheduler where routing is captured
 
     def engaged(self, queue_len: int, admits: int) -> bool:
         """Whether there is a decision: vLLM would admit ``admits`` (>= 1) of ``queue_len`` (counted)."""
@@ -195,6 +201,9 @@ class AdmissionPlanner:
             self.stats.last_selection_s = time.perf_counter() - started
         self.pairs.retain(alive)
         new = ahead + [window[i] for i in order] + beyond
+        if self.guard is not None and self.guard.tripped:
+            self.stats.guard_fallback += 1  # decided in the shadow, for the guard to score: FCFS
+            new = list(group)
         admitted = new[: fcfs_admissions((w.need for w in new), cap)]
         self._count_passes(new, admitted)
         if all(a is b for a, b in zip(new, group)):
@@ -228,9 +237,12 @@ class AdmissionPlanner:
                 real = cand[1:]
                 both = np.stack([load + real[picks].sum(axis=0), load + real[:b].sum(axis=0)])
                 ms = self.strategy.cost(both)
-                if ms[1] - ms[0] <= self.cfg.min_gain_ms:
+                if ms[1] - ms[0] <= self.cfg.min_gain * ms[1]:
                     picks = list(range(b))
                     self.stats.kept_fcfs += 1
+                elif self.guard is not None:
+                    self.guard.decided([window[scored[p]].key for p in picks], [window[i].key for i in scored[:b]],
+                                       load, ms[1] - ms[0])
             picked = [scored[p] for p in picks]
         self.stats.no_vector += len(window) - len(scored)
         # Requests without a vector keep their FCFS place; the picked ones, then the others, fill the rest.

@@ -23,6 +23,7 @@ _CV = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
 _MAX_OVER_MEAN = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0)
 _DISTINCT = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 _FRACTION = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+_GAIN_MS = (-1.0, -0.1, -0.01, -0.001, 0.0, 0.001, 0.01, 0.1, 1.0)
 _SECONDS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25)
 
 _LABELS = ("model_name", "engine")
@@ -71,7 +72,13 @@ SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
     "vllm:caps_reordered_steps": ("counter", "Steps whose admitted requests differ from what FCFS would admit "
                                   "(as CAPS estimates vLLM's budgets)", None, ()),
     "vllm:caps_kept_fcfs_steps": ("counter", "Steps where step_cost's choice was predicted to gain no more than "
-                                  "min_gain_ms over FCFS's, so FCFS's admissions were kept", None, ()),
+                                  "min_gain over FCFS's, so FCFS's admissions were kept", None, ()),
+    "vllm:caps_guard_fallback_steps": ("counter", "Steps CAPS left in FCFS order because the live guard found its "
+                                       "recent reorderings losing on the captured routing (caps_vllm.guard)",
+                                       None, ()),
+    "vllm:caps_guard_realized_gain_ms": ("histogram", "Per reordering, once all its requests' prompts were routed: "
+                                         "step-cost milliseconds FCFS's admissions would have cost minus CAPS's, "
+                                         "on the captured routing (negative: CAPS lost)", _GAIN_MS, ()),
     "vllm:caps_pass_over_pinned_requests": ("counter", "Requests passed over max_passes times and then admitted "
                                             "ahead of the strategy (the starvation bound at work)", None, ()),
     "vllm:caps_max_wait_bypass_requests": ("counter", "Requests admitted ahead of the strategy because they "

@@ -83,13 +83,14 @@ class RoutingObserver:
 
     def on_admission(self, admitted: int, ranked: int | None, bypassed: int, no_vector: int,
                      selection_s: float | None, engaged: int = 0, reordered: int = 0, pinned: int = 0,
-                     kept_fcfs: int = 0) -> None:
+                     kept_fcfs: int = 0, guard_fallback: int = 0) -> None:
         """What one scheduling step did with the queue; ``ranked`` is None if CAPS left it FCFS."""
         m = self.metrics
         m.inc("vllm:caps_engaged_steps", engaged)
         m.inc("vllm:caps_reordered_steps", reordered)
         m.inc("vllm:caps_pass_over_pinned_requests", pinned)
         m.inc("vllm:caps_kept_fcfs_steps", kept_fcfs)
+        m.inc("vllm:caps_guard_fallback_steps", guard_fallback)
         m.inc("vllm:caps_admitted_requests", admitted)
         m.inc("vllm:caps_max_wait_bypass_requests", bypassed)
         m.inc("vllm:caps_predictor_fallback_requests", no_vector)

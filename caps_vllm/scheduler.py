@@ -6,7 +6,8 @@ budgets allow (tokens, KV blocks, max sequences, LoRA, prefix cache, connectors,
 decoding), exactly as with the stock class.
 
 Everything CAPS adds runs on the EngineCore busy-loop thread inside ``schedule()``: the
-running-load update (O(changes x d)), lazy prediction of the requests that enter the window
+running-load update (O(changes x d), then one weighted sum over the running requests on the
+steps that make a choice), lazy prediction of the requests that enter the window
 (a gather and a bincount over their prompt tokens, once per request), and the selection.
 Nothing runs while fewer than ``min_batch_trigger`` requests wait. Any error in CAPS is
 logged once and that step is left in FCFS order: the scheduler never crashes the engine.
@@ -31,10 +32,12 @@ from vllm.v1.request import Request, RequestStatus
 
 from caps_vllm.admission import AdmissionPlanner, Capacity, Waiting, fcfs_admissions
 from caps_vllm.config import CapsConfig
+from caps_vllm.guard import FcfsGuard
 from caps_vllm.learner import OnlineLearner
 from caps_vllm.plugin import OWNED_ENV, route_logs_through_vllm
 from caps_vllm.predictor import ExpertPredictor, PredictorUnavailable
 from caps_vllm.routing import RoutingRecord, counts_from_rows
+from caps_vllm.running_load import RunningLoad
 from caps_vllm.step_log import StepLog
 
 logger = logging.getLogger("caps_vllm.scheduler")
@@ -77,8 +80,8 @@ class _CapsMixin:
         self.caps_learner = self._caps_make_learner()
         d = self.caps_predictor.d if self.caps_predictor is not None else 1
         self.caps_planner = AdmissionPlanner(self.caps_config, d, self._caps_deployment(vllm_config))
-        self._caps_running: dict[str, np.ndarray] = {}
-        self._caps_running_load = np.zeros(d)
+        self.caps_planner.guard = self._caps_make_guard()
+        self.caps_running = RunningLoad(d)
         self._caps_warned: set[str] = set()
         if self.policy == SchedulingPolicy.PRIORITY:
             self.waiting = PriorityOrderQueue()
@@ -140,6 +143,14 @@ class _CapsMixin:
         if not (cfg.learn and cfg.capture) or not isinstance(pred, ExpertPredictor):
             return None
         return OnlineLearner(pred, cfg.learn_max_tokens, cfg.learn_half_life_tokens)
+
+    def _caps_make_guard(self) -> FcfsGuard | None:
+        """The live guard, where it can judge: routing captured, a priced strategy, per-token vectors."""
+        cfg, pred, strategy = self.caps_config, self.caps_predictor, self.caps_planner.strategy
+        if not (cfg.capture and cfg.guard_window and cfg.vectors == "per_token" and hasattr(strategy, "cost")) \
+                or not isinstance(pred, ExpertPredictor):
+            return None
+        return FcfsGuard(strategy.cost, pred.layers * pred.top_k, cfg.guard_window)
 
     def shutdown(self) -> None:
         super().shutdown()
@@ -217,20 +228,21 @@ class _CapsMixin:
         request.caps_vector = v
         return v
 
-    def _caps_update_running_load(self) -> np.ndarray:
-        known = self._caps_running
+    def _caps_shared_load(self, head: list[Waiting]) -> np.ndarray:
+        """The running batch's load over the decode steps the head's requests would share with it
+        (caps_vllm.running_load): the running set brought up to date, each request weighted by
+        how much of the median candidate's ``max_tokens`` it will still be running."""
+        run = self.caps_running
         for req in self.running:
-            if req.request_id not in known:
-                v = self._caps_vector(req)
-                v = v if v is not None else np.zeros_like(self._caps_running_load)
-                known[req.request_id] = v
-                self._caps_running_load += v
-        if len(known) > len(self.running):
+            if req.request_id not in run:
+                run.add(req.request_id, self._caps_vector(req))
+        if len(run) > len(self.running):
             current = {r.request_id for r in self.running}
-            for rid in [rid for rid in known if rid not in current]:
-                self._caps_running_load -= known.pop(rid)
-        np.maximum(self._caps_running_load, 0.0, out=self._caps_running_load)  # float drift
-        return self._caps_running_load
+            for rid in [rid for rid in run.keys() if rid not in current]:
+                run.remove(rid)
+        remaining = {r.request_id: r.max_tokens - r.num_output_tokens for r in self.running}
+        horizon = float(np.median([w.item.max_tokens for w in head])) if head else 0.0
+        return run.shared(remaining, horizon)
 
     def _caps_capacity(self, free: int) -> Capacity:
         """What vLLM will have left for waiting requests this step, as its ``schedule()`` spends it:
@@ -271,7 +283,7 @@ class _CapsMixin:
         head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority,
                         self._caps_need(r))
                 for r in itertools.islice(waiting, admits + self.caps_config.window_size)]
-        order = self.caps_planner.plan(head, self._caps_vector, self._caps_update_running_load(), cap,
+        order = self.caps_planner.plan(head, self._caps_vector, self._caps_shared_load(head), cap,
                                        self.caps_clock(), by_priority=self.policy == SchedulingPolicy.PRIORITY,
                                        queue_len=len(waiting), admits=admits)
         if order is not None:
@@ -287,7 +299,7 @@ class _CapsMixin:
             return super().schedule(*args, **kwargs)
         st = self.caps_planner.stats
         before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"], st.engaged, st.reordered, st.pinned,
-                  st.kept_fcfs)
+                  st.kept_fcfs, st.guard_fallback)
         self._caps_ranked_step = None
         log = self.caps_step_log
         if log is not None:
@@ -326,6 +338,8 @@ class _CapsMixin:
                 self._caps_guard(self._caps_observe_output, record)
             if self.caps_learner is not None:
                 self._caps_guard(self._caps_learn, record)
+            if self.caps_planner.guard is not None:
+                self._caps_guard(self._caps_judge, record)
         outputs = super().update_from_output(scheduler_output, model_runner_output)
         if self.caps_observer is not None and self.caps_config.capture_decode:
             done = [o.request_id for eco in outputs.values() for o in eco.outputs if o.finish_reason is not None]
@@ -346,6 +360,17 @@ class _CapsMixin:
         if self.caps_observer is not None and recall.picks:
             self.caps_observer.on_learning(recall)
 
+    def _caps_judge(self, record: RoutingRecord) -> None:
+        """The captured prompts the live guard waits for (caps_vllm.guard)."""
+        guard, reqs = self.caps_planner.guard, self.requests
+        for rid, counts in record.prompt_counts.items():
+            if guard.wants(rid):
+                r = reqs.get(rid)
+                gains = guard.routed(rid, counts, r is not None and r.num_computed_tokens >= r.num_prompt_tokens)
+                if self.caps_observer is not None:
+                    for g in gains:
+                        self.caps_observer.metrics.observe("vllm:caps_guard_realized_gain_ms", g)
+
     def _caps_guard(self, fn, *args) -> None:
         try:
             fn(*args)
@@ -361,7 +386,7 @@ class _CapsMixin:
                          self.caps_counters["predictor_fallback"] - before[2],
                          st.last_selection_s if ranked is not None else None,
                          st.engaged - before[3], st.reordered - before[4], st.pinned - before[5],
-                         st.kept_fcfs - before[6])
+                         st.kept_fcfs - before[6], st.guard_fallback - before[7])
         reqs, predicted = self.requests, self.caps_predictor is not None
         obs.on_schedule(out.num_scheduled_tokens,
                         lambda rid: self._caps_vector(reqs[rid]) if predicted and rid in reqs else None)

@@ -189,8 +189,61 @@ def test_step_cost_keeps_fcfs_unless_its_pick_gains_more_than_min_gain():
     p = planner(strategy="step_cost")
     order = p.plan(w, vec, running, capacity=1, now=100.0)
     assert order[0] == "hot1" and p.stats.kept_fcfs == 0  # affinity, ahead of two older requests
-    strict = planner(strategy="step_cost", min_gain_ms=1e6)
+    strict = planner(strategy="step_cost", min_gain=1.0)
     assert strict.plan(w, vec, running, capacity=1, now=100.0) is None  # the gain is below the bar: FCFS
     assert strict.stats.kept_fcfs == 1 and strict.stats.plans == 1
-    with pytest.raises(ValueError, match="caps.min_gain_ms"):
-        CapsConfig.from_dict({"min_gain_ms": -1})
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="caps.min_gain"):
+            CapsConfig.from_dict({"min_gain": bad})
+
+
+def test_running_load_sums_and_weights_by_shared_steps():
+    from caps_vllm.running_load import RunningLoad
+
+    run = RunningLoad(D)
+    for i in range(40):  # past the first allocation: rows are reused and grown
+        run.add(f"r{i}", np.full(D, 1.0))
+    for i in range(30):
+        run.remove(f"r{i}")
+    run.add("r39", np.full(D, 9.0))  # already running: ignored
+    run.add("hot", VEC["hot"])
+    run.add("none", None)  # no prediction: no load
+    run.remove("never-added")
+    assert len(run) == 12 and "none" in run
+    np.testing.assert_allclose(run.total, np.full(D, 10.0) + VEC["hot"])
+    # "hot" finishes in 25 of a 100-step horizon; the others outlast it
+    shared = run.shared({"hot": 25, **{f"r{i}": 500 for i in range(30, 40)}}, 100.0)
+    np.testing.assert_allclose(shared, np.full(D, 10.0) + 0.25 * VEC["hot"])
+    np.testing.assert_allclose(run.shared({"hot": -3}, 100.0), np.full(D, 10.0))  # done: weight 0
+    np.testing.assert_allclose(run.shared({}, 0.0), run.total)
+
+
+def test_the_guard_falls_back_to_fcfs_while_reorderings_lose_on_the_real_routing():
+    from caps_vllm.guard import FcfsGuard
+
+    p = planner(strategy="step_cost")
+    p.guard = g = FcfsGuard(p.strategy.cost, unit_mass=4.0, window=16)
+    running = np.array([8.0, 0, 0, 0])
+
+    def rounds(n, start, truth_of_b, truth_of_hot):
+        for i in range(start, start + n):
+            order = p.plan(waiting((f"b{i}", 5), (f"hot{i}", 3)), vec, running, capacity=1, now=100.0)
+            yield order
+            g.routed(f"b{i}", truth_of_b / 2, prompt_done=False)  # a first chunk
+            g.routed(f"b{i}", truth_of_b / 2, prompt_done=True)
+            g.routed(f"hot{i}", truth_of_hot, prompt_done=True)
+
+    # the predictor says "hot" shares the running experts and "b" does not; the model routes them the other way
+    wrong = (VEC["hot"], VEC["c"])
+    orders = list(rounds(15, 0, *wrong))
+    assert all(o[0].startswith("hot") for o in orders) and not g.tripped and g.resolved == 15
+    list(rounds(1, 15, *wrong))
+    assert g.tripped and p.stats.guard_fallback == 0 and not g.wants("b3")  # resolved keys are forgotten
+    # in the shadow: FCFS order, while the choices go on being scored (now the prediction is right)
+    orders = list(rounds(16, 16, VEC["b"], VEC["hot"]))
+    assert orders[:-1] == [None] * 15 and p.stats.guard_fallback == 16 and not g.tripped
+    assert p.plan(waiting(("b99", 5), ("hot99", 3)), vec, running, capacity=1, now=100.0)[0] == "hot99"
+    assert not p.passes.get("b0")  # passed-over counts come from what was applied, not the shadow
+    for i in range(600):  # decisions whose requests are never routed expire instead of piling up
+        g.decided([f"x{i}"], [f"y{i}"], running, 1.0)
+    assert len(g.pending) == g.max_pending and g.expired > 0

@@ -296,3 +296,23 @@ def test_step_cost_reads_the_expert_parallel_layout_from_vllm(model):
     assert make_strategy("step_cost", deployment=deployment).placement.tolist() == (np.arange(experts) % 4).tolist()
     with pytest.raises(ValueError, match=r"caps\.strategy_params: .*placement lists 2 experts"):
         make_scheduler(model, CapsScheduler, caps={"strategy": "step_cost", "strategy_params": {"placement": [0, 1]}})
+
+
+def test_a_running_request_about_to_finish_does_not_attract_its_kind(model, tokens):
+    """step_cost prices a candidate over the decode steps it will share: the running request
+    that has one token left hardly shares any, the long one shares them all."""
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost"}, max_num_seqs=3)
+    s.add_request(make_request("long", [hot] * 8, arrival=1.0, max_tokens=1000))
+    s.add_request(make_request("soon", [cold[0]] * 8, arrival=2.0, max_tokens=2))
+    step(s)  # both running, "soon" has one token left
+    s.add_request(make_request("like-soon", [cold[0]] * 8, arrival=3.0, max_tokens=100))
+    s.add_request(make_request("like-long", [hot] * 8, arrival=4.0, max_tokens=100))
+    assert admitted(step(s)) == ["like-long"]
+    s2 = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost"}, max_num_seqs=3)
+    s2.add_request(make_request("long", [hot] * 8, arrival=1.0, max_tokens=1000))
+    s2.add_request(make_request("soon", [cold[0]] * 8, arrival=2.0, max_tokens=1000))
+    step(s2)  # the same, but both stay: a tie, and a tie goes to the oldest
+    s2.add_request(make_request("like-soon", [cold[0]] * 8, arrival=3.0, max_tokens=100))
+    s2.add_request(make_request("like-long", [hot] * 8, arrival=4.0, max_tokens=100))
+    assert admitted(step(s2)) == ["like-soon"]

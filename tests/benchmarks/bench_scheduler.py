@@ -32,6 +32,7 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
 from caps_vllm.admission import AdmissionPlanner  # noqa: E402
 from caps_vllm.predictor import ExpertPredictor  # noqa: E402
+from caps_vllm.running_load import RunningLoad  # noqa: E402
 from caps_vllm.scheduler import CapsScheduler  # noqa: E402
 from caps_vllm.tiny_model import generate  # noqa: E402
 from tests.vllm_helpers import make_request, make_scheduler, step  # noqa: E402
@@ -51,7 +52,7 @@ def build(model: str, cls, vocab: int, rng, predictor: ExpertPredictor | None, w
     if predictor is not None and hasattr(s, "caps_planner"):
         s.caps_predictor = predictor
         s.caps_planner = AdmissionPlanner(s.caps_config, predictor.d)
-        s._caps_running_load = np.zeros(predictor.d)
+        s.caps_running = RunningLoad(predictor.d)
     for i in range(RUNNING):
         s.add_request(make_request(f"run{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1.0 + i, max_tokens=1000))
     step(s)
@@ -61,7 +62,7 @@ def build(model: str, cls, vocab: int, rng, predictor: ExpertPredictor | None, w
     if hasattr(s, "caps_planner"):  # vectors of earlier steps
         for r in list(s.running) + list(s.waiting):
             s._caps_vector(r)
-        s._caps_update_running_load()
+        s._caps_shared_load([])
         if warm:
             for r in list(s.waiting)[:window]:
                 s.caps_planner.pairs.add(r.request_id, s._caps_vector(r))

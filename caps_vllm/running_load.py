@@ -1,0 +1,72 @@
+"""The running batch's predicted expert load, now and over the decode steps a newcomer shares.
+
+A request admitted now joins the decode steps of the running requests that are still there:
+one finishing in 3 steps shares 3 of a 128-token newcomer's steps, one with 500 left shares
+all 128. So the load CAPS prices a candidate against is each running request's per-step vector
+weighted by the share of the candidate's horizon it will still be running,
+``min(remaining_i, horizon) / horizon``: the mean decode step of the candidate's life, not the
+step it is admitted in. Remaining steps are ``max_tokens`` minus the tokens generated (an upper
+bound: a request may stop early at EOS).
+
+Rows live in one matrix, so the weighted sum is a single matrix-vector product on the steps
+that make a choice. Pure numpy, no vLLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+
+import numpy as np
+
+
+class RunningLoad:
+    """Per-request load vectors of the running batch, with their sum kept up to date."""
+
+    def __init__(self, d: int) -> None:
+        self.d = d
+        self.total = np.zeros(d)
+        self._rows = np.zeros((16, d))
+        self._row: dict[Hashable, int] = {}
+        self._free: list[int] = []
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._row
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def keys(self) -> Iterable[Hashable]:
+        return self._row.keys()
+
+    def add(self, key: Hashable, vec: np.ndarray | None) -> None:
+        """A request starts running (None: no prediction, counted as no load)."""
+        if key in self._row:
+            return
+        if not self._free:
+            n = self._rows.shape[0]
+            self._rows = np.vstack([self._rows, np.zeros((n, self.d))])
+            self._free = list(range(2 * n - 1, n - 1, -1))
+        i = self._free.pop()
+        self._row[key] = i
+        if vec is not None:
+            self._rows[i] = vec
+            self.total += vec
+
+    def remove(self, key: Hashable) -> None:
+        i = self._row.pop(key, None)
+        if i is None:
+            return
+        self.total -= self._rows[i]
+        self._rows[i] = 0.0
+        self._free.append(i)
+        np.maximum(self.total, 0.0, out=self.total)  # float drift
+
+    def shared(self, remaining: dict[Hashable, int], horizon: float) -> np.ndarray:
+        """The mean load over the next ``horizon`` decode steps: row ``key`` weighted by
+        ``min(remaining[key], horizon) / horizon`` (a key not in ``remaining``: weight 1)."""
+        if horizon <= 0 or not self._row:
+            return self.total.copy()
+        w = np.zeros(self._rows.shape[0])
+        for key, i in self._row.items():
+            w[i] = min(max(remaining.get(key, horizon), 0), horizon) / horizon
+        return w @ self._rows
