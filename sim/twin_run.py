@@ -7,7 +7,8 @@
 Every arm replays the same requests (arrival times, prompts, output lengths, domains, routing).
 Arms: ``stock`` (vLLM's Scheduler) or a CAPS strategy name (``caps_vllm.CapsScheduler`` with
 that strategy and ``--caps-config``'s other settings, given each request's vector: its prompt's
-true routing, or a noisy oracle at ``--oracle-recall``). The step time is the roofline model of
+true routing, or a noisy oracle at ``--oracle-recall``; ``step_cost`` prices steps with the
+twin's own MoE model unless ``--caps-config`` names a cost). The step time is the roofline model of
 ``--model`` on ``--hardware`` (``sim/step_time.py``: a model, not a measurement), its MoE part
 priced from the replayed routing of the tokens each step schedules (``--routing synthetic``:
 fitted domain profiles, an assumption; ``uniform``). ``--capacity``: per arm the capacity at SLO
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from caps_vllm.config import CapsConfig
 from sim.metrics import quantiles
 from sim.step_time import HARDWARE, ModelShape, RooflineStep, UniformRouting, VllmStepTime
 from sim.workload import topic_runs
@@ -124,6 +126,7 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
     from sim.cluster import Cluster, ExpertParallel
     from sim.twin import Engine
 
+    model = RooflineStep(HARDWARE[args.hardware], shape)
     if arm == STOCK:
         from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 
@@ -133,9 +136,15 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
 
         space = VectorSpace(replay.layers, replay.experts, replay.top_k) if replay is not None else \
             VectorSpace(len(shape.moe_layers), shape.experts, shape.top_k)
-        cls, caps_cfg = with_vectors(CapsScheduler, space), {**caps, "strategy": arm, "metrics": False}
-    model = RooflineStep(HARDWARE[args.hardware], shape)
+        # step_cost prices steps with the twin's own MoE model: what `make fit-step-cost` gives a
+        # user on the serving hardware (the shipped fit is this CPU's)
+        params = caps.get("strategy_params", {})
+        if arm == "step_cost" and "cost" not in params and "shape" not in params:
+            params = {**params, "cost": model.moe.as_dict()}
+        cls, caps_cfg = with_vectors(CapsScheduler, space), {**caps, "strategy": arm, "metrics": False,
+                                                             "strategy_params": params}
     timing = VllmStepTime(model, replay if replay is not None else UniformRouting(shape))
+    per_token = caps_cfg is not None and CapsConfig.from_dict(caps_cfg).vectors == "per_token"
     oracle_rng = np.random.default_rng(args.seed + 1)
     by_id = {r.rid: r for r in reqs}
 
@@ -144,7 +153,9 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
             replay.rng = np.random.default_rng([args.seed, int(r.rid[1:])])  # the same sequence in every arm
             replay.bind(r.rid, r.domain)
             if arm != STOCK:
-                req.caps_vector = replay.prompt_vector(r.rid, len(by_id[r.rid].prompt), args.oracle_recall, oracle_rng)
+                n = len(by_id[r.rid].prompt)
+                v = replay.prompt_vector(r.rid, n, args.oracle_recall, oracle_rng)
+                req.caps_vector = v / n if per_token else v  # as CAPS's predictor hands it out
 
     # Under EP the engines are the ranks of one server, and CAPS's step_cost reads that layout;
     # replicas without EP are separate servers, each of one engine.
@@ -182,7 +193,7 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
         out["dispatch_load_guard_overrides"] = dispatch.overrides
     if arm != STOCK:
         stats = [e.scheduler.caps_planner.stats for e in engines]
-        out["caps"] = {k: sum(getattr(st, k) for st in stats) for k in ("plans", "ranked", "bypassed", "fcfs_fallback")}
+        out["caps"] = {k: sum(getattr(st, k) for st in stats) for k in ("engaged", "plans", "ranked", "reordered", "kept_fcfs", "pinned", "bypassed", "fcfs_fallback")}
     return out
 
 
