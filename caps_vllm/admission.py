@@ -22,7 +22,9 @@ held back by sequence slots. The rules, in order:
    a request without a predicted vector keeps its FCFS position among them. A strategy that
    prices steps (``step_cost``) keeps FCFS's ``k`` unless its own pick is predicted to make the
    decode steps they share cheaper by more than the share ``min_gain``: never worse than FCFS by
-   its model;
+   its model; and an order is taken only if vLLM would admit as many requests from it as from
+   FCFS's, filling at least as much of the token budget: CAPS changes *which* requests are
+   admitted in a step, never how many nor how much work they bring;
    and where the routing is captured, a guard scores each reordering on the real routing and
    keeps FCFS while they lose (:mod:`caps_vllm.guard`);
 5. everything else keeps its order.
@@ -77,8 +79,13 @@ class Capacity:
 
 def fcfs_admissions(needs: Iterable[int], cap: Capacity) -> int:
     """How many requests of ``needs`` (queue order) vLLM would admit this step in that order."""
+    return admitted_tokens(needs, cap)[0]
+
+
+def admitted_tokens(needs: Iterable[int], cap: Capacity) -> tuple[int, int]:
+    """(requests, prompt tokens) vLLM would admit this step from ``needs`` in that order."""
     slots, tokens, kv = cap.slots, cap.tokens, cap.kv_tokens
-    n = 0
+    n = total = 0
     for need in needs:
         if slots <= 0 or (tokens is not None and tokens <= 0):
             break
@@ -86,12 +93,13 @@ def fcfs_admissions(needs: Iterable[int], cap: Capacity) -> int:
         if (tokens is not None and need > tokens and not cap.chunked) or (kv is not None and take > kv):
             break
         n += 1
+        total += take
         slots -= 1
         if tokens is not None:
             tokens -= take
         if kv is not None:
             kv -= take
-    return n
+    return n, total
 
 
 @dataclass
@@ -105,7 +113,8 @@ class AdmissionStats:
     ranked: int = 0  # requests ranked by the strategy into the admission places
     bypassed: int = 0  # requests admitted ahead of the strategy by the max-wait rule (once each)
     pinned: int = 0  # requests put ahead of the strategy after max_passes passes (once each)
-    kept_fcfs: int = 0  # plans where the strategy's pick gained no more than min_gain: FCFS's was kept
+    kept_fcfs: int = 0  # plans where FCFS's admissions were kept: the pick gained no more than min_gain, or
+    # vLLM would have admitted another number of requests or fewer tokens from it
     no_vector: int = 0  # window requests kept in FCFS position for lack of a prediction
     guard_fallback: int = 0  # planned steps left FCFS because the live guard tripped (caps_vllm.guard)
     last_selection_s: float = 0.0  # wall time of the last plan that ranked a window
@@ -204,6 +213,11 @@ class AdmissionPlanner:
         if self.guard is not None and self.guard.tripped:
             self.stats.guard_fallback += 1  # decided in the shadow, for the guard to score: FCFS
             new = list(group)
+        elif any(a is not b for a, b in zip(new, group)):
+            (n_new, t_new), (n_fcfs, t_fcfs) = (admitted_tokens((w.need for w in o), cap) for o in (new, group))
+            if n_new != n_fcfs or t_new < t_fcfs:
+                self.stats.kept_fcfs += 1  # CAPS changes which requests vLLM admits, not how many nor how much
+                new = list(group)
         admitted = new[: fcfs_admissions((w.need for w in new), cap)]
         self._count_passes(new, admitted)
         if all(a is b for a, b in zip(new, group)):

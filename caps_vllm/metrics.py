@@ -71,8 +71,9 @@ SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
                                 "not all waiting requests (slots, token budget or KV cache)", None, ()),
     "vllm:caps_reordered_steps": ("counter", "Steps whose admitted requests differ from what FCFS would admit "
                                   "(as CAPS estimates vLLM's budgets)", None, ()),
-    "vllm:caps_kept_fcfs_steps": ("counter", "Steps where step_cost's choice was predicted to gain no more than "
-                                  "min_gain over FCFS's, so FCFS's admissions were kept", None, ()),
+    "vllm:caps_kept_fcfs_steps": ("counter", "Steps where CAPS kept FCFS's admissions: step_cost's choice was "
+                                  "predicted to gain no more than min_gain, or vLLM would have admitted another "
+                                  "number of requests or fewer tokens from it", None, ()),
     "vllm:caps_guard_fallback_steps": ("counter", "Steps CAPS left in FCFS order because the live guard found its "
                                        "recent reorderings losing on the captured routing (caps_vllm.guard)",
                                        None, ()),

@@ -6,7 +6,8 @@
    stock vLLM, CAPS ``step_cost`` and ``greedy_dot_product`` (vLLM's defaults: 1024 sequences,
    8192 tokens), and the **oracle headroom** of CAPS admission: ``step_cost`` given the true
    routing with unbounded lookahead (window 4096, no trigger, no max-wait bypass, every predicted
-   gain taken: ``min_gain`` 0). Each cell also
+   gain taken: ``min_gain`` 0), and CAPS without its threshold (``min_gain`` 0): what the
+   default threshold gives up, and what it spares. Each cell also
    carries the **static bound** of its decode batches: distinct experts of a one-domain batch of
    the cell's mean running size against a mixed one (what perfect grouping could save).
    *Many experts*: the same for Qwen3-30B-A3B (128 experts, top-8) on an H200 roofline, one engine
@@ -42,7 +43,8 @@ HEADROOM = ["--strategies", "step_cost", "--caps-config",
 DISPATCH_LOADS = (0.3, 0.6, 1.0)
 DISPATCH_ARMS = [("least_loaded", 8), ("round_robin", 8), ("domain_oracle", 8), ("domain_oracle", 10**9)]
 PARTS = ("admission", "many_experts", "strategies", "dispatch")
-HEADROOM_LOADS = (1.0, 1.2)  # the oracle-headroom arm where queues form
+NO_THRESHOLD = ["--strategies", "step_cost", "--caps-config", json.dumps({"min_gain": 0.0})]
+HEADROOM_LOADS = (1.0, 1.2)  # the oracle-headroom arm (and CAPS without min_gain) where queues form
 
 
 def cell(argv: list[str], out: Path, reuse: bool = False) -> dict:
@@ -140,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                         head = cell([*run, *HEADROOM], out / "cells" / f"headroom-{name}-{load}")
                         arms["step_cost_oracle_headroom"] = brief(head["results"]["step_cost"])
                         e["headroom_command"] = head["command"]
+                        free = cell([*run, *NO_THRESHOLD], out / "cells" / f"min-gain-0-{name}-{load}")
+                        arms["step_cost_min_gain_0"] = brief(free["results"]["step_cost"])
+                        e["min_gain_0_command"] = free["command"]
                     print(f"[study {time.perf_counter() - t0:.0f} s] {name} at {load}x capacity done", file=sys.stderr,
                           flush=True)
                 save(part, name, entry)
@@ -223,8 +228,9 @@ def _rel(x, base):
 
 def _verdict(name: str, load: str, arms: dict) -> str:
     s, caps, oracle = arms["stock"], arms.get("step_cost"), arms.get("step_cost_oracle_headroom")
+    free = arms.get("step_cost_min_gain_0")
     if caps is None:
-        return f"| {name} | {load}× | – | – | – | – | – |"
+        return f"| {name} | {load}× | – | – | – | – | – | – |"
 
     def gain(r):
         return max(1 - r["itl_p50_ms"] / s["itl_p50_ms"], 1 - r["itl_p99_ms"] / s["itl_p99_ms"])
@@ -236,8 +242,9 @@ def _verdict(name: str, load: str, arms: dict) -> str:
              if caps[m] > 1.03 * s[m]]
     share = caps.get("share_contested_planned")
     evaluated = "no contested step" if share is None else ("yes" if share >= 0.9 else f"NO ({share:.0%})")
+    bare = "–" if free is None else f"{gain(free):+.1%}, TTFT p99 {_rel(free['ttft_p99_s'], s['ttft_p99_s'])}"
     return (f"| {name} | {load}× | {'–' if head is None else f'{head:+.1%}'} | {own:+.1%} | {captured} | "
-            f"{', '.join(worse) or 'no'} | {evaluated} |")
+            f"{', '.join(worse) or 'no'} | {evaluated} | {bare} |")
 
 
 def report(study: dict) -> str:
@@ -277,8 +284,8 @@ def report(study: dict) -> str:
               "Headroom: the oracle's best improvement of ITL P50/P99 over stock (capacity at SLO was bisected for "
               "stock only). Goals: CAPS evaluates ≥ 90 % of contested steps; where headroom ≥ 2 % it captures ≥ 70 %; "
               "no cell worse than stock by more than 3 % P99 TTFT/ITL.", "",
-              "| cell | load | oracle headroom | CAPS's improvement | captured | worse than stock by > 3 % | evaluated ≥ 90 % |",
-              "|---" * 7 + "|", *verdicts]
+              "| cell | load | oracle headroom | CAPS's improvement | captured | worse than stock by > 3 % | evaluated ≥ 90 % "
+              "| CAPS with min_gain 0: improvement, TTFT p99 |", "|---" * 8 + "|", *verdicts]
     if study["strategies"]:
         st = study["strategies"]
         s = st["arms"]["stock"]

@@ -247,3 +247,21 @@ def test_the_guard_falls_back_to_fcfs_while_reorderings_lose_on_the_real_routing
     for i in range(600):  # decisions whose requests are never routed expire instead of piling up
         g.decided([f"x{i}"], [f"y{i}"], running, 1.0)
     assert len(g.pending) == g.max_pending and g.expired > 0
+
+
+def test_caps_changes_which_requests_are_admitted_not_how_many_nor_how_much():
+    """Two long prompts, two short ones the strategy prefers, three slots and 1024 tokens: FCFS
+    admits 2 (800 + a 224-token chunk); the short ones first would admit 3 and fill only 820,
+    one short one first 3 (10 + 800 + a 214 chunk, vLLM's test_schedule_order): both kept FCFS."""
+    def with_needs(*specs):
+        return [Waiting(n, n, 100.0 - age, need=need) for n, age, need in specs]
+
+    w = with_needs(("hot1", 4, 800), ("hot2", 3, 800), ("b", 2, 10), ("c", 1, 10))
+    p = planner()
+    running = np.array([8.0, 0, 0, 0])
+    assert p.plan(w, vec, running, Capacity(slots=3, tokens=1024), now=100.0) is None
+    assert p.stats.kept_fcfs == 1 and p.stats.plans == 1
+    w2 = with_needs(("hot1", 4, 800), ("b", 3, 10), ("hot2", 2, 800), ("c", 1, 10))
+    assert p.plan(w2, vec, running, Capacity(slots=3, tokens=1024), now=100.0) is None and p.stats.kept_fcfs == 2
+    w = with_needs(("hot1", 4, 10), ("hot2", 3, 10), ("b", 2, 10), ("c", 1, 10))  # the same budget either way
+    assert set(p.plan(w, vec, running, Capacity(slots=3, tokens=1024), now=100.0)[:3]) == {"hot1", "b", "c"}

@@ -316,3 +316,37 @@ def test_a_running_request_about_to_finish_does_not_attract_its_kind(model, toke
     s2.add_request(make_request("like-soon", [cold[0]] * 8, arrival=3.0, max_tokens=100))
     s2.add_request(make_request("like-long", [hot] * 8, arrival=4.0, max_tokens=100))
     assert admitted(step(s2)) == ["like-soon"]
+
+
+def test_the_guard_reads_the_captured_prompts_and_falls_back_to_fcfs(model, tokens):
+    """step_cost admits the requests predicted to share the running experts; the captured
+    routing says the displaced ones did: the guard (window 1) resolves that loss and the next
+    contested step is FCFS, counted."""
+    from caps_vllm.routing import RoutingRecord
+
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost", "guard_window": 1}, max_num_seqs=3)
+    guard, pred = s.caps_planner.guard, s.caps_predictor
+    assert guard is not None
+    s.add_request(make_request("run", [hot] * 8, arrival=1.0, max_tokens=1000))
+    step(s)
+    for i, (rid, tok) in enumerate([("c1", cold[0]), ("c2", cold[1]), ("hot1", hot), ("hot2", hot)]):
+        s.add_request(make_request(rid, [tok] * 8, arrival=2.0 + i, max_tokens=2))
+
+    def routed(truth):  # what the workers capture of those prompts in the step that ran them
+        s._caps_judge(RoutingRecord(tuple(pred.moe_layers), sum(truth.values()), 16, prompt_counts=truth))
+
+    def counts(tok):
+        return pred.vector([tok] * 8).reshape(pred.layers, pred.num_experts)
+
+    assert admitted(step(s)) == ["hot1", "hot2"] and len(guard.pending) == 1
+    routed({"hot1": counts(cold[0]), "hot2": counts(cold[1])})  # they were not routed like the hot one
+    step(s)  # hot1 and hot2 finish
+    assert admitted(step(s)) == ["c1", "c2"] and guard.resolved == 0
+    routed({"c1": counts(hot), "c2": counts(hot)})  # ... and the ones they displaced were
+    assert guard.resolved == 1 and len(guard.recent) == 0 and guard.tripped  # a loss: tripped
+    step(s)  # c1 and c2 finish
+    for i, (rid, tok) in enumerate([("c3", cold[0]), ("c4", cold[1]), ("hot3", hot)]):
+        s.add_request(make_request(rid, [tok] * 8, arrival=10.0 + i, max_tokens=1))
+    assert admitted(step(s)) == ["c3", "c4"]  # FCFS, and the step is counted
+    assert s.caps_planner.stats.guard_fallback == 1 and len(guard.pending) == 1  # the shadow choice, to be scored
