@@ -202,6 +202,35 @@ class Cluster:
             self.progress(now)
 
 
+class ExpertAffinity(Dispatch):
+    """CAPS's expert-affinity dispatch (:class:`caps_vllm.dispatch.AffinityDispatcher`) over the
+    twin's engines. ``vector_of(request)``: its per-token load, the prompt's routing (what CAPS's
+    predictor is told) or, for the oracle, its decode tokens' own routing."""
+
+    name = "expert_affinity"
+
+    def __init__(self, engines: int, d: int, cost, vector_of: Callable, margin: int = 8) -> None:
+        from caps_vllm.dispatch import AffinityDispatcher
+
+        self.policy = AffinityDispatcher(engines, d, cost, margin)
+        self.vector_of = vector_of
+        self._released = [0] * engines  # per engine: finished requests already taken off
+
+    @property
+    def overrides(self) -> int:
+        return self.policy.overrides
+
+    def choose(self, request, engines) -> int:
+        for k, e in enumerate(engines):
+            for rid in e.finished[self._released[k]:]:
+                self.policy.finished(rid)
+            self._released[k] = len(e.finished)
+        v = self.vector_of(request)
+        replica = self.policy.choose(v).replica
+        self.policy.started(request.rid, replica, v)
+        return replica
+
+
 class DomainOracle(Dispatch):
     """Expert-affinity dispatch with the requests' true domains (an oracle: the upper bound a
     predictor-driven policy can approach): domain k goes to engine k mod D, unless that engine

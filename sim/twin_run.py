@@ -24,12 +24,14 @@ import json
 from dataclasses import asdict
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from caps_vllm.config import CapsConfig
 from sim.metrics import quantiles
+from sim.routing_replay import EsftReplay
 from sim.step_time import HARDWARE, ModelShape, RooflineStep, UniformRouting, VllmStepTime
 from sim.workload import topic_runs
 from sim.twin import Deployment, TwinRequest, VectorSpace, build_scheduler, with_vectors
@@ -110,11 +112,28 @@ def summarize(res, wall_s: float) -> dict:
     }
 
 
-def make_dispatch(name: str, domains: list[str], margin: int, snapshot_s: float):
-    from sim.cluster import DomainOracle, LeastLoaded, RoundRobin
+DISPATCH = ("least_loaded", "round_robin", "domain_oracle", "expert_affinity", "expert_affinity_oracle")
+
+
+def make_dispatch(name: str, domains: list[str], margin: int, snapshot_s: float, engines: int = 1,
+                  replay=None, bind: Callable | None = None, cost=None):
+    """``expert_affinity``: scored on the prompt's true routing per token (what CAPS's predictor
+    is told); ``expert_affinity_oracle``: on the request's own decode tokens' routing."""
+    from sim.cluster import DomainOracle, ExpertAffinity, LeastLoaded, RoundRobin
 
     if name == "domain_oracle":
         return DomainOracle(domains, margin, snapshot_s)
+    if name.startswith("expert_affinity"):
+        if not isinstance(replay, EsftReplay):
+            raise SystemExit(f"--dispatch {name} needs recorded routing (--routing PATH.npz)")
+        oracle = name.endswith("_oracle")
+
+        def vector_of(r: TwinRequest) -> np.ndarray:
+            bind(r)
+            start, n = (len(r.prompt), r.output_tokens) if oracle else (0, len(r.prompt))
+            return replay.row_counts(replay.rows(r.rid, start, max(n, 1))).ravel() / max(n, 1)
+
+        return ExpertAffinity(engines, replay.layers * replay.experts, cost, vector_of, margin)
     return LeastLoaded(snapshot_s) if name == "least_loaded" else RoundRobin()
 
 
@@ -148,10 +167,13 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
     oracle_rng = np.random.default_rng(args.seed + 1)
     by_id = {r.rid: r for r in reqs}
 
+    def bind(r: TwinRequest) -> None:
+        replay.rng = np.random.default_rng([args.seed, int(r.rid[1:])])  # the same sequence in every arm
+        replay.bind(r.rid, r.domain)
+
     def on_arrival(r: TwinRequest, req) -> None:
         if replay is not None:
-            replay.rng = np.random.default_rng([args.seed, int(r.rid[1:])])  # the same sequence in every arm
-            replay.bind(r.rid, r.domain)
+            bind(r)
             if arm != STOCK:
                 n = len(by_id[r.rid].prompt)
                 v = replay.prompt_vector(r.rid, n, args.oracle_recall, oracle_rng)
@@ -165,7 +187,8 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
                                       async_scheduling=args.async_scheduling, parallel=parallel(k)),
                       deployment.block_size, on_arrival, name=str(k)) for k in range(args.engines)]
     ep = ExpertParallel(model, shape, args.engines, args.placement) if args.ep else None
-    dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin, args.dp_snapshot)
+    dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin, args.dp_snapshot, args.engines, replay,
+                             bind, model.moe)
     cluster = Cluster(engines, dispatch, lambda e, out: timing.batch(e.scheduler, out),
                       price=None if ep else model.seconds, ep=ep)
     bar = None
@@ -211,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", type=int, default=1, help="data-parallel engines or replicas")
     ap.add_argument("--ep", action="store_true", help="expert parallel over the engines (lockstep), one rank each")
     ap.add_argument("--placement", choices=("linear", "round_robin"), default="linear")
-    ap.add_argument("--dispatch", choices=("least_loaded", "round_robin", "domain_oracle"), default="least_loaded")
+    ap.add_argument("--dispatch", choices=DISPATCH, default="least_loaded")
     ap.add_argument("--affinity-margin", type=int, default=8,
                     help="domain_oracle's load guard: in-flight requests above the least loaded engine it tolerates")
     ap.add_argument("--dp-snapshot", type=float, default=0.1,
@@ -266,8 +289,6 @@ def main(argv: list[str] | None = None) -> int:
         domains = ["a", "b", "c", "d"]
         seq_len = {d: [256] for d in domains}
     else:
-        from sim.routing_replay import EsftReplay
-
         if not Path(args.routing).exists():
             ap.error(f"--routing {args.routing}: no such file (pass 'uniform' without ../shared)")
         replay = EsftReplay(args.routing, seed=args.seed)

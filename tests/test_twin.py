@@ -211,12 +211,13 @@ def test_the_step_log_records_every_step_and_request(vllm_twin, tiny_model, tmp_
         read(tmp_path / "bad.jsonl")
 
 
-def _fake_esft(path, rng):
+def _fake_esft(path, rng, layers=4, experts=16, top_k=3):
     arrays = {}
     for d in ("alpha", "beta"):
         lens = rng.integers(20, 60, size=5)
-        experts = np.stack([np.stack([rng.choice(16, 3, replace=False) for _ in range(4)]) for _ in range(lens.sum())])
-        arrays[f"{d}_experts"], arrays[f"{d}_seq_lens"] = experts.astype(np.uint8), lens
+        ids = np.stack([np.stack([rng.choice(experts, top_k, replace=False) for _ in range(layers)])
+                        for _ in range(lens.sum())])
+        arrays[f"{d}_experts"], arrays[f"{d}_seq_lens"] = ids.astype(np.uint8), lens
     np.savez(path, **arrays)
 
 
@@ -421,6 +422,23 @@ def test_twin_run_writes_every_arm_and_refuses_a_mismatched_routing_file(tmp_pat
     assert "unknown arm 'fastest'" in capsys.readouterr().err
 
 
+@pytest.mark.vllm
+@pytest.mark.parametrize("policy", ["expert_affinity", "expert_affinity_oracle"])
+def test_expert_affinity_dispatch_serves_every_request_once(tmp_path, vllm_twin, policy):
+    from sim import twin_run
+
+    _fake_esft(tmp_path / "r.npz", np.random.default_rng(0), layers=26, experts=64, top_k=6)
+    out = tmp_path / policy
+    assert twin_run.main(["--model", "deepseek-v2-lite", "--requests", "60", "--rate", "200", "--output-tokens", "8",
+                          "--routing", str(tmp_path / "r.npz"), "--strategies", "stock", "--engines", "2",
+                          "--dispatch", policy, "--affinity-margin", "3", "--no-progress", "--out", str(out)]) == 0
+    r = json.loads((out / "results.json").read_text())["results"]["stock"]
+    assert r["requests"] == 60 and sum(r["per_engine_requests"]) == 60
+    assert "dispatch_load_guard_overrides" in r
+    with pytest.raises(SystemExit):
+        twin_run.main(["--routing", "uniform", "--dispatch", policy, "--requests", "10", "--out", str(out)])
+
+
 def test_capacity_bisects_to_the_highest_rate_that_meets_the_slo():
     from sim.twin_run import capacity
 
@@ -467,7 +485,9 @@ def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
                 "arms": {"stock": arm, "step_cost": {**arm, "ttft_p99_s": 1.05, "share_contested_planned": 0.5}},
                 "static_bound": None}}}, "B"),
             ("dispatch", "4-replicas-poisson", {"capacity_rps": 1000.0, "loads": {"0.3": {
-                "arms": {"least_loaded": arm, "domain_oracle": {**arm, "itl_p50_ms": 9.5}}, "static_bound": bound}}},
+                "arms": {"least_loaded": arm, "domain_oracle": {**arm, "itl_p50_ms": 9.5},
+                         "expert_affinity_oracle": {**arm, "itl_p50_ms": 9.5}, "expert_affinity": {**arm, "itl_p50_ms": 9.8}},
+                "static_bound": bound}}},
              "A")):
         (parts / f"{part}--{name}.json").write_text(json.dumps({**entry, "study_command": command, "wall_s": 60.0}))
     study = collect(tmp_path)
@@ -478,6 +498,7 @@ def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
     assert "| one-engine-bursty | 1.0× | +20.0% | +10.0% | 50% | no | yes | – |" in text  # the goals
     assert "| dp8-ep8-bursty | 0.5× | – | +0.0% | – | TTFT p99 +5.0% | NO (50%) | – |" in text
     assert "| 4-replicas-poisson | 1000 | 0.3× | domain_oracle | 1 | 9.5 (-5.0%) |" in text
+    assert "| 4-replicas-poisson | 0.3× | +5.0% | +2.0% | 40% | +0.0% |" in text
     assert "(3 min of runs here)" in text
 
 
