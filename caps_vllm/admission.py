@@ -134,6 +134,7 @@ class AdmissionPlanner:
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
         self.passes: dict[Hashable, int] = {}  # steps each waiting request was passed over in
         self.guard: FcfsGuard | None = None  # set by the scheduler where routing is captured
+        self._decision: tuple | None = None  # this plan's reordering, as the guard scores it
 
     def engaged(self, queue_len: int, admits: int) -> bool:
         """Whether there is a decision: vLLM would admit ``admits`` (>= 1) of ``queue_len`` (counted)."""
@@ -203,6 +204,7 @@ class AdmissionPlanner:
         places = fcfs_admissions((w.need for w in ahead + pool), cap) - len(ahead)
         window, beyond = pool[: max(places, 0) + self.cfg.window_size], pool[max(places, 0) + self.cfg.window_size :]
         order = list(range(len(window)))
+        self._decision = None
         if places >= 1 and len(window) > places:
             order = self._choose(window, vector_of, running_load, ahead, places)
             self.stats.plans += 1
@@ -210,14 +212,16 @@ class AdmissionPlanner:
             self.stats.last_selection_s = time.perf_counter() - started
         self.pairs.retain(alive)
         new = ahead + [window[i] for i in order] + beyond
-        if self.guard is not None and self.guard.tripped:
-            self.stats.guard_fallback += 1  # decided in the shadow, for the guard to score: FCFS
-            new = list(group)
-        elif any(a is not b for a, b in zip(new, group)):
+        if any(a is not b for a, b in zip(new, group)):
             (n_new, t_new), (n_fcfs, t_fcfs) = (admitted_tokens((w.need for w in o), cap) for o in (new, group))
             if n_new != n_fcfs or t_new < t_fcfs:
                 self.stats.kept_fcfs += 1  # CAPS changes which requests vLLM admits, not how many nor how much
+                new, self._decision = list(group), None
+            elif self.guard is not None and self.guard.tripped:
+                self.stats.guard_fallback += 1  # decided in the shadow, for the guard to score: FCFS
                 new = list(group)
+        if self._decision is not None and self.guard is not None:
+            self.guard.decided(*self._decision)
         admitted = new[: fcfs_admissions((w.need for w in new), cap)]
         self._count_passes(new, admitted)
         if all(a is b for a, b in zip(new, group)):
@@ -254,9 +258,9 @@ class AdmissionPlanner:
                 if ms[1] - ms[0] <= self.cfg.min_gain * ms[1]:
                     picks = list(range(b))
                     self.stats.kept_fcfs += 1
-                elif self.guard is not None:
-                    self.guard.decided([window[scored[p]].key for p in picks], [window[i].key for i in scored[:b]],
-                                       load, ms[1] - ms[0])
+                else:  # for the live guard, if the order is taken
+                    self._decision = ([window[scored[p]].key for p in picks], [window[i].key for i in scored[:b]],
+                                      load, ms[1] - ms[0])
             picked = [scored[p] for p in picks]
         self.stats.no_vector += len(window) - len(scored)
         # Requests without a vector keep their FCFS place; the picked ones, then the others, fill the rest.
