@@ -45,10 +45,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SERIES = ("vllm:caps_actual_load_max_over_mean", "vllm:caps_actual_load_cv", "vllm:caps_actual_distinct_experts",
           "vllm:caps_predicted_load_max_over_mean", "vllm:caps_predicted_load_cv",
           "vllm:caps_predicted_distinct_experts", "vllm:caps_predictor_cosine", "vllm:caps_selection_seconds",
-          "vllm:iteration_tokens_total")
+          "vllm:caps_guard_realized_gain_ms", "vllm:iteration_tokens_total")
 COUNTERS = ("vllm:caps_ranked_requests_total", "vllm:caps_fcfs_fallback_requests_total",
             "vllm:caps_max_wait_bypass_requests_total", "vllm:caps_admitted_requests_total",
-            "vllm:caps_steps_total", "vllm:num_preemptions_total", "vllm:generation_tokens_total")
+            "vllm:caps_steps_total", "vllm:num_preemptions_total", "vllm:generation_tokens_total",
+            "vllm:caps_engaged_steps_total", "vllm:caps_reordered_steps_total", "vllm:caps_kept_fcfs_steps_total",
+            "vllm:caps_guard_fallback_steps_total")
 STOCK = "stock"
 
 

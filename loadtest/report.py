@@ -108,12 +108,13 @@ def report(doc: dict, runs: list[dict], data: dict[tuple[int, str], RunData], ou
         lines.append(f"| {f.name}{f' ({f.unit})' if f.unit else ''} | " + " | ".join(vals + cells) + " |")
     lines += ["", "## What CAPS did", "", "Summed over each arm's valid runs (\"ranked\": requests the strategy placed "
               "into free slots; \"bypass\": admitted ahead of it by the max-wait rule).", "",
-              "| arm | ranked | bypass | admitted | generated tokens | predictor cosine | predicted max/mean | "
-              "preemptions | failed requests |", "|---" * 9 + "|"]
+              "| arm | ranked | bypass | admitted | engaged / reordered / kept-FCFS steps | guard fallback steps "
+              "| realized gain per reordering (ms) | generated tokens | predictor cosine | predicted max/mean | "
+              "preemptions | failed requests |", "|---" * 12 + "|"]
     for arm in arms:
         ok = [r for r in runs if r["label"] == arm and r["status"] == "ok"]
         if not ok:
-            lines.append(f"| {arm} |" + " – |" * 8)
+            lines.append(f"| {arm} |" + " – |" * 11)
             continue
 
         def total(name: str) -> float:
@@ -125,7 +126,10 @@ def report(doc: dict, runs: list[dict], data: dict[tuple[int, str], RunData], ou
 
         lines.append(f"| {arm} | {total('vllm:caps_ranked_requests_total'):.0f} | "
                      f"{total('vllm:caps_max_wait_bypass_requests_total'):.0f} | "
-                     f"{total('vllm:caps_admitted_requests_total'):.0f} | {total('vllm:generation_tokens_total'):.0f} | "
+                     f"{total('vllm:caps_admitted_requests_total'):.0f} | "
+                     f"{total('vllm:caps_engaged_steps_total'):.0f} / {total('vllm:caps_reordered_steps_total'):.0f} / "
+                     f"{total('vllm:caps_kept_fcfs_steps_total'):.0f} | {total('vllm:caps_guard_fallback_steps_total'):.0f} | "
+                     f"{_f(mean('vllm:caps_guard_realized_gain_ms'), 3)} | {total('vllm:generation_tokens_total'):.0f} | "
                      f"{_f(mean('vllm:caps_predictor_cosine'), 3)} | "
                      f"{_f(mean('vllm:caps_predicted_load_max_over_mean'), 3)} | "
                      f"{total('vllm:num_preemptions_total'):.0f} | {sum(r['summary']['failures'] for r in ok)} |")
