@@ -473,20 +473,21 @@ def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
     arm = {"itl_p50_ms": 10.0, "itl_p99_ms": 20.0, "ttft_p99_s": 1.0, "decode_distinct_experts": 60.0,
            "ep_rank_max_over_mean": None, "share_reordered": 0.0, "scheduler_share_of_simulated": 0.3,
            "per_engine_requests": [10], "ttft_max_s": 2.0, "contested_steps": 10, "share_contested_planned": 0.95,
-           "scheduler_wall_s": 3.0, "simulated_s": 10.0}
+           "scheduler_wall_s": 3.0, "simulated_s": 10.0, "itl_mean_ms": 12.0}
     bound = {"tokens": 32, "one_domain": 50.0, "mixed": 55.0, "ratio": 50 / 55}
     parts = tmp_path / "parts"
     parts.mkdir()
     for part, name, entry, command in (
             ("admission", "one-engine-bursty", {"capacity_rps": 250.0, "loads": {"1.0": {
                 "arms": {"stock": arm, "step_cost": {**arm, "itl_p50_ms": 9.0, "scheduler_wall_s": 3.1},
-                         "step_cost_oracle_headroom": {**arm, "itl_p50_ms": 8.0}}, "static_bound": bound}}}, "A"),
+                         "step_cost_oracle_headroom": {**arm, "itl_p50_ms": 8.0, "itl_mean_ms": 9.6}},
+                "static_bound": bound}}}, "A"),
             ("admission", "dp8-ep8-bursty", {"capacity_rps": 1200.0, "loads": {"0.5": {
                 "arms": {"stock": arm, "step_cost": {**arm, "ttft_p99_s": 1.05, "share_contested_planned": 0.5}},
                 "static_bound": None}}}, "B"),
             ("dispatch", "4-replicas-poisson", {"capacity_rps": 1000.0, "loads": {"0.3": {
                 "arms": {"least_loaded": arm, "domain_oracle": {**arm, "itl_p50_ms": 9.5},
-                         "expert_affinity_oracle": {**arm, "itl_p50_ms": 9.5}, "expert_affinity": {**arm, "itl_p50_ms": 9.8}},
+                         "expert_affinity_oracle": {**arm, "itl_mean_ms": 11.4}, "expert_affinity": {**arm, "itl_mean_ms": 11.76}},
                 "static_bound": bound}}},
              "A")):
         (parts / f"{part}--{name}.json").write_text(json.dumps({**entry, "study_command": command, "wall_s": 60.0}))
@@ -495,7 +496,7 @@ def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
     text = report(study)
     assert "| one-engine-bursty | 250 | 1.0× | 10 / 20 | 1 / 2 | 60 | – | step_cost | -10.0% | +0.0% | +0.0% | " \
            "+0.0% | 0.95 of 10 | 0 | +1.0% | -9.1% at 32 |" in text
-    assert "| one-engine-bursty | 1.0× | +20.0% | +10.0% | 50% | no | yes | – |" in text  # the goals
+    assert "| one-engine-bursty | 1.0× | +20.0% | +0.0% | 0% | no | yes | – |" in text  # the goals: TPOT = mean ITL
     assert "| dp8-ep8-bursty | 0.5× | – | +0.0% | – | TTFT p99 +5.0% | NO (50%) | – |" in text
     assert "| 4-replicas-poisson | 1000 | 0.3× | domain_oracle | 1 | 9.5 (-5.0%) |" in text
     assert "| 4-replicas-poisson | 0.3× | +5.0% | +2.0% | 40% | +0.0% / +0.0% |" in text
