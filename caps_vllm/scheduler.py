@@ -87,6 +87,7 @@ class _CapsMixin:
             self.waiting = PriorityOrderQueue()
         self.caps_observer = self._caps_make_observer(vllm_config) if self.caps_config.metrics else None
         self._caps_ranked_step: int | None = None
+        self.caps_seconds = 0.0  # wall time of CAPS's own work in schedule() (the reordering), summed
         # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
         # (sim/twin.py) replaces it with its virtual clock.
         self.caps_clock = time.time
@@ -305,6 +306,7 @@ class _CapsMixin:
         if log is not None:
             log.begin()
         if self.caps_predictor is not None and self.waiting:
+            t0 = time.perf_counter()
             try:
                 self._caps_reorder()
             except Exception:  # never let the policy take the engine down
@@ -313,6 +315,7 @@ class _CapsMixin:
                     self.caps_observer.metrics.inc("vllm:caps_errors")
                 self._caps_warn_once("error", "CAPS admission failed; this step stays FCFS (further errors are only "
                                      "counted)", log=logger.exception)
+            self.caps_seconds += time.perf_counter() - t0
         out = super().schedule(*args, **kwargs)
         if self.caps_observer is not None:
             self._caps_guard(self._caps_observe_schedule, out, before)

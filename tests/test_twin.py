@@ -479,7 +479,7 @@ def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
     parts.mkdir()
     for part, name, entry, command in (
             ("admission", "one-engine-bursty", {"capacity_rps": 250.0, "loads": {"1.0": {
-                "arms": {"stock": arm, "step_cost": {**arm, "itl_p50_ms": 9.0, "scheduler_wall_s": 3.1},
+                "arms": {"stock": arm, "step_cost": {**arm, "itl_p50_ms": 9.0, "caps_share_of_simulated": 0.0123},
                          "step_cost_oracle_headroom": {**arm, "itl_p50_ms": 8.0, "itl_mean_ms": 9.6}},
                 "static_bound": bound}}}, "A"),
             ("admission", "dp8-ep8-bursty", {"capacity_rps": 1200.0, "loads": {"0.5": {
@@ -495,7 +495,7 @@ def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
     assert list(study["admission"]) == ["one-engine-bursty", "dp8-ep8-bursty"] and study["commands"] == ["A", "B"]
     text = report(study)
     assert "| one-engine-bursty | 250 | 1.0× | 10 / 20 | 1 / 2 | 60 | – | step_cost | -10.0% | +0.0% | +0.0% | " \
-           "+0.0% | 0.95 of 10 | 0 | +1.0% | -9.1% at 32 |" in text
+           "+0.0% | 0.95 of 10 | 0 | 1.23% | -9.1% at 32 |" in text
     assert "| one-engine-bursty | 1.0× | +20.0% | +0.0% | 0% | no | yes | – |" in text  # the goals: TPOT = mean ITL
     assert "| dp8-ep8-bursty | 0.5× | – | +0.0% | – | TTFT p99 +5.0% | NO (50%) | – |" in text
     assert "| 4-replicas-poisson | 1000 | 0.3× | domain_oracle | 1 | 9.5 (-5.0%) |" in text
