@@ -1,7 +1,7 @@
 """Studies in the twin (DeepSeek-V2-Lite layout on an H100 roofline, ESFT routing replayed):
 
-1. *Admission at 0.5-1.2x capacity*, for one engine, DP4/EP4 and DP8/EP8 (engines in lockstep,
-   one expert-parallel rank each), bursty (topic runs of the four ESFT domains) and mixed
+1. *Admission at 0.5-1.2x capacity*, for one engine, one KV-bound engine (0.15 GiB of KV cache:
+   about 12 requests run), DP4/EP4 and DP8/EP8 (engines in lockstep, one expert-parallel rank each), bursty (topic runs of the four ESFT domains) and mixed
    Poisson traffic: stock vLLM's capacity at SLO (bisection), then at 0.5, 0.8, 1.0 and 1.2x it
    stock vLLM, CAPS ``step_cost`` and ``greedy_dot_product`` (vLLM's defaults: 1024 sequences,
    8192 tokens), and the **oracle headroom** of CAPS admission: ``step_cost`` given the true
@@ -13,7 +13,8 @@
    *Many experts*: the same for Qwen3-30B-A3B (128 experts, top-8) on an H200 roofline, one engine
    and DP4/EP4, with synthetic routing fitted to 0.87x uniform's distinct experts at 32 tokens
    (an ASSUMPTION from LLMServingSim's figure; no static bound: no recorded sequences).
-2. *Every CAPS strategy*, one engine, bursty, at 1.2x capacity.
+2. *Every CAPS strategy*, one engine, bursty, at 1.2x capacity; *overhead*: CAPS's own time in
+   ``schedule()`` at 1.2x per deployment.
 3. *Dispatch across 2, 4 and 8 replicas* (stock vLLM in each, no EP) at 0.3, 0.6 and 1.0x the
    least-loaded capacity: vLLM's least-loaded rule (100 ms snapshots), round-robin, CAPS's
    expert-affinity dispatch (``caps_vllm.dispatch``: the step-cost increase of adding the
@@ -38,7 +39,13 @@ from pathlib import Path
 
 from sim import twin_run
 
-DEPLOYMENTS = {"one-engine": [], "dp4-ep4": ["--engines", "4", "--ep"], "dp8-ep8": ["--engines", "8", "--ep"]}
+DEPLOYMENTS = {"one-engine": [], "dp4-ep4": ["--engines", "4", "--ep"], "dp8-ep8": ["--engines", "8", "--ep"],
+               "one-engine-kv": ["--kv-gib", "0.15"]}  # KV-bound: about 12 requests' context fits
+
+
+def start_rate(extra: list[str]) -> float:
+    """Where the capacity bisection starts: 250 req/s per engine."""
+    return 250.0 * (int(extra[extra.index("--engines") + 1]) if "--engines" in extra else 1)
 LOADS = (0.5, 0.8, 1.0, 1.2)
 ARMS = ["stock", "step_cost", "greedy_dot_product"]
 HEADROOM = ["--strategies", "step_cost", "--caps-config",
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = DEPLOYMENTS[dep]
             for pattern in ("bursty", "poisson"):
                 name = f"{prefix}{dep}-{pattern}"
-                cap = capacity(extra, pattern, name, 250.0 * int(extra[1]) if extra else 250.0, model)
+                cap = capacity(extra, pattern, name, start_rate(extra), model)
                 entry = {"capacity_rps": cap, "loads": {}}
                 for load in LOADS:
                     rate = load * cap
@@ -170,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = {}
             for pattern in ("bursty", "poisson"):
                 name = f"{dep}-{pattern}"
-                rate = 1.2 * capacity(extra, pattern, name, 250.0 * int(extra[1]) if extra else 250.0)
+                rate = 1.2 * capacity(extra, pattern, name, start_rate(extra))
                 doc = cell([*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests",
                             n(rate, args.seconds), "--strategies", "step_cost"], out / "cells" / f"overhead-{name}-1.2",
                            args.reuse)
