@@ -58,12 +58,13 @@ sim-step-cost: setup
 
 # The vLLM twin (vLLM's own scheduler on a virtual clock): admission at 0.5-1.2x capacity on one
 # engine, a KV-bound one, DP4/EP4 and DP8/EP8 with the oracle headroom (and for Qwen3-30B-A3B,
-# synthetic routing), every strategy at 1.2x, CAPS's own time, dispatch across 2/4/8 replicas
+# synthetic routing), every strategy at 1.2x, CAPS's own time, capacity headroom at 1.02x, dispatch
+# across 2/4/8 replicas
 # (sim/results/twin/report.md; two processes, about two hours here).
 twin-study: setup
 	{ $(PY) -m sim.twin_study --parts admission --deployments dp8-ep8 one-engine-kv --out sim/results/twin && \
 	  $(PY) -m sim.twin_study --parts many_experts --deployments one-engine dp4-ep4 --out sim/results/twin && \
-	  $(PY) -m sim.twin_study --parts overhead --deployments one-engine one-engine-kv dp4-ep4 dp8-ep8 \
+	  $(PY) -m sim.twin_study --parts overhead capacity --deployments one-engine one-engine-kv dp4-ep4 dp8-ep8 \
 		--out sim/results/twin; } & \
 	$(PY) -m sim.twin_study --parts admission strategies dispatch --deployments one-engine dp4-ep4 \
 		--out sim/results/twin; wait
