@@ -27,9 +27,9 @@ class CapsConfig:
     #: ahead of the strategy: nobody is overtaken in more than max_passes steps (0: FCFS)
     max_passes: int = 4
     #: step_cost keeps FCFS's admissions unless its own are predicted to make the MoE part of the
-    #: decode steps they share cheaper by more than this share (0.005: 0.5 %; chosen in the twin,
+    #: decode steps they share cheaper by more than this share (0.02: 2 %; chosen in the twin,
     #: where smaller predicted gains bought nothing and cost the passed-over requests' TTFT)
-    min_gain: float = 0.005
+    min_gain: float = 0.02
     #: reorderings the live guard judges on the captured routing (caps_vllm.guard): when the
     #: last this many lost in total against FCFS, admission falls back to FCFS (0: no guard)
     guard_window: int = 64
