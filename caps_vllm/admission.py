@@ -67,14 +67,16 @@ class Capacity:
     """What vLLM has left for new requests this step (an estimate; vLLM enforces the real budgets).
 
     ``tokens``: the token budget after the running requests' tokens; ``kv_tokens``: free KV
-    cache, in tokens; None: not a limit. ``chunked``: a prompt longer than the budget left is
-    admitted as a chunk (chunked prefill) instead of stopping admission.
+    cache, in tokens, after the blocks the running requests take this step; None: not a limit.
+    ``chunked``: a prompt longer than the budget left is admitted as a chunk (chunked prefill)
+    instead of stopping admission. ``block_size``: a request takes whole KV blocks.
     """
 
     slots: int
     tokens: int | None = None
     kv_tokens: int | None = None
     chunked: bool = True
+    block_size: int = 1
 
 
 def fcfs_admissions(needs: Iterable[int], cap: Capacity) -> int:
@@ -90,7 +92,8 @@ def admitted_tokens(needs: Iterable[int], cap: Capacity) -> tuple[int, int]:
         if slots <= 0 or (tokens is not None and tokens <= 0):
             break
         take = need if tokens is None else min(need, tokens)
-        if (tokens is not None and need > tokens and not cap.chunked) or (kv is not None and take > kv):
+        blocks = -(-take // cap.block_size) * cap.block_size  # the KV it takes, in whole blocks
+        if (tokens is not None and need > tokens and not cap.chunked) or (kv is not None and blocks > kv):
             break
         n += 1
         total += take
@@ -98,7 +101,7 @@ def admitted_tokens(needs: Iterable[int], cap: Capacity) -> tuple[int, int]:
         if tokens is not None:
             tokens -= take
         if kv is not None:
-            kv -= take
+            kv -= blocks
     return n, total
 
 

@@ -248,16 +248,18 @@ class _CapsMixin:
     def _caps_capacity(self, free: int) -> Capacity:
         """What vLLM will have left for waiting requests this step, as its ``schedule()`` spends it:
         the token budget after every running request's next tokens (decode, prefill chunks,
-        capped by long_prefill_token_threshold) and the free KV blocks (prefix-cache hits and
-        the watermark are not counted: an estimate; vLLM enforces the real budgets)."""
-        tokens = self.max_num_scheduled_tokens
+        capped by long_prefill_token_threshold) and the free KV blocks after those the running
+        requests' next tokens open (prefix-cache hits and the watermark are not counted: an
+        estimate; vLLM enforces the real budgets)."""
+        tokens, bs = self.max_num_scheduled_tokens, self.block_size
+        opened = 0  # KV blocks the running requests' next tokens start
         for r in self.running:
-            if tokens <= 0:
-                break
             n = self._caps_capped(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
-            tokens -= max(0, min(n, tokens))
-        kv = self.kv_cache_manager.block_pool.get_num_free_blocks() * self.block_size
-        return Capacity(free, tokens, kv, self.scheduler_config.enable_chunked_prefill)
+            n = max(0, min(n, tokens))
+            tokens -= n
+            opened += -(-(r.num_computed_tokens + n) // bs) - -(-r.num_computed_tokens // bs)
+        kv = (self.kv_cache_manager.block_pool.get_num_free_blocks() - opened) * bs
+        return Capacity(free, tokens, max(kv, 0), self.scheduler_config.enable_chunked_prefill, bs)
 
     def _caps_capped(self, n: int) -> int:
         """A request's tokens this step as vLLM caps them (long_prefill_token_threshold)."""

@@ -93,8 +93,13 @@ def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | No
                              # no workers, so no captured routing: the twin predicts with the dry run only
                              # (a learning table resumed from the user's cache would make runs differ)
                              additional_config={"caps": {"learn": False, **(caps or {})}})
-    # The CPU platform forces async scheduling off; a GPU deployment's twin sets it back.
-    vllm_config.scheduler_config.async_scheduling = async_scheduling
+    # The CPU platform forces async scheduling off, and for MLA models (DeepSeek-V2-Lite) chunked
+    # prefill and prefix caching off with the token budget raised to the model length; a GPU
+    # deployment's twin sets them back.
+    sc = vllm_config.scheduler_config
+    sc.async_scheduling = async_scheduling
+    sc.enable_chunked_prefill, sc.max_num_batched_tokens = True, d.max_num_batched_tokens
+    vllm_config.cache_config.enable_prefix_caching = d.enable_prefix_caching
     kv_cache_config = KVCacheConfig(
         num_blocks=d.num_blocks, kv_cache_tensors=[],
         kv_cache_groups=[KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=d.block_size, num_kv_heads=1,

@@ -72,6 +72,7 @@ def test_fcfs_admissions_follow_vllms_budgets():
     assert fcfs_admissions(needs, Capacity(slots=8, tokens=400)) == 2  # no budget left for a third
     assert fcfs_admissions(needs, Capacity(slots=8, tokens=420, chunked=False)) == 2
     assert fcfs_admissions(needs, Capacity(slots=8, kv_tokens=460)) == 3
+    assert fcfs_admissions(needs, Capacity(slots=8, kv_tokens=460, block_size=16)) == 2  # 112 + 304 + 64 blocks
 
 
 def test_the_token_budget_engages_caps_with_free_slots_to_spare():

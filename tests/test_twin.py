@@ -517,3 +517,15 @@ def test_expert_parallel_engines_tell_caps_their_layout(vllm_twin):
     assert ep._caps_deployment(ep.vllm_config) == {"experts": 64, "ranks": 4, "placement": "round_robin"}
     one = build(str(MODELS / "deepseek-v2-lite"), cls, d, caps={"strategy": "step_cost"})
     assert one._caps_deployment(one.vllm_config)["ranks"] == 1
+
+
+@pytest.mark.vllm
+def test_an_mla_model_keeps_the_deployments_budgets_in_the_twin(vllm_twin):
+    """vLLM's CPU platform turns chunked prefill and prefix caching off for MLA models and raises
+    the token budget to the model length; the twin of a GPU deployment must not inherit that."""
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    d = Deployment(max_num_seqs=256, max_num_batched_tokens=2048, num_blocks=1000, max_model_len=8192,
+                   enable_prefix_caching=True)
+    s = build(str(MODELS / "deepseek-v2-lite"), Scheduler, d)
+    assert s.scheduler_config.enable_chunked_prefill and s.cache_config.enable_prefix_caching
+    assert s.max_num_scheduled_tokens == 2048 and s.max_num_running_reqs == 256
