@@ -64,6 +64,8 @@ sim-step-cost: setup
 twin-study: setup
 	{ $(PY) -m sim.twin_study --parts admission --deployments dp8-ep8 one-engine-kv --out sim/results/twin && \
 	  $(PY) -m sim.twin_study --parts many_experts --deployments one-engine dp4-ep4 --out sim/results/twin && \
+	  $(PY) -m sim.twin_study --parts many_experts --many-models deepseek-v3-like --deployments one-engine \
+		--out sim/results/twin && \
 	  $(PY) -m sim.twin_study --parts overhead capacity --deployments one-engine one-engine-kv dp4-ep4 dp8-ep8 \
 		--out sim/results/twin; } & \
 	$(PY) -m sim.twin_study --parts admission strategies dispatch --deployments one-engine dp4-ep4 \

@@ -11,7 +11,8 @@
    carries the **static bound** of its decode batches: distinct experts of a one-domain batch of
    the cell's mean running size against a mixed one (what perfect grouping could save).
    *Many experts*: the same for Qwen3-30B-A3B (128 experts, top-8) on an H200 roofline, one engine
-   and DP4/EP4, with synthetic routing fitted to 0.87x uniform's distinct experts at 32 tokens
+   and DP4/EP4 (and, ``--many-models deepseek-v3-like``, a DeepSeek-V3-like shape: 256 experts,
+   top-8, its MoE step on one H200's roofline, weights' memory not checked), with synthetic routing fitted to 0.87x uniform's distinct experts at 32 tokens
    (an ASSUMPTION from LLMServingSim's figure; no static bound: no recorded sequences).
 2. *Every CAPS strategy*, one engine, bursty, at 1.2x capacity; *overhead*: CAPS's own time in
    ``schedule()`` at 1.2x per deployment.
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the admission study's deployments")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
                     help="what to run (parts run in separate processes share --out; the report holds every part there)")
+    ap.add_argument("--many-models", nargs="+", default=["qwen3-30b-a3b"], choices=["qwen3-30b-a3b", "deepseek-v3-like"],
+                    help="the many-experts part's shapes (synthetic routing)")
     ap.add_argument("--out", default="sim/results/twin")
     ap.add_argument("--report-only", action="store_true", help="no runs: the report of the parts saved in --out")
     ap.add_argument("--reuse", action="store_true",
@@ -167,9 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if "admission" in args.parts:
         admission("admission", base, "", args.deployments, replay.static_bound)
-    if "many_experts" in args.parts:
-        many = ["--model", "qwen3-30b-a3b", "--hardware", "h200", "--routing", "synthetic", "--output-tokens", "128"]
-        admission("many_experts", many, "qwen3-30b-a3b-", [d for d in args.deployments if d != "dp8-ep8"],
+    for model in args.many_models if "many_experts" in args.parts else ():
+        many = ["--model", model, "--hardware", "h200", "--routing", "synthetic", "--output-tokens", "128"]
+        admission("many_experts", many, f"{model}-", [d for d in args.deployments if d in ("one-engine", "dp4-ep4")],
                   lambda running: None)
     if "capacity" in args.parts:
         # Capacity headroom: the oracle needs to meet the SLO at 1.02x stock's capacity to have 2 %.
