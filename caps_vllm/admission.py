@@ -243,6 +243,15 @@ class AdmissionPlanner:
         vecs = [vector_of(w.item) for w in window]
         scored = [i for i, v in enumerate(vecs) if v is not None]
         picked: list[int] = []
+        b = min(places, len(scored))
+        if scored and hasattr(self.strategy, "cost"):
+            # Nothing can gain more than FCFS's admissions add to the step (a step costs at least
+            # the load already there): when that is within min_gain, keep them without choosing.
+            ms = self.strategy.cost(np.stack([load, load + sum(vecs[i] for i in scored[:b])]))
+            if ms[1] - ms[0] <= self.cfg.min_gain * ms[1]:
+                self.stats.kept_fcfs += 1
+                self.stats.no_vector += len(window) - len(scored)
+                return list(range(len(window)))
         if scored:
             missing = [i for i in scored if window[i].key not in self.pairs]
             self.pairs.add_many([window[i].key for i in missing], [vecs[i] for i in missing])
@@ -251,7 +260,6 @@ class AdmissionPlanner:
             # every real request free to be picked (or not) on its merits.
             cand = np.vstack([np.zeros((1, cand.shape[1])), cand])
             gram = np.pad(gram, ((1, 0), (1, 0))) if gram is not None else None
-            b = min(places, len(scored))
             picks = [p - 1 for p in self.strategy.select(load, cand, b + 1, gram=gram, checked=True)[1:]]
             if hasattr(self.strategy, "cost") and sorted(picks) != list(range(b)):
                 # Never worse than FCFS by the step model: its b oldest unless the pick gains enough.

@@ -266,3 +266,13 @@ def test_caps_changes_which_requests_are_admitted_not_how_many_nor_how_much():
     assert p.plan(w2, vec, running, Capacity(slots=3, tokens=1024), now=100.0) is None and p.stats.kept_fcfs == 2
     w = with_needs(("hot1", 4, 10), ("hot2", 3, 10), ("b", 2, 10), ("c", 1, 10))  # the same budget either way
     assert set(p.plan(w, vec, running, Capacity(slots=3, tokens=1024), now=100.0)[:3]) == {"hot1", "b", "c"}
+
+
+def test_step_cost_skips_the_choice_when_fcfs_adds_less_than_min_gain(monkeypatch):
+    """A choice can gain at most what FCFS's admissions add to the step: within min_gain, FCFS is
+    kept without asking the strategy (the same decision, for less work)."""
+    p = planner(strategy="step_cost", min_gain=0.5)
+    monkeypatch.setattr(p.strategy, "select", lambda *a, **k: pytest.fail("no choice to make"))
+    w = waiting(("b", 5), ("c", 4), ("hot1", 3))
+    assert p.plan(w, vec, np.array([50.0, 50.0, 50.0, 50.0]), capacity=1, now=100.0) is None
+    assert p.stats.kept_fcfs == 1 and p.stats.plans == 1
