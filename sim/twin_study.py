@@ -174,41 +174,39 @@ def main(argv: list[str] | None = None) -> int:
         many = ["--model", model, "--hardware", "h200", "--routing", "synthetic", "--output-tokens", "128"]
         admission("many_experts", many, f"{model}-", [d for d in args.deployments if d in ("one-engine", "dp4-ep4")],
                   lambda running: None)
+    def by_deployment(part: str, one) -> None:
+        """``one(extra, pattern, name)`` per deployment and traffic, saved as one entry per deployment."""
+        for dep in args.deployments:
+            save(part, dep, {p: one(DEPLOYMENTS[dep], p, f"{dep}-{p}") for p in ("bursty", "poisson")})
+
+    def headroom_at_capacity(extra: list[str], pattern: str, name: str) -> dict:
+        """Capacity headroom: the oracle needs to meet the SLO at 1.02x stock's capacity to have 2 %."""
+        cap = capacity(extra, pattern, name, start_rate(extra))
+        rate = 1.02 * cap
+        run = [*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests",
+               str(max(500, int(rate * args.capacity_seconds)))]
+        arms = {}
+        for label, argv in (("stock", ["--strategies", "stock"]), ("step_cost", ["--strategies", "step_cost"]),
+                            ("step_cost_oracle_headroom", HEADROOM)):
+            doc = cell([*run, *argv], out / "cells" / f"capacity-headroom-{name}-{label}", args.reuse)
+            r = next(iter(doc["results"].values()))
+            arms[label] = {"command": doc["command"], "meets_slo": twin_run.meets(r, 2.0, 0.1),
+                           "ttft_p99_s": r["ttft_s"]["p99"], "itl_p99_ms": r["itl_s"]["p99"] * 1e3}
+        return {"capacity_rps": cap, "rate_rps": rate, "arms": arms}
+
+    def own_time(extra: list[str], pattern: str, name: str) -> dict:
+        """CAPS's own time in schedule() at 1.2x capacity, where queues form."""
+        rate = 1.2 * capacity(extra, pattern, name, start_rate(extra))
+        doc = cell([*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests", n(rate, args.seconds),
+                    "--strategies", "step_cost"], out / "cells" / f"overhead-{name}-1.2", args.reuse)
+        r = doc["results"]["step_cost"]
+        return {"rate_rps": rate, "command": doc["command"], "caps": r["caps"], "mean_waiting": r["queue"]["mean_waiting"],
+                "mean_running": r["queue"]["mean_running"], "step_ms_mean": r["step_ms"]["mean"]}
+
     if "capacity" in args.parts:
-        # Capacity headroom: the oracle needs to meet the SLO at 1.02x stock's capacity to have 2 %.
-        for dep in args.deployments:
-            extra = DEPLOYMENTS[dep]
-            entry = {}
-            for pattern in ("bursty", "poisson"):
-                name = f"{dep}-{pattern}"
-                cap = capacity(extra, pattern, name, start_rate(extra))
-                rate = 1.02 * cap
-                run = [*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests",
-                       str(max(500, int(rate * args.capacity_seconds)))]
-                arms = {}
-                for label, argv in (("stock", ["--strategies", "stock"]), ("step_cost", ["--strategies", "step_cost"]),
-                                    ("step_cost_oracle_headroom", HEADROOM)):
-                    doc = cell([*run, *argv], out / "cells" / f"capacity-headroom-{name}-{label}", args.reuse)
-                    r = next(iter(doc["results"].values()))
-                    arms[label] = {"command": doc["command"], "meets_slo": twin_run.meets(r, 2.0, 0.1),
-                                   "ttft_p99_s": r["ttft_s"]["p99"], "itl_p99_ms": r["itl_s"]["p99"] * 1e3}
-                entry[pattern] = {"capacity_rps": cap, "rate_rps": rate, "arms": arms}
-            save("capacity", dep, entry)
+        by_deployment("capacity", headroom_at_capacity)
     if "overhead" in args.parts:
-        for dep in args.deployments:
-            extra = DEPLOYMENTS[dep]
-            entry = {}
-            for pattern in ("bursty", "poisson"):
-                name = f"{dep}-{pattern}"
-                rate = 1.2 * capacity(extra, pattern, name, start_rate(extra))
-                doc = cell([*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests",
-                            n(rate, args.seconds), "--strategies", "step_cost"], out / "cells" / f"overhead-{name}-1.2",
-                           args.reuse)
-                r = doc["results"]["step_cost"]
-                entry[pattern] = {"rate_rps": rate, "command": doc["command"], "caps": r["caps"],
-                                  "mean_waiting": r["queue"]["mean_waiting"], "mean_running": r["queue"]["mean_running"],
-                                  "step_ms_mean": r["step_ms"]["mean"]}
-            save("overhead", dep, entry)
+        by_deployment("overhead", own_time)
     if "strategies" in args.parts:
         rate = 1.2 * capacity([], "bursty", "one-engine-bursty", 250.0)
         from caps_vllm.strategies import STRATEGIES
