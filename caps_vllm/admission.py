@@ -215,17 +215,18 @@ class AdmissionPlanner:
             self.stats.last_selection_s = time.perf_counter() - started
         self.pairs.retain(alive)
         new = ahead + [window[i] for i in order] + beyond
+        n_new = None
         if any(a is not b for a, b in zip(new, group)):
             (n_new, t_new), (n_fcfs, t_fcfs) = (admitted_tokens((w.need for w in o), cap) for o in (new, group))
             if n_new != n_fcfs or t_new < t_fcfs:
                 self.stats.kept_fcfs += 1  # CAPS changes which requests vLLM admits, not how many nor how much
-                new, self._decision = list(group), None
+                new, n_new, self._decision = list(group), n_fcfs, None
             elif self.guard is not None and self.guard.tripped:
                 self.stats.guard_fallback += 1  # decided in the shadow, for the guard to score: FCFS
-                new = list(group)
+                new = list(group)  # as many admitted as from CAPS's order (just checked)
         if self._decision is not None and self.guard is not None:
             self.guard.decided(*self._decision)
-        admitted = new[: fcfs_admissions((w.need for w in new), cap)]
+        admitted = new[: fcfs_admissions((w.need for w in new), cap) if n_new is None else n_new]
         self._count_passes(new, admitted)
         if all(a is b for a, b in zip(new, group)):
             return None
@@ -244,11 +245,12 @@ class AdmissionPlanner:
         scored = [i for i, v in enumerate(vecs) if v is not None]
         picked: list[int] = []
         b = min(places, len(scored))
-        if scored and hasattr(self.strategy, "cost"):
+        priced = scored and hasattr(self.strategy, "cost")
+        if priced:
             # Nothing can gain more than FCFS's admissions add to the step (a step costs at least
             # the load already there): when that is within min_gain, keep them without choosing.
-            ms = self.strategy.cost(np.stack([load, load + sum(vecs[i] for i in scored[:b])]))
-            if ms[1] - ms[0] <= self.cfg.min_gain * ms[1]:
+            base_ms, fcfs_ms = self.strategy.cost(np.stack([load, load + sum(vecs[i] for i in scored[:b])]))
+            if fcfs_ms - base_ms <= self.cfg.min_gain * fcfs_ms:
                 self.stats.kept_fcfs += 1
                 self.stats.no_vector += len(window) - len(scored)
                 return list(range(len(window)))
@@ -261,17 +263,15 @@ class AdmissionPlanner:
             cand = np.vstack([np.zeros((1, cand.shape[1])), cand])
             gram = np.pad(gram, ((1, 0), (1, 0))) if gram is not None else None
             picks = [p - 1 for p in self.strategy.select(load, cand, b + 1, gram=gram, checked=True)[1:]]
-            if hasattr(self.strategy, "cost") and sorted(picks) != list(range(b)):
+            if priced and sorted(picks) != list(range(b)):
                 # Never worse than FCFS by the step model: its b oldest unless the pick gains enough.
-                real = cand[1:]
-                both = np.stack([load + real[picks].sum(axis=0), load + real[:b].sum(axis=0)])
-                ms = self.strategy.cost(both)
-                if ms[1] - ms[0] <= self.cfg.min_gain * ms[1]:
+                gain = fcfs_ms - self.strategy.cost((load + cand[1:][picks].sum(axis=0))[None, :])[0]
+                if gain <= self.cfg.min_gain * fcfs_ms:
                     picks = list(range(b))
                     self.stats.kept_fcfs += 1
                 else:  # for the live guard, if the order is taken
                     self._decision = ([window[scored[p]].key for p in picks], [window[i].key for i in scored[:b]],
-                                      load, ms[1] - ms[0])
+                                      load, gain)
             picked = [scored[p] for p in picks]
         self.stats.no_vector += len(window) - len(scored)
         # Requests without a vector keep their FCFS place; the picked ones, then the others, fill the rest.
