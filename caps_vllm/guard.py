@@ -54,7 +54,8 @@ class FcfsGuard:
     def wants(self, key: Hashable) -> bool:
         return key in self._wanted
 
-    def decided(self, caps: Sequence[Hashable], fcfs: Sequence[Hashable], base: np.ndarray, predicted_ms: float) -> None:
+    def decided(self, caps: Sequence[Hashable], fcfs: Sequence[Hashable], base: np.ndarray,
+                predicted_ms: float) -> None:
         d = Decision(tuple(caps), tuple(fcfs), base.copy(), float(predicted_ms))
         self.pending.append(d)
         self._wanted.update(d.caps + d.fcfs)

@@ -216,7 +216,9 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
         out["dispatch_load_guard_overrides"] = dispatch.overrides
     if arm != STOCK:
         stats = [e.scheduler.caps_planner.stats for e in engines]
-        out["caps"] = {k: sum(getattr(st, k) for st in stats) for k in ("engaged", "plans", "ranked", "reordered", "kept_fcfs", "pinned", "bypassed", "fcfs_fallback")}
+        out["caps"] = {k: sum(getattr(st, k) for st in stats)
+                       for k in ("engaged", "plans", "ranked", "reordered", "kept_fcfs", "pinned", "bypassed",
+                                 "fcfs_fallback")}
         # CAPS's own time in schedule() on this CPU's wall clock, the busiest engine's (each engine
         # schedules in its own process), against the modelled time it served
         own = max(e.scheduler.caps_seconds for e in engines)
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--placement", choices=("linear", "round_robin"), default="linear")
     ap.add_argument("--dispatch", choices=DISPATCH, default="least_loaded")
     ap.add_argument("--affinity-margin", type=int, default=8,
-                    help="domain_oracle's load guard: in-flight requests above the least loaded engine it tolerates")
+                    help="the load guard of domain_oracle and expert_affinity: in-flight requests above the least "
+                         "loaded engine they tolerate")
     ap.add_argument("--dp-snapshot", type=float, default=0.1,
                     help="seconds between the load snapshots vLLM's DP front end dispatches on (0: current state)")
     ap.add_argument("--pattern", choices=("bursty", "poisson"), default="bursty",

@@ -1,19 +1,18 @@
 """Studies in the twin (DeepSeek-V2-Lite layout on an H100 roofline, ESFT routing replayed):
 
 1. *Admission at 0.5-1.2x capacity*, for one engine, one KV-bound engine (0.15 GiB of KV cache:
-   about 12 requests run), DP4/EP4 and DP8/EP8 (engines in lockstep, one expert-parallel rank each), bursty (topic runs of the four ESFT domains) and mixed
-   Poisson traffic: stock vLLM's capacity at SLO (bisection), then at 0.5, 0.8, 1.0 and 1.2x it
+   about 12 requests run), DP4/EP4 and DP8/EP8 (engines in lockstep, one expert-parallel rank
+   each), bursty (topic runs of the four ESFT domains) and mixed Poisson traffic: stock vLLM's capacity at SLO (bisection), then at 0.5, 0.8, 1.0 and 1.2x it
    stock vLLM, CAPS ``step_cost`` and ``greedy_dot_product`` (vLLM's defaults: 1024 sequences,
    8192 tokens), and the **oracle headroom** of CAPS admission: ``step_cost`` given the true
    routing with unbounded lookahead (window 4096, no trigger, no max-wait bypass, every predicted
    gain taken: ``min_gain`` 0), and CAPS without its threshold (``min_gain`` 0): what the
-   default threshold gives up, and what it spares. Each cell also
-   carries the **static bound** of its decode batches: distinct experts of a one-domain batch of
+   default threshold gives up, and what it spares. Each cell also carries the **static bound** of its decode batches: distinct experts of a one-domain batch of
    the cell's mean running size against a mixed one (what perfect grouping could save).
    *Many experts*: the same for Qwen3-30B-A3B (128 experts, top-8) on an H200 roofline, one engine
    and DP4/EP4 (and, ``--many-models deepseek-v3-like``, a DeepSeek-V3-like shape: 256 experts,
-   top-8, its MoE step on one H200's roofline, weights' memory not checked), with synthetic routing fitted to 0.87x uniform's distinct experts at 32 tokens
-   (an ASSUMPTION from LLMServingSim's figure; no static bound: no recorded sequences).
+   top-8, its MoE step on one H200's roofline, weights' memory not checked), with synthetic
+   routing fitted to 0.87x uniform's distinct experts at 32 tokens (an ASSUMPTION from LLMServingSim's figure; no static bound: no recorded sequences).
 2. *Every CAPS strategy*, one engine, bursty, at 1.2x capacity; *overhead*: CAPS's own time in
    ``schedule()`` at 1.2x per deployment.
 3. *Dispatch across 2, 4 and 8 replicas* (stock vLLM in each, no EP) at 0.3, 0.6 and 1.0x the
@@ -73,8 +72,9 @@ def cell(argv: list[str], out: Path, reuse: bool = False) -> dict:
 
 
 def brief(r: dict) -> dict:
-    keys = {"ttft_p99_s": r["ttft_s"]["p99"], "ttft_max_s": r["ttft_s"]["max"], "itl_p50_ms": r["itl_s"]["p50"] * 1e3, "itl_p99_ms": r["itl_s"]["p99"] * 1e3,
-            "e2e_p99_s": r["e2e_s"]["p99"], "itl_mean_ms": r["itl_s"]["mean"] * 1e3, "throughput_rps": r["throughput_rps"],
+    keys = {"ttft_p99_s": r["ttft_s"]["p99"], "ttft_max_s": r["ttft_s"]["max"], "itl_p50_ms": r["itl_s"]["p50"] * 1e3,
+            "itl_p99_ms": r["itl_s"]["p99"] * 1e3, "itl_mean_ms": r["itl_s"]["mean"] * 1e3,
+            "e2e_p99_s": r["e2e_s"]["p99"], "throughput_rps": r["throughput_rps"],
             "decode_distinct_experts": r["decode_step_distinct_experts"], "mean_waiting": r["queue"]["mean_waiting"],
             "mean_running": r["queue"]["mean_running"], "ep_rank_max_over_mean": r.get("ep_rank_max_over_mean"),
             "admission_steps_2plus_waiting": r["engagement"]["admission_steps_with_2plus_waiting"],
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the admission study's deployments")
     ap.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS),
                     help="what to run (parts run in separate processes share --out; the report holds every part there)")
-    ap.add_argument("--many-models", nargs="+", default=["qwen3-30b-a3b"], choices=["qwen3-30b-a3b", "deepseek-v3-like"],
-                    help="the many-experts part's shapes (synthetic routing)")
+    ap.add_argument("--many-models", nargs="+", default=["qwen3-30b-a3b"],
+                    choices=["qwen3-30b-a3b", "deepseek-v3-like"], help="the many-experts part's shapes (synthetic routing)")
     ap.add_argument("--out", default="sim/results/twin")
     ap.add_argument("--report-only", action="store_true", help="no runs: the report of the parts saved in --out")
     ap.add_argument("--reuse", action="store_true",
@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         doc = cell([*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests", n(rate, args.seconds),
                     "--strategies", "step_cost"], out / "cells" / f"overhead-{name}-1.2", args.reuse)
         r = doc["results"]["step_cost"]
-        return {"rate_rps": rate, "command": doc["command"], "caps": r["caps"], "mean_waiting": r["queue"]["mean_waiting"],
-                "mean_running": r["queue"]["mean_running"], "step_ms_mean": r["step_ms"]["mean"]}
+        return {"rate_rps": rate, "command": doc["command"], "caps": r["caps"],
+                "mean_waiting": r["queue"]["mean_waiting"], "mean_running": r["queue"]["mean_running"],
+                "step_ms_mean": r["step_ms"]["mean"]}
 
     if "capacity" in args.parts:
         by_deployment("capacity", headroom_at_capacity)
