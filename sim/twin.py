@@ -183,6 +183,7 @@ class StepRecord:
     out_of_order: int = 0  # admitted requests that were not among the oldest waiting (FCFS's picks)
     planned: bool = False  # CAPS's planner evaluated a choice in this step
     distinct_experts: float | None = None  # mean over MoE layers, from the step model's counts
+    resumed: list[str] = field(default_factory=list)  # preempted requests resumed from the waiting queue
 
 
 @dataclass
@@ -323,7 +324,7 @@ class Engine:
             self._waiting_before,
             _out_of_order(admitted, self.served, sched.waiting) if self._waiting_before >= 2 and admitted else 0,
             planner is not None and planner.stats.plans > self._plans_before,
-            _distinct(counts, expected))
+            _distinct(counts, expected), sorted(out.scheduled_cached_reqs.resumed_req_ids))
         self.steps.append(rec)
         return rec
 

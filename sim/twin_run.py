@@ -83,8 +83,11 @@ def summarize(res, wall_s: float) -> dict:
     e2e = [s.e2e_s for s in served if s.e2e_s is not None]
     span = max(s.finished_s for s in served) - min(s.arrival_s for s in served)
     steps = res.steps
-    admit = [st for st in steps if st.admitted and st.waiting_before >= 2]
-    contested = [st for st in admit if len(st.admitted) < st.waiting_before]  # somebody had to stay behind
+    admit = [st for st in steps if (st.admitted or st.resumed) and st.waiting_before >= 2]
+    behind = [st for st in admit if len(st.admitted) + len(st.resumed) < st.waiting_before]  # somebody stayed
+    # Contested: a new request took a place while another stayed behind. Where only preempted
+    # requests resume, vLLM's order fixed the choice (they go first, with CAPS too).
+    contested = [st for st in behind if st.admitted]
     decode = [st.distinct_experts for st in steps if st.prefill_tokens == 0 and st.distinct_experts is not None]
     tokens = sum(len(s.token_s) for s in served)
     return {
@@ -102,6 +105,7 @@ def summarize(res, wall_s: float) -> dict:
             "steps_planned": sum(st.planned for st in steps),
             "contested_steps": len(contested),
             "share_of_contested_planned": sum(st.planned for st in contested) / len(contested) if contested else None,
+            "steps_only_preempted_resumed": len(behind) - len(contested),
         },
         "queue": {"mean_waiting": float(np.mean([st.waiting for st in steps])) if steps else 0.0,
                   "mean_running": float(np.mean([st.running for st in steps])) if steps else 0.0,
@@ -389,8 +393,11 @@ def table(results: dict) -> str:
             ("admission steps with ≥ 2 waiting", lambda r: r["engagement"]["admission_steps_with_2plus_waiting"]),
             ("… of them reordered", lambda r: r["engagement"]["share_reordered"]),
             ("… of them planned by CAPS", lambda r: r["engagement"]["share_of_those_steps_planned"]),
-            ("contested steps (some waiting request left behind)", lambda r: r["engagement"]["contested_steps"]),
+            ("contested steps (a new request admitted, another left behind)",
+             lambda r: r["engagement"]["contested_steps"]),
             ("… of them planned by CAPS ", lambda r: r["engagement"]["share_of_contested_planned"]),
+            ("steps where only preempted requests resumed (their order is vLLM's)",
+             lambda r: r["engagement"]["steps_only_preempted_resumed"]),
             ("scheduler time / simulated time", lambda r: r["scheduler_share_of_simulated"]),
             ("CAPS's own time / simulated time (busiest engine)", lambda r: r["caps"]["share_of_simulated"]),
             ("simulated s per wall s", lambda r: r["simulated_s_per_wall_s"])]

@@ -163,6 +163,30 @@ def test_stock_and_caps_with_fcfs_schedule_identically(vllm_twin, tiny_model):
 
 
 @pytest.mark.vllm
+def test_preempted_requests_resume_from_the_waiting_queue_and_count_as_admitted(vllm_twin, tiny_model):
+    """vLLM lists a resumed request among the cached ones, not the new: the twin's engagement
+    figures must still see it leave the queue, or a step that only resumed preempted requests
+    passes for one where new requests were left behind."""
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from sim.twin_run import summarize
+
+    reqs, _ = _tiny_workload(tiny_model, 150, seed=2)
+    d = Deployment(max_num_seqs=8, max_num_batched_tokens=128, num_blocks=40, max_model_len=2048)  # preempts
+    res = Twin(build(str(tiny_model), Scheduler, d), _step_time).run(reqs)
+    seen: set[str] = set()
+    for st in res.steps:
+        assert not set(st.resumed) & set(st.admitted)
+        assert set(st.resumed) <= seen  # only a request admitted before can resume
+        seen |= set(st.admitted)
+    assert sum(map(len, (st.resumed for st in res.steps))) > 0
+    e = summarize(res, 1.0)["engagement"]
+    behind = [st for st in res.steps if (st.admitted or st.resumed) and st.waiting_before >= 2
+              and len(st.admitted) + len(st.resumed) < st.waiting_before]
+    assert e["contested_steps"] + e["steps_only_preempted_resumed"] == len(behind)
+    assert e["contested_steps"] == sum(bool(st.admitted) for st in behind)
+
+
+@pytest.mark.vllm
 def test_async_schedulers_run_in_the_twin(vllm_twin, tiny_model):
     Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
