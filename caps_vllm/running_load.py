@@ -8,13 +8,15 @@ weighted by the share of the candidate's horizon it will still be running,
 step it is admitted in. Remaining steps are ``max_tokens`` minus the tokens generated (an upper
 bound: a request may stop early at EOS).
 
-Rows live in one matrix, so the weighted sum is a single matrix-vector product on the steps
-that make a choice. Pure numpy, no vLLM.
+Rows live in one matrix sized for vLLM's sequence slots, and the scheduler hands over
+the running requests with their steps left from the one pass it already makes over them (for
+the budgets): bringing the rows up to date is a dict lookup per request, the weighted sum one
+matrix-vector product, on the steps that make a choice. Pure numpy, no vLLM.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -22,12 +24,13 @@ import numpy as np
 class RunningLoad:
     """Per-request load vectors of the running batch, with their sum kept up to date."""
 
-    def __init__(self, d: int) -> None:
+    def __init__(self, d: int, slots: int = 16) -> None:
+        """``slots``: rows allocated up front (vLLM's max_num_seqs); more are added as needed."""
         self.d = d
         self.total = np.zeros(d)
-        self._rows = np.zeros((16, d))
+        self._rows = np.zeros((max(int(slots), 1), d))
         self._row: dict[Hashable, int] = {}
-        self._free: list[int] = []
+        self._free: list[int] = list(range(self._rows.shape[0] - 1, -1, -1))
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self._row
@@ -61,12 +64,25 @@ class RunningLoad:
         self._free.append(i)
         np.maximum(self.total, 0.0, out=self.total)  # float drift
 
-    def shared(self, remaining: dict[Hashable, int], horizon: float) -> np.ndarray:
-        """The mean load over the next ``horizon`` decode steps: row ``key`` weighted by
-        ``min(remaining[key], horizon) / horizon`` (a key not in ``remaining``: weight 1)."""
-        if horizon <= 0 or not self._row:
+    def sync(self, keys: Sequence[Hashable], vector_of: Callable[[int], np.ndarray | None]) -> np.ndarray:
+        """Make the rows exactly ``keys`` (the running requests; ``vector_of(i)`` is the load of
+        ``keys[i]``, asked only for a newcomer) and return their row numbers, in that order."""
+        rows = list(map(self._row.get, keys))
+        if None in rows:
+            for i, r in enumerate(rows):
+                if r is None:
+                    self.add(keys[i], vector_of(i))
+                    rows[i] = self._row[keys[i]]
+        if len(self._row) > len(keys):  # every key is a row now: the rest have stopped running
+            for key in self._row.keys() - set(keys):
+                self.remove(key)
+        return np.fromiter(rows, dtype=np.intp, count=len(rows))
+
+    def shared(self, rows: np.ndarray, remaining: Sequence[int], horizon: float) -> np.ndarray:
+        """The mean load over the next ``horizon`` decode steps: row ``rows[i]`` weighted by
+        ``min(remaining[i], horizon) / horizon`` (rows not named: weight 0)."""
+        if horizon <= 0:
             return self.total.copy()
         w = np.zeros(self._rows.shape[0])
-        for key, i in self._row.items():
-            w[i] = min(max(remaining.get(key, horizon), 0), horizon) / horizon
+        w[rows] = np.clip(np.asarray(remaining, dtype=np.float64), 0.0, horizon) / horizon
         return w @ self._rows

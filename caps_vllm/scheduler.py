@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
@@ -42,6 +43,13 @@ from caps_vllm.step_log import StepLog
 
 logger = logging.getLogger("caps_vllm.scheduler")
 _NO_VECTOR = object()
+
+
+class _RunningPass(NamedTuple):
+    """What one pass over the running batch keeps for the shared load: ids and decode steps left."""
+
+    keys: list[str]
+    remaining: list[int]
 
 
 class PriorityOrderQueue(FCFSRequestQueue):
@@ -81,7 +89,7 @@ class _CapsMixin:
         d = self.caps_predictor.d if self.caps_predictor is not None else 1
         self.caps_planner = AdmissionPlanner(self.caps_config, d, self._caps_deployment(vllm_config))
         self.caps_planner.guard = self._caps_make_guard()
-        self.caps_running = RunningLoad(d)
+        self.caps_running = RunningLoad(d, self.max_num_running_reqs)
         self._caps_warned: set[str] = set()
         if self.policy == SchedulingPolicy.PRIORITY:
             self.waiting = PriorityOrderQueue()
@@ -229,45 +237,47 @@ class _CapsMixin:
         request.caps_vector = v
         return v
 
-    def _caps_shared_load(self, head: list[Waiting]) -> np.ndarray:
+    def _caps_shared_load(self, head: list[Waiting], running: _RunningPass) -> np.ndarray:
         """The running batch's load over the decode steps the head's requests would share with it
         (caps_vllm.running_load): the running set brought up to date, each request weighted by
         how much of the median candidate's ``max_tokens`` it will still be running."""
-        run = self.caps_running
-        for req in self.running:
-            if req.request_id not in run:
-                run.add(req.request_id, self._caps_vector(req))
-        if len(run) > len(self.running):
-            current = {r.request_id for r in self.running}
-            for rid in [rid for rid in run.keys() if rid not in current]:
-                run.remove(rid)
-        remaining = {r.request_id: r.max_tokens - r.num_output_tokens for r in self.running}
+        run, reqs = self.caps_running, self.running
+        rows = run.sync(running.keys, lambda i: self._caps_vector(reqs[i]))
         horizon = float(np.median([w.item.max_tokens for w in head])) if head else 0.0
-        return run.shared(remaining, horizon)
+        return run.shared(rows, running.remaining, horizon)
 
-    def _caps_capacity(self, free: int) -> Capacity:
+    def _caps_capacity(self, free: int) -> tuple[Capacity, _RunningPass]:
         """What vLLM will have left for waiting requests this step, as its ``schedule()`` spends it:
         the token budget after every running request's next tokens (decode, prefill chunks,
         capped by long_prefill_token_threshold) and the free KV blocks after those the running
         requests' next tokens open (prefix-cache hits and the watermark are not counted: an
-        estimate; vLLM enforces the real budgets)."""
+        estimate; vLLM enforces the real budgets). The same pass keeps what the shared load
+        needs of each running request, so CAPS walks the running batch once a step."""
         tokens, bs = self.max_num_scheduled_tokens, self.block_size
-        opened = 0  # KV blocks the running requests' next tokens start
-        for r in self.running:
-            n = self._caps_capped(r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens)
-            n = max(0, min(n, tokens))
-            tokens -= n
-            opened += -(-(r.num_computed_tokens + n) // bs) - -(-r.num_computed_tokens // bs)
-        kv = (self.kv_cache_manager.block_pool.get_num_free_blocks() - opened) * bs
-        return Capacity(free, tokens, max(kv, 0), self.scheduler_config.enable_chunked_prefill, bs)
-
-    def _caps_capped(self, n: int) -> int:
-        """A request's tokens this step as vLLM caps them (long_prefill_token_threshold)."""
         thr = self.scheduler_config.long_prefill_token_threshold
-        return thr if 0 < thr < n else n
+        opened = 0  # KV blocks the running requests' next tokens start
+        keys: list[str] = []
+        remaining: list[int] = []
+        for r in self.running:
+            c = r.num_computed_tokens
+            n = r.num_tokens_with_spec + r.num_output_placeholders - c
+            if 0 < thr < n:
+                n = thr
+            if n > tokens:
+                n = tokens
+            if n > 0:
+                tokens -= n
+                opened += (c + n - 1) // bs - (c - 1) // bs  # ceil((c + n) / bs) - ceil(c / bs)
+            keys.append(r.request_id)
+            remaining.append(r.max_tokens - r.num_output_tokens)
+        kv = (self.kv_cache_manager.block_pool.get_num_free_blocks() - opened) * bs
+        cap = Capacity(free, tokens, max(kv, 0), self.scheduler_config.enable_chunked_prefill, bs)
+        return cap, _RunningPass(keys, remaining)
 
     def _caps_need(self, r: Request) -> int:
-        return self._caps_capped(r.num_tokens - r.num_computed_tokens)
+        """A waiting request's tokens this step as vLLM caps them (long_prefill_token_threshold)."""
+        n, thr = r.num_tokens - r.num_computed_tokens, self.scheduler_config.long_prefill_token_threshold
+        return thr if 0 < thr < n else n
 
     def _caps_reorder(self) -> None:
         waiting = self.waiting
@@ -277,7 +287,7 @@ class _CapsMixin:
         if free <= 0 or len(waiting) < self.caps_config.min_batch_trigger:
             self.caps_planner.engaged(len(waiting), free)  # counts the FCFS-fallback steps
             return  # checked before any per-step work: most steps stop here
-        cap = self._caps_capacity(free)
+        cap, running = self._caps_capacity(free)
         admits = fcfs_admissions((self._caps_need(r) for r in waiting), cap)
         if not self.caps_planner.engaged(len(waiting), admits):
             return
@@ -286,7 +296,7 @@ class _CapsMixin:
         head = [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority,
                         self._caps_need(r))
                 for r in itertools.islice(waiting, admits + self.caps_config.window_size)]
-        order = self.caps_planner.plan(head, self._caps_vector, self._caps_shared_load(head), cap,
+        order = self.caps_planner.plan(head, self._caps_vector, self._caps_shared_load(head, running), cap,
                                        self.caps_clock(), by_priority=self.policy == SchedulingPolicy.PRIORITY,
                                        queue_len=len(waiting), admits=admits)
         if order is not None:

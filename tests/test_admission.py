@@ -201,7 +201,7 @@ def test_step_cost_keeps_fcfs_unless_its_pick_gains_more_than_min_gain():
 def test_running_load_sums_and_weights_by_shared_steps():
     from caps_vllm.running_load import RunningLoad
 
-    run = RunningLoad(D)
+    run = RunningLoad(D, slots=4)
     for i in range(40):  # past the first allocation: rows are reused and grown
         run.add(f"r{i}", np.full(D, 1.0))
     for i in range(30):
@@ -212,11 +212,21 @@ def test_running_load_sums_and_weights_by_shared_steps():
     run.remove("never-added")
     assert len(run) == 12 and "none" in run
     np.testing.assert_allclose(run.total, np.full(D, 10.0) + VEC["hot"])
+    keys = ["hot", "none", *(f"r{i}" for i in range(30, 40))]
+    asked = []
+    rows = run.sync(keys, lambda i: asked.append(i))
+    assert asked == [] and len(set(rows.tolist())) == 12
     # "hot" finishes in 25 of a 100-step horizon; the others outlast it
-    shared = run.shared({"hot": 25, **{f"r{i}": 500 for i in range(30, 40)}}, 100.0)
+    shared = run.shared(rows, [25, 7, *[500] * 10], 100.0)
     np.testing.assert_allclose(shared, np.full(D, 10.0) + 0.25 * VEC["hot"])
-    np.testing.assert_allclose(run.shared({"hot": -3}, 100.0), np.full(D, 10.0))  # done: weight 0
-    np.testing.assert_allclose(run.shared({}, 0.0), run.total)
+    np.testing.assert_allclose(run.shared(rows, [-3, 0, *[500] * 10], 100.0), np.full(D, 10.0))  # done: weight 0
+    np.testing.assert_allclose(run.shared(rows, [], 0.0), run.total)
+    # the running set moves on: "hot" and r30 finish, "new" starts; only the newcomer's vector is asked for
+    keys = ["new", "none", *(f"r{i}" for i in range(31, 40))]
+    rows = run.sync(keys, lambda i: asked.append(keys[i]) or np.full(D, 2.0))
+    assert asked == ["new"] and len(run) == 11 and "hot" not in run and "r30" not in run
+    np.testing.assert_allclose(run.total, np.full(D, 9.0 + 2.0))
+    np.testing.assert_allclose(run.shared(rows, [50, 1, *[100] * 9], 100.0), np.full(D, 9.0 + 1.0))
 
 
 def test_the_guard_falls_back_to_fcfs_while_reorderings_lose_on_the_real_routing():

@@ -62,7 +62,7 @@ def build(model: str, cls, vocab: int, rng, predictor: ExpertPredictor | None, w
     if hasattr(s, "caps_planner"):  # vectors of earlier steps
         for r in list(s.running) + list(s.waiting):
             s._caps_vector(r)
-        s._caps_shared_load([])
+        s._caps_shared_load([], s._caps_capacity(1)[1])  # the running rows, as a choosing step builds them
         if warm:
             for r in list(s.waiting)[:window]:
                 s.caps_planner.pairs.add(r.request_id, s._caps_vector(r))
