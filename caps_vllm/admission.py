@@ -132,7 +132,7 @@ class AdmissionPlanner:
             self.strategy = make_strategy(cfg.strategy, seed=cfg.seed, deployment=deployment, **cfg.strategy_params)
         except ValueError as exc:
             raise ValueError(f"caps.strategy_params: {exc}") from None
-        self.pairs = PairwiseCache(d, capacity=max(64, 2 * cfg.window_size))
+        self.pairs = PairwiseCache(d, capacity=max(64, 2 * cfg.window_size), terms=self.strategy.row_terms)
         self.stats = AdmissionStats()
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
         self.passes: dict[Hashable, int] = {}  # steps each waiting request was passed over in
@@ -257,12 +257,16 @@ class AdmissionPlanner:
         if scored:
             missing = [i for i in scored if window[i].key not in self.pairs]
             self.pairs.add_many([window[i].key for i in missing], [vecs[i] for i in missing])
-            cand, gram = self.pairs.window([window[i].key for i in scored])
+            keys = [window[i].key for i in scored]
+            cand, gram = self.pairs.window(keys)
+            terms = self.pairs.terms(keys)
             # Strategies keep their index 0 first; a zero "nothing" candidate there leaves
-            # every real request free to be picked (or not) on its merits.
+            # every real request free to be picked (or not) on its merits (its terms are 0 too).
             cand = np.vstack([np.zeros((1, cand.shape[1])), cand])
             gram = np.pad(gram, ((1, 0), (1, 0))) if gram is not None else None
-            picks = [p - 1 for p in self.strategy.select(load, cand, b + 1, gram=gram, checked=True)[1:]]
+            terms = np.vstack([np.zeros((1, terms.shape[1])), terms]) if terms is not None else None
+            picks = [p - 1 for p in self.strategy.select(load, cand, b + 1, gram=gram, checked=True,
+                                                         terms=terms)[1:]]
             if priced and sorted(picks) != list(range(b)):
                 # Never worse than FCFS by the step model: its b oldest unless the pick gains enough.
                 gain = fcfs_ms - self.strategy.cost((load + cand[1:][picks].sum(axis=0))[None, :])[0]

@@ -82,6 +82,7 @@ def brief(r: dict) -> dict:
             "share_planned": r["engagement"]["share_of_those_steps_planned"],
             "contested_steps": r["engagement"]["contested_steps"],
             "share_contested_planned": r["engagement"]["share_of_contested_planned"],
+            "steps_only_preempted": r["engagement"].get("steps_only_preempted_resumed"),
             "scheduler_wall_s": r["scheduler_wall_s"], "simulated_s": r["simulated_s"],
             "scheduler_share_of_simulated": r["scheduler_share_of_simulated"]}
     if "caps" in r:
@@ -195,14 +196,16 @@ def main(argv: list[str] | None = None) -> int:
         return {"capacity_rps": cap, "rate_rps": rate, "arms": arms}
 
     def own_time(extra: list[str], pattern: str, name: str) -> dict:
-        """CAPS's own time in schedule() at 1.2x capacity, where queues form."""
+        """CAPS's own time in schedule() at 1.2x capacity, where queues form, and vLLM's scheduler
+        time (schedule + update_from_output) with and without CAPS, in the same run."""
         rate = 1.2 * capacity(extra, pattern, name, start_rate(extra))
         doc = cell([*base, *extra, "--pattern", pattern, "--rate", f"{rate:.6g}", "--requests", n(rate, args.seconds),
-                    "--strategies", "step_cost"], out / "cells" / f"overhead-{name}-1.2", args.reuse)
-        r = doc["results"]["step_cost"]
-        return {"rate_rps": rate, "command": doc["command"], "caps": r["caps"],
+                    "--strategies", "stock", "step_cost"], out / "cells" / f"overhead-{name}-1.2", args.reuse)
+        r, s = doc["results"]["step_cost"], doc["results"]["stock"]
+        return {"rate_rps": rate, "command": doc["command"], "caps": r["caps"], "steps": r["steps"],
                 "mean_waiting": r["queue"]["mean_waiting"], "mean_running": r["queue"]["mean_running"],
-                "step_ms_mean": r["step_ms"]["mean"]}
+                "step_ms_mean": r["step_ms"]["mean"], "scheduler_wall_s": r["scheduler_wall_s"],
+                "stock_scheduler_wall_s": s["scheduler_wall_s"], "stock_steps": s["steps"]}
 
     if "capacity" in args.parts:
         by_deployment("capacity", headroom_at_capacity)
@@ -307,7 +310,8 @@ def report(study: dict) -> str:
              "## 1. Admission at 0.5–1.2× capacity (vLLM's H100 defaults: 1024 sequences, 8192 tokens per engine)", "",
              "Capacity at SLO (P99 TTFT ≤ 2 s, P99 ITL ≤ 100 ms) of stock vLLM, by bisection. Per load: stock's "
              "figures, then each CAPS arm's change against stock (ITL P50 / P99, TTFT P99 / max: the worst wait), "
-             "CAPS's engagement (contested steps — some waiting request stays behind — where it evaluated a choice; "
+             "CAPS's engagement (contested steps — a new request is admitted while another stays behind; steps where only "
+             "preempted requests resume keep vLLM's order and are not counted — where it evaluated a choice; "
              "admission steps where it admitted other than FCFS), CAPS's own time in schedule() per simulated "
              "second (this CPU, where recorded), and the static bound at the cell's mean decode "
              "batch (distinct experts per layer, one domain vs mixed).", "",
@@ -358,15 +362,22 @@ def report(study: dict) -> str:
                   "This CPU's wall clock around CAPS's reordering (the busiest engine's; each engine schedules in "
                   "its own process) per second of modelled serving: the goal is ≤ 2 % where there is no headroom. "
                   "Measured on a shared 2-core machine, so an upper bound.", "",
-                  "| deployment | traffic | engaged steps | planned | CAPS's time (s) | share of modelled time | "
-                  "mean modelled step (ms) |", "|---" * 7 + "|"]
+                  "| deployment | traffic | mean running | engaged steps | planned | CAPS's time (s) | per step (ms) "
+                  "| share of modelled time | mean modelled step (ms) | vLLM's scheduler time: CAPS / stock (same run) |",
+                  "|---" * 10 + "|"]
         for dep, e in study["overhead"].items():
             for pattern, r in e.items():
                 if not isinstance(r, dict) or "caps" not in r:
                     continue
                 c = r["caps"]
-                lines.append(f"| {dep} | {pattern} | {c['engaged']} | {c['plans']} | {c['seconds']:.3f} | "
-                             f"{c['share_of_simulated']:.2%} | {r['step_ms_mean']:.3g} |")
+                ratio = "–"
+                if r.get("stock_scheduler_wall_s"):
+                    ratio = (f"{r['scheduler_wall_s']:.2f} s / {r['stock_scheduler_wall_s']:.2f} s = "
+                             f"{r['scheduler_wall_s'] / r['stock_scheduler_wall_s']:.3f}×")
+                per_step = f"{c['seconds'] / r['steps'] * 1e3:.3f}" if r.get("steps") else "–"
+                lines.append(f"| {dep} | {pattern} | {r['mean_running']:.0f} | {c['engaged']} | {c['plans']} | "
+                             f"{c['seconds']:.3f} | {per_step} | {c['share_of_simulated']:.2%} | "
+                             f"{r['step_ms_mean']:.3g} | {ratio} |")
     if study["strategies"]:
         st = study["strategies"]
         s = st["arms"]["stock"]

@@ -198,6 +198,30 @@ def test_pairwise_cache_tracks_the_gram_matrix():
         cache.add("short", np.ones(4))
 
 
+def test_step_cost_picks_the_same_from_terms_kept_per_request():
+    """The live path hands step_cost its touched probabilities from the PairwiseCache (computed
+    once per request, kept through removals and growth): the picks equal those it computes itself."""
+    rng = np.random.default_rng(5)
+    s = make_strategy("step_cost")
+    assert s.row_terms is not None and make_strategy("greedy_dot_product").row_terms is None
+    cache = PairwiseCache(d=12, capacity=2, terms=s.row_terms)
+    vecs = {k: rng.gamma(0.3, 1.0, 12) * (rng.random(12) < 0.5) for k in range(20)}
+    for k, v in vecs.items():
+        cache.add(k, v)
+    for k in (4, 0, 19):
+        cache.remove(k)
+    keys = [7, 1, 12, 3, 18, 9, 15, 2]
+    cand, _ = cache.window(keys)
+    terms = cache.terms(keys)
+    np.testing.assert_array_equal(terms, s.row_terms(cand))
+    for b in (1, 3, 8):
+        running = rng.gamma(0.5, 1.0, 12)
+        assert s.select(running, cand, b, terms=terms) == s.select(running, cand, b)
+    with pytest.raises(ValueError, match="terms"):
+        s.select(np.ones(12), cand, 2, terms=terms[:3])
+    assert PairwiseCache(d=12).terms(keys[:0]) is None  # a cache kept without terms
+
+
 def test_pairwise_cache_batch_add_equals_one_by_one():
     rng = np.random.default_rng(4)
     vecs = rng.integers(0, 5, (9, 6)).astype(float)

@@ -57,6 +57,7 @@ class Window:
     load_mass: float = 0.0  # sum of L
     load_sq: float = 0.0  # ||L||^2
     running: np.ndarray | None = None  # the load before any pick
+    terms: np.ndarray | None = None  # (W, d) the strategy's row_terms of the candidates, if the caller keeps them
 
     @classmethod
     def build(cls, running: np.ndarray, vecs: np.ndarray, gram: np.ndarray | None, stats: bool) -> "Window":
@@ -95,6 +96,9 @@ class Strategy:
     uses_stats: bool = True
     #: parameters the live scheduler fills in from the deployment (see make_strategy)
     deployment_params: tuple[str, ...] = ()
+    #: a row-wise transform of the candidates' vectors the scores start from, which a caller
+    #: may keep per request and pass as ``terms`` (None: the strategy needs none)
+    row_terms = None
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -108,6 +112,7 @@ class Strategy:
         *,
         gram: np.ndarray | None = None,
         checked: bool = False,
+        terms: np.ndarray | None = None,
     ) -> list[int]:
         """Indices of the candidates to admit, oldest (0) first, at most ``slots`` of them.
 
@@ -118,6 +123,7 @@ class Strategy:
         ``gram`` (W x W pairwise dot products of the candidates) makes each greedy pick O(W);
         the live scheduler maintains it incrementally (see :class:`PairwiseCache`).
         ``checked=True`` skips validation for callers that validated each vector already.
+        ``terms``: ``row_terms(candidates)``, kept per request by the caller (PairwiseCache).
         """
         running = np.asarray(running, dtype=np.float64)
         if running.ndim != 1:
@@ -134,7 +140,11 @@ class Strategy:
             return []
         if gram is not None and gram.shape != (w, w):
             raise ValueError(f"gram must be ({w}, {w}), got {gram.shape}")
+        if terms is not None and terms.shape != vecs.shape:
+            raise ValueError(f"terms must be {vecs.shape}, got {terms.shape}")
         window = Window.build(running, vecs, gram, self.uses_stats) if self.uses_window else None
+        if window is not None:
+            window.terms = terms
         rest = self._pick(vecs, window, b)
         return [0, *(int(i) for i in rest)]
 

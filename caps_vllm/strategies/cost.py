@@ -50,6 +50,8 @@ class StepCost(Strategy):
         else:
             expert_placement(experts or 1, 1, placement)  # validates the name
         self.experts = experts
+        if self.placement is None and self.model.form == "linear":
+            self.row_terms = _touched
 
     def cost(self, loads: np.ndarray) -> np.ndarray:
         """Predicted step milliseconds of each load row (fixed part left out: same for all)."""
@@ -64,37 +66,22 @@ class StepCost(Strategy):
             raise ValueError(f"load vectors of length {vecs.shape[1]} do not split into layers of {self.placement.shape[0]} experts")
         load = window.running + vecs[0]
         mass = vecs.sum(axis=1)
+        inv = np.where(mass > 0, 1.0 / np.maximum(mass, 1e-12), 0.0)  # per token; a massless candidate scores 0
+        blocked = np.zeros(vecs.shape[0])  # +inf once picked
+        blocked[0] = np.inf
         linear = self.placement is None and self.model.form == "linear"
         if linear:
-            # One device, linear form: the increase is weight x (expected new experts touched)
-            # + token x mass, and the expected new experts are touched(v) . exp(-load): one
-            # matrix-vector product, updated on the picked request's experts after each pick.
-            touched = -np.expm1(-vecs)
-            untouched = np.exp(-load)
-            new_experts = touched @ untouched
-        else:
-            delta = self._increase(load, vecs)  # cost increase of adding each candidate
-        taken = np.zeros(vecs.shape[0], dtype=bool)
-        taken[0] = True
+            return self._pick_linear(vecs, window, b, load, mass, inv, blocked)
+        delta = self._increase(load, vecs)  # cost increase of adding each candidate
         picks = []
         for _ in range(b - 1):
-            if linear:
-                delta = self.model.weight_ms * new_experts + self.model.token_ms * mass
-            per_token = np.where(mass > 0, delta / np.maximum(mass, 1e-12), 0.0)
-            per_token[taken] = np.inf
-            # Equal within rounding counts as a tie, and a tie goes to the oldest.
-            best = per_token.min()
-            j = int(np.flatnonzero(per_token <= best + 1e-9 * max(abs(best), 1e-12))[0])
+            j = _cheapest(delta * inv + blocked)
             picks.append(j)
-            taken[j] = True
-            cols = np.flatnonzero(vecs[j])
-            if linear:
-                after = untouched[cols] * np.exp(-vecs[j, cols])
-                new_experts += touched[:, cols] @ (after - untouched[cols])
-                untouched[cols] = after
-            elif self.placement is None:
+            blocked[j] = np.inf
+            if self.placement is None:
                 # One device: the cost is a sum over experts, so only the picked request's
                 # experts change anybody's increase.
+                cols = np.flatnonzero(vecs[j])
                 before = self._increase(load[cols], vecs[:, cols])
                 load[cols] += vecs[j, cols]
                 delta += self._increase(load[cols], vecs[:, cols]) - before
@@ -103,5 +90,36 @@ class StepCost(Strategy):
                 delta = self._increase(load, vecs)
         return picks
 
+    def _pick_linear(self, vecs, window: Window, b: int, load, mass, inv, blocked) -> list[int]:
+        """One device, linear form: the increase is weight x (expected new experts touched) +
+        token x mass, and the expected new experts are touched(v) . exp(-load): one
+        matrix-vector product, and one more after each pick to take the picked request's
+        expected experts off everybody's score (dense over the experts: a handful of array
+        operations a pick, as few as the dot-product greedy's)."""
+        touched = window.terms if window.terms is not None else _touched(vecs)
+        untouched = np.exp(-load)
+        per_new = self.model.weight_ms * inv
+        score = per_new * (touched @ untouched) + self.model.token_ms * mass * inv + blocked
+        picks = []
+        for _ in range(b - 1):
+            j = _cheapest(score)
+            picks.append(j)
+            gone = untouched * touched[j]  # exp(-load) - exp(-load - v_j)
+            score -= per_new * (touched @ gone)
+            score[j] = np.inf
+            untouched -= gone
+        return picks
+
     def _increase(self, load: np.ndarray, vecs: np.ndarray) -> np.ndarray:
         return self.cost(load[None, :] + vecs) - self.cost(load[None, :])[0]
+
+
+def _cheapest(per_token: np.ndarray) -> int:
+    """The smallest score; equal within rounding counts as a tie, and a tie goes to the oldest."""
+    best = per_token.min()
+    return int(np.argmax(per_token <= best + 1e-9 * max(abs(best), 1e-12)))
+
+
+def _touched(vecs: np.ndarray) -> np.ndarray:
+    """Probability that each expert is touched by each row's expected counts (Poisson)."""
+    return -np.expm1(-vecs)

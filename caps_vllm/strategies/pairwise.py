@@ -3,12 +3,14 @@
 The greedy strategies need v_i.v_j for the window's candidates. Recomputing the window's
 Gram matrix at every scheduling step costs O(W^2 d) (about 9 ms for W=256, d=1440 here);
 keeping it as requests come and go costs O(n d) per arrival, paid once, and lets each
-selection make its picks in O(W).
+selection make its picks in O(W). A strategy whose scores start from a per-candidate
+transform of its vector (``Strategy.row_terms``: step_cost's touched probabilities
+1 - exp(-v), a transcendental per entry) has it kept here too, computed once per request.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -18,10 +20,13 @@ from caps_vllm.strategies.base import check_loads
 class PairwiseCache:
     """Load vectors by key, with their Gram matrix; add is O(n*d), remove O(n)."""
 
-    def __init__(self, d: int, capacity: int = 64) -> None:
+    def __init__(self, d: int, capacity: int = 64, terms: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """``terms``: a row-wise transform of the vectors to keep beside them (see :meth:`terms`)."""
         self.d = d
         self._vecs = np.zeros((capacity, d))
         self._gram = np.zeros((capacity, capacity))
+        self._terms_of = terms
+        self._terms = np.zeros((capacity, d)) if terms is not None else None
         self._slot: dict[Hashable, int] = {}
         self._keys: list[Hashable] = []
 
@@ -51,6 +56,8 @@ class PairwiseCache:
         while n + m > self._vecs.shape[0]:
             self._grow()
         self._vecs[n : n + m] = block
+        if self._terms is not None:
+            self._terms[n : n + m] = self._terms_of(block)
         dots = self._vecs[: n + m] @ block.T  # (n + m, m)
         self._gram[: n + m, n : n + m] = dots
         self._gram[n : n + m, : n + m] = dots.T
@@ -67,6 +74,8 @@ class PairwiseCache:
         if i != last:
             moved = self._keys[last]
             self._vecs[i] = self._vecs[last]
+            if self._terms is not None:
+                self._terms[i] = self._terms[last]
             self._gram[i, :] = self._gram[last, :]
             self._gram[:, i] = self._gram[:, last]
             self._gram[i, i] = self._gram[last, last]
@@ -81,8 +90,15 @@ class PairwiseCache:
 
     def window(self, keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
         """The vectors of ``keys`` (in that order) and their Gram matrix, ready for select()."""
-        idx = np.fromiter((self._slot[k] for k in keys), dtype=np.intp, count=len(keys))
+        idx = self._index(keys)
         return self._vecs[idx], self._gram[idx][:, idx]
+
+    def terms(self, keys: Sequence[Hashable]) -> np.ndarray | None:
+        """The kept transform of the vectors of ``keys`` (None: the cache keeps none)."""
+        return None if self._terms is None else self._terms[self._index(keys)]
+
+    def _index(self, keys: Sequence[Hashable]) -> np.ndarray:
+        return np.fromiter(map(self._slot.__getitem__, keys), dtype=np.intp, count=len(keys))
 
     def _grow(self) -> None:
         n = self._vecs.shape[0]
@@ -91,3 +107,7 @@ class PairwiseCache:
         vecs[:n] = self._vecs
         gram[:n, :n] = self._gram
         self._vecs, self._gram = vecs, gram
+        if self._terms is not None:
+            terms = np.zeros((2 * n, self.d))
+            terms[:n] = self._terms
+            self._terms = terms

@@ -4,7 +4,8 @@ Sizes (W, B, d): (32, 8, 60), the prototype's window, (32, 8, 1440), the live de
 on Qwen1.5-MoE (24 layers x 60 experts, cached path), and (256, 64, 1440), a deep queue there. Three paths are timed for the large size:
   checked  - select() validating its input (what an arbitrary caller gets),
   trusted  - vectors validated once on arrival (checked=True), Gram computed per pick,
-  cached   - trusted + the window's Gram matrix kept by PairwiseCache (the live path).
+  cached   - trusted + what PairwiseCache keeps per request (the live path): the window's Gram
+             matrix, and step_cost's touched probabilities (Strategy.row_terms).
 The median of repeated calls is reported (machines are noisy).
 
     python tests/benchmarks/bench_strategies.py [--repeat N]
@@ -57,18 +58,28 @@ def main() -> None:
 
     print(f"{'strategy':20s} {'(32,8,60)':>12s} {'(32,8,1440) cached':>19s} {'(256,64,1440) checked':>22s} {'trusted':>10s} "
           f"{'cached':>10s}   (ms, median)")
+    rows = {}
     for name in STRATEGIES:
         row = []
         r, c = probs[(32, 8, 60)]
         row.append(median_ms(lambda: make_strategy(name).select(r, c, 8), a.repeat))
         s = make_strategy(name)
-        row.append(median_ms(lambda: s.select(running, cands[:32], 8, gram=gram[:32, :32], checked=True), a.repeat))
+        terms = s.row_terms(cands) if s.row_terms is not None else None
+        small = None if terms is None else terms[:32]
+        row.append(median_ms(lambda: s.select(running, cands[:32], 8, gram=gram[:32, :32], checked=True, terms=small),
+                             a.repeat))
         row.append(median_ms(lambda: s.select(running, cands, 64), max(10, a.repeat // 10)))
         row.append(median_ms(lambda: s.select(running, cands, 64, checked=True), max(10, a.repeat // 10)))
-        row.append(median_ms(lambda: s.select(running, cands, 64, gram=gram, checked=True), a.repeat))
+        row.append(median_ms(lambda: s.select(running, cands, 64, gram=gram, checked=True, terms=terms), a.repeat))
+        rows[name] = row
         print(f"{name:20s} {row[0]:12.3f} {row[1]:19.3f} {row[2]:22.3f} {row[3]:10.3f} {row[4]:10.3f}")
-    print(f"PairwiseCache.add per arrival at n<=256, d=1440: {add_ms:.3f} ms; window(256) gather: {window_ms:.3f} ms")
     g = make_strategy("greedy_dot_product")
+    small_gdp = median_ms(lambda: g.select(running, cands[:32], 8, checked=True), a.repeat)
+    for size, caps, base in (("(256, 64, 1440)", rows["step_cost"][4], rows["greedy_dot_product"][3]),
+                             ("(32, 8, 1440)", rows["step_cost"][1], small_gdp)):
+        print(f"target step_cost (live path) <= 1.5x one uncached greedy_dot_product selection at {size}: "
+              f"{caps:.3f} ms / {base:.3f} ms = {caps / base:.2f}x -> {'met' if caps <= 1.5 * base else 'NOT met'}")
+    print(f"PairwiseCache.add per arrival at n<=256, d=1440: {add_ms:.3f} ms; window(256) gather: {window_ms:.3f} ms")
     cached = median_ms(lambda: g.select(running, cands, 64, gram=gram, checked=True), a.repeat)
     print(f"target greedy_dot_product <= 0.2 ms at (256, 64, 1440), cached path: {cached:.3f} ms -> {'met' if cached <= 0.2 else 'NOT met'}")
 
