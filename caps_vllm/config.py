@@ -61,6 +61,9 @@ class CapsConfig:
     capture_decode: bool = False
     #: where the router token tables are cached (default ~/.cache/caps_vllm or $CAPS_VLLM_CACHE)
     cache_dir: str | None = None
+    #: threads of numpy's BLAS in the engine process (caps_vllm.blas: CAPS's products are
+    #: small, and a pool woken for each competes with the model's threads); null: numpy's own
+    blas_threads: int | None = 1
     #: append one JSON line per engine step and per finished request here (caps_vllm.step_log:
     #: the timings the simulator's cpu profile is fitted on); data-parallel rank N writes PATH.N
     step_log: str | None = None
@@ -102,6 +105,8 @@ class CapsConfig:
             raise ValueError(f"caps.min_gain: {self.min_gain!r} is out of range; valid: a number in [0, 1]")
         if self.vectors not in ("per_token", "counts"):
             raise ValueError(f"caps.vectors: {self.vectors!r}; valid: 'per_token' or 'counts'")
+        if self.blas_threads is not None:
+            _int_in("blas_threads", self.blas_threads, 1, 4096)
         _int_in("learn_rows_per_step", self.learn_rows_per_step, 1, 1_000_000)
         _int_in("learn_max_tokens", self.learn_max_tokens, 8, 100_000_000)
         if isinstance(self.learn_half_life_tokens, bool) or not isinstance(self.learn_half_life_tokens, (int, float)) \

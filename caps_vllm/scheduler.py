@@ -32,6 +32,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import Request, RequestStatus
 
 from caps_vllm.admission import AdmissionPlanner, Capacity, Waiting, fcfs_admissions
+from caps_vllm.blas import limit_threads
 from caps_vllm.config import CapsConfig
 from caps_vllm.guard import FcfsGuard
 from caps_vllm.learner import OnlineLearner
@@ -83,6 +84,10 @@ class _CapsMixin:
         vllm_config = self.vllm_config
         raw = (vllm_config.additional_config or {}).get("caps")
         self.caps_config = CapsConfig.from_dict(raw)  # an invalid value stops startup here
+        if self.caps_config.blas_threads is not None:
+            lib = limit_threads(self.caps_config.blas_threads)
+            logger.info("CAPS: numpy's BLAS on %s thread(s) in this process (%s)", self.caps_config.blas_threads,
+                        lib or "no OpenBLAS found: left as it is")
         self.caps_counters: Counter[str] = Counter()
         self.caps_predictor = self._caps_load_predictor(vllm_config) if self.caps_config.predictor else None
         self.caps_learner = self._caps_make_learner()

@@ -176,11 +176,29 @@ def test_config_defaults_and_errors():
         ({"predictor": "yes"}, "caps.predictor"),
         ({"strategy": "power_of_d", "strategy_params": {"sample": 0}}, "sample"),
         ({"windowsize": 3}, "unknown CAPS option"),
+        ({"blas_threads": 0}, "caps.blas_threads"),
+        ({"blas_threads": 1.5}, "caps.blas_threads"),
     ]:
         with pytest.raises(ValueError, match=field):
             CapsConfig.from_dict(bad)
     with pytest.raises(ValueError, match="must be an object"):
         CapsConfig.from_dict([1])
+    assert cfg.blas_threads == 1 and CapsConfig.from_dict({"blas_threads": None}).blas_threads is None
+
+
+def test_numpy_blas_threads_are_set_in_the_library_numpy_loaded():
+    import ctypes
+
+    from caps_vllm.blas import limit_threads
+
+    path = limit_threads(2)
+    if path is None:
+        pytest.skip("this numpy has no OpenBLAS of its own")
+    lib = ctypes.CDLL(path)
+    get = next(getattr(lib, n) for n in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                                         "openblas_get_num_threads64_", "openblas_get_num_threads") if hasattr(lib, n))
+    assert get() == 2
+    assert limit_threads(1) == path and get() == 1
 
 
 def test_step_cost_keeps_fcfs_unless_its_pick_gains_more_than_min_gain():
