@@ -83,6 +83,9 @@ class RunningLoad:
         ``min(remaining[i], horizon) / horizon`` (rows not named: weight 0)."""
         if horizon <= 0:
             return self.total.copy()
-        w = np.zeros(self._rows.shape[0])
+        if not len(rows):
+            return np.zeros(self.d)
+        hi = int(rows.max()) + 1  # rows are handed out lowest first: the rest are empty
+        w = np.zeros(hi)
         w[rows] = np.clip(np.asarray(remaining, dtype=np.float64), 0.0, horizon) / horizon
-        return w @ self._rows
+        return w @ self._rows[:hi]
