@@ -247,10 +247,14 @@ class AdmissionPlanner:
         b = min(places, len(scored))
         priced = scored and hasattr(self.strategy, "cost")
         if priced:
-            # Nothing can gain more than FCFS's admissions add to the step (a step costs at least
-            # the load already there): when that is within min_gain, keep them without choosing.
+            # Nothing can gain more than FCFS's admissions add to the step beyond the least any b
+            # candidates must add (a step costs at least the load already there): when that is
+            # within min_gain, keep them without choosing.
             base_ms, fcfs_ms = self.strategy.cost(np.stack([load, load + sum(vecs[i] for i in scored[:b])]))
-            if fcfs_ms - base_ms <= self.cfg.min_gain * fcfs_ms:
+            room = fcfs_ms - base_ms
+            if room > self.cfg.min_gain * fcfs_ms:
+                room -= self.strategy.least_increase(np.sort([vecs[i].sum() for i in scored])[:b])
+            if room <= self.cfg.min_gain * fcfs_ms:
                 self.stats.kept_fcfs += 1
                 self.stats.no_vector += len(window) - len(scored)
                 return list(range(len(window)))

@@ -216,6 +216,24 @@ def test_step_cost_keeps_fcfs_unless_its_pick_gains_more_than_min_gain():
             CapsConfig.from_dict({"min_gain": bad})
 
 
+def test_step_cost_does_not_choose_where_no_choice_can_gain_min_gain():
+    """Every candidate brings the same arithmetic (per-token vectors: equal mass); on a load that
+    already reads every expert no choice can save weight reads, so FCFS is kept without a pick.
+    With experts left unread the same window is chosen from (the bound is not too eager)."""
+    p = planner(strategy="step_cost")
+    calls = []
+    select = p.strategy.select
+    p.strategy.select = lambda *a, **k: calls.append(1) or select(*a, **k)
+    w = waiting(("hot1", 5), ("b", 4), ("c", 3), ("d", 2))
+    saturated = np.full(D, 50.0)
+    assert p.plan(w, vec, saturated, capacity=2, now=100.0) is None
+    assert calls == [] and p.stats.kept_fcfs == 1 and p.stats.plans == 1
+    # FCFS's hot1 rides on the hot expert, read anyway: nothing can beat it, still no pick
+    assert p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=1, now=100.0) is None and calls == []
+    order = p.plan(waiting(("b", 5), ("hot1", 4), ("c", 3)), vec, np.array([8.0, 0, 0, 0]), capacity=1, now=100.0)
+    assert calls == [1] and order[0] == "hot1"  # b would read a new expert: affinity
+
+
 def test_running_load_sums_and_weights_by_shared_steps():
     from caps_vllm.running_load import RunningLoad
 

@@ -60,6 +60,14 @@ class StepCost(Strategy):
         layers = loads.reshape(loads.shape[0], -1, self.placement.shape[0])
         return (self.model.layer_ms(layers, self.placement, expected=True) - self.model.fixed_ms).sum(axis=-1)
 
+    def least_increase(self, masses: np.ndarray) -> float:
+        """A lower bound on what candidates of these masses (tokens x top-k) add to :meth:`cost`
+        whatever their experts: their arithmetic under the linear form on one device (reading
+        weights only adds to it), nothing otherwise (a roofline expert may absorb tokens free)."""
+        if self.placement is None and self.model.form == "linear":
+            return self.model.token_ms * float(np.sum(masses))
+        return 0.0
+
     def _pick(self, vecs: np.ndarray, window: Window | None, b: int) -> list[int]:
         assert window is not None
         if self.placement is not None and vecs.shape[1] % self.placement.shape[0]:
