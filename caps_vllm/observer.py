@@ -54,21 +54,20 @@ class RoutingObserver:
         m.inc("vllm:caps_steps")
         m.inc("vllm:caps_scheduled_tokens", total)
         units = self._units
-        if len(units) > len(scheduled) or any(rid not in scheduled for rid in units):
-            for rid in [rid for rid in units if rid not in scheduled]:
-                u = units.pop(rid)
-                if u is not None:
-                    self._sum -= u
+        for rid in sorted(units.keys() - scheduled.keys()):  # set differences: C speed, a few ids a step
+            u = units.pop(rid)
+            if u is not None:
+                self._sum -= u
+        for rid in sorted(scheduled.keys() - units.keys()):
+            u = units[rid] = self._unit(vector_of(rid))
+            if u is not None:
+                self._sum += u
         extra = None
-        for rid, n in scheduled.items():
-            if rid in units:
+        if total != len(scheduled):  # some request has more than one token (every one has at least one)
+            for rid, n in scheduled.items():
                 u = units[rid]
-            else:
-                u = units[rid] = self._unit(vector_of(rid))
-                if u is not None:
-                    self._sum += u
-            if u is not None and n != 1:
-                extra = (n - 1) * u if extra is None else extra + (n - 1) * u
+                if u is not None and n != 1:
+                    extra = (n - 1) * u if extra is None else extra + (n - 1) * u
         np.maximum(self._sum, 0.0, out=self._sum)  # float drift of the running sum
         shape = load_shape((self._sum if extra is None else self._sum + extra).reshape(self.shape))
         if shape is not None:
