@@ -50,9 +50,10 @@ from caps_vllm.strategies import PairwiseCache, make_strategy
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Waiting(Generic[T]):
-    """What the planner reads of one waiting request."""
+    """What the planner reads of one waiting request (built for the queue's head every step:
+    not frozen, whose field-by-field __setattr__ costs four times as much)."""
 
     item: T
     key: Hashable
