@@ -18,6 +18,7 @@ logged once and that step is left in FCFS order: the scheduler never crashes the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -44,6 +45,7 @@ from caps_vllm.step_log import StepLog
 
 logger = logging.getLogger("caps_vllm.scheduler")
 _NO_VECTOR = object()
+_WALK_ALL = 64  # up to this many running requests _caps_capacity reads every one (exact, and cheap)
 
 
 class _RunningPass(NamedTuple):
@@ -95,6 +97,7 @@ class _CapsMixin:
         self.caps_planner = AdmissionPlanner(self.caps_config, d, self._caps_deployment(vllm_config))
         self.caps_planner.guard = self._caps_make_guard()
         self.caps_running = RunningLoad(d, self.max_num_running_reqs)
+        self._caps_busy: dict[str, Request] = {}  # running requests not (yet) known to be in plain decode
         self._caps_warned: set[str] = set()
         if self.policy == SchedulingPolicy.PRIORITY:
             self.waiting = PriorityOrderQueue()
@@ -242,22 +245,57 @@ class _CapsMixin:
         request.caps_vector = v
         return v
 
-    def _caps_shared_load(self, head: list[Waiting], running: _RunningPass) -> np.ndarray:
+    def _caps_shared_load(self, head: list[Waiting], running: _RunningPass | None) -> np.ndarray:
         """The running batch's load over the decode steps the head's requests would share with it
         (caps_vllm.running_load): the running set brought up to date, each request weighted by
         how much of the median candidate's ``max_tokens`` it will still be running."""
         run, reqs = self.caps_running, self.running
+        if running is None:  # the budget came from the few requests not in plain decode
+            running = _RunningPass([r.request_id for r in reqs], [r.max_tokens - r.num_output_tokens for r in reqs])
         rows = run.sync(running.keys, lambda i: self._caps_vector(reqs[i]))
         horizon = float(np.median([w.item.max_tokens for w in head])) if head else 0.0
         return run.shared(rows, running.remaining, horizon)
 
-    def _caps_capacity(self, free: int) -> tuple[Capacity, _RunningPass]:
+    def _caps_capacity(self, free: int) -> tuple[Capacity, _RunningPass | None]:
         """What vLLM will have left for waiting requests this step, as its ``schedule()`` spends it:
         the token budget after every running request's next tokens (decode, prefill chunks,
         capped by long_prefill_token_threshold) and the free KV blocks after those the running
         requests' next tokens open (prefix-cache hits and the watermark are not counted: an
-        estimate; vLLM enforces the real budgets). The same pass keeps what the shared load
-        needs of each running request, so CAPS walks the running batch once a step."""
+        estimate; vLLM enforces the real budgets).
+
+        A request in plain decode schedules exactly one token a step until it leaves the running
+        batch, so with many running only the few that are not (``_caps_busy``: admitted or
+        resumed, prefilling, chunked) are read: the token budget left is then the same as a pass
+        over all of them gives, and the KV estimate counts a new block for every decoding request
+        (at most one each), an under-estimate; :meth:`_caps_reorder` falls back to the full pass
+        whenever that could change what FCFS admits. None for the pass: not walked."""
+        if len(self.running) <= _WALK_ALL or getattr(self, "num_spec_tokens", 0):
+            return self._caps_capacity_walk(free)
+        tokens, bs = self.max_num_scheduled_tokens, self.block_size
+        thr = self.scheduler_config.long_prefill_token_threshold
+        busy, opened, counted = self._caps_busy, 0, 0
+        for rid, r in list(busy.items()):
+            if r.status != RequestStatus.RUNNING:
+                del busy[rid]  # finished or preempted (a resumed request comes back through schedule())
+                continue
+            c = r.num_computed_tokens
+            n = r.num_tokens_with_spec + r.num_output_placeholders - c
+            if n == 1:
+                del busy[rid]  # plain decode from now on: counted below with the others
+                continue
+            counted += 1
+            n = thr if 0 < thr < n else n
+            if n > 0:
+                tokens -= n
+                opened += (c + n - 1) // bs - (c - 1) // bs
+        decoding = len(self.running) - counted
+        tokens = max(tokens - decoding, 0)
+        kv = (self.kv_cache_manager.block_pool.get_num_free_blocks() - opened - decoding) * bs
+        return Capacity(free, tokens, max(kv, 0), self.scheduler_config.enable_chunked_prefill, bs), None
+
+    def _caps_capacity_walk(self, free: int) -> tuple[Capacity, _RunningPass]:
+        """:meth:`_caps_capacity` by one pass over every running request, which also keeps what
+        the shared load needs of each (so a choosing step walks the running batch once)."""
         tokens, bs = self.max_num_scheduled_tokens, self.block_size
         thr = self.scheduler_config.long_prefill_token_threshold
         opened = 0  # KV blocks the running requests' next tokens start
@@ -294,6 +332,10 @@ class _CapsMixin:
             return  # checked before any per-step work: most steps stop here
         cap, running = self._caps_capacity(free)
         admits = fcfs_admissions((self._caps_need(r) for r in waiting), cap)
+        if running is None and admits != fcfs_admissions((self._caps_need(r) for r in waiting),
+                                                         dataclasses.replace(cap, kv_tokens=None)):
+            cap, running = self._caps_capacity_walk(free)  # the KV under-estimate binds: count exactly
+            admits = fcfs_admissions((self._caps_need(r) for r in waiting), cap)
         if not self.caps_planner.engaged(len(waiting), admits):
             return
         plans = self.caps_planner.stats.plans
@@ -334,11 +376,23 @@ class _CapsMixin:
                                      "counted)", log=logger.exception)
             self.caps_seconds += time.perf_counter() - t0
         out = super().schedule(*args, **kwargs)
+        t0 = time.perf_counter()
+        self._caps_guard(self._caps_track_admitted, out)
+        self.caps_seconds += time.perf_counter() - t0
         if self.caps_observer is not None:
             self._caps_guard(self._caps_observe_schedule, out, before)
         if log is not None:
             self._caps_guard(log.scheduled, out, self.requests)
         return out
+
+    def _caps_track_admitted(self, out) -> None:
+        """Requests that joined the running batch this step (new or resumed) are not yet in plain
+        decode: _caps_capacity reads them until they are."""
+        busy, reqs = self._caps_busy, self.requests
+        for rid in itertools.chain((r.req_id for r in out.scheduled_new_reqs), out.scheduled_cached_reqs.resumed_req_ids):
+            r = reqs.get(rid)
+            if r is not None:
+                busy[rid] = r
 
     def update_from_output(self, scheduler_output, model_runner_output):
         if not self._caps_on:

@@ -187,6 +187,39 @@ def test_preempted_requests_resume_from_the_waiting_queue_and_count_as_admitted(
 
 
 @pytest.mark.vllm
+def test_the_budget_read_from_the_requests_not_in_plain_decode_matches_a_full_pass(vllm_twin, tiny_model):
+    """With many running, CAPS reads only the requests that joined recently or still prefill: the
+    token budget it finds equals a pass over every running request, its KV estimate never exceeds
+    that pass's, and the fast reading is what most contested steps used."""
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from caps_vllm.scheduler import CapsScheduler
+
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    reqs = _poisson(600, 2000.0, vocab, seed=3)
+    d = Deployment(max_num_seqs=160, max_num_batched_tokens=4096, num_blocks=3000, max_model_len=2048)
+    sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "step_cost"})
+    seen = {"fast": 0, "walked": 0, "budget_left": 0, "wrong": 0}  # (CAPS would swallow an assert: counted)
+    fast = sched._caps_capacity
+
+    def checked(free):
+        cap, running = fast(free)
+        walk, _ = sched._caps_capacity_walk(free)
+        if running is None:
+            seen["fast"] += 1
+            seen["wrong"] += not (cap.tokens == walk.tokens and cap.kv_tokens <= walk.kv_tokens and cap.slots == walk.slots)
+            seen["budget_left"] += cap.tokens > 0
+        else:
+            seen["walked"] += 1
+        return cap, running
+
+    sched._caps_capacity = checked
+    res = Twin(sched, _step_time).run(reqs)
+    assert sorted(res.finished_order) == sorted(r.rid for r in reqs)
+    assert seen["wrong"] == 0 and sched.caps_counters["errors"] == 0, seen
+    assert seen["fast"] > 20 and seen["budget_left"] > 10 and max(st.running for st in res.steps) > 64, seen
+
+
+@pytest.mark.vllm
 def test_async_schedulers_run_in_the_twin(vllm_twin, tiny_model):
     Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
