@@ -282,6 +282,5 @@ class ExpertPredictor:
             ids = ids[known]
             if ids.size == 0:
                 return None
-        # bincount casts its input to intp itself, on a slower path than one astype (0.18 vs 0.12 ms a 1k prompt)
-        counts = np.bincount(self._bins[ids].astype(np.intp).ravel(), minlength=self.d).astype(np.float64)
+        counts = np.bincount(self._bins[ids].ravel(), minlength=self.d).astype(np.float64)
         return counts / ids.size if per_token else counts
