@@ -50,7 +50,9 @@ class StepCost(Strategy):
         else:
             expert_placement(experts or 1, 1, placement)  # validates the name
         self.experts = experts
-        if self.placement is None and self.model.form == "linear":
+        #: one device, linear form: the increase is separable into weight reads and arithmetic
+        self._linear = self.placement is None and self.model.form == "linear"
+        if self._linear:
             self.row_terms = _touched
 
     def cost(self, loads: np.ndarray) -> np.ndarray:
@@ -64,7 +66,7 @@ class StepCost(Strategy):
         """A lower bound on what candidates of these masses (tokens x top-k) add to :meth:`cost`
         whatever their experts: their arithmetic under the linear form on one device (reading
         weights only adds to it), nothing otherwise (a roofline expert may absorb tokens free)."""
-        if self.placement is None and self.model.form == "linear":
+        if self._linear:
             return self.model.token_ms * float(np.sum(masses))
         return 0.0
 
@@ -77,8 +79,7 @@ class StepCost(Strategy):
         inv = np.where(mass > 0, 1.0 / np.maximum(mass, 1e-12), 0.0)  # per token; a massless candidate scores 0
         blocked = np.zeros(vecs.shape[0])  # +inf once picked
         blocked[0] = np.inf
-        linear = self.placement is None and self.model.form == "linear"
-        if linear:
+        if self._linear:
             return self._pick_linear(vecs, window, b, load, mass, inv, blocked)
         delta = self._increase(load, vecs)  # cost increase of adding each candidate
         picks = []
