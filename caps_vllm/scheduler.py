@@ -376,9 +376,10 @@ class _CapsMixin:
                                      "counted)", log=logger.exception)
             self.caps_seconds += time.perf_counter() - t0
         out = super().schedule(*args, **kwargs)
-        t0 = time.perf_counter()
-        self._caps_guard(self._caps_track_admitted, out)
-        self.caps_seconds += time.perf_counter() - t0
+        if self.caps_predictor is not None:  # what _caps_reorder's budget estimate reads
+            t0 = time.perf_counter()
+            self._caps_guard(self._caps_track_admitted, out)
+            self.caps_seconds += time.perf_counter() - t0
         if self.caps_observer is not None:
             self._caps_guard(self._caps_observe_schedule, out, before)
         if log is not None:
@@ -387,12 +388,17 @@ class _CapsMixin:
 
     def _caps_track_admitted(self, out) -> None:
         """Requests that joined the running batch this step (new or resumed) are not yet in plain
-        decode: _caps_capacity reads them until they are."""
+        decode: _caps_capacity reads them until they are. Where it does not run (no queue), the
+        ones that stopped running are dropped once they could outnumber the running batch, so
+        the dict stays within twice its size at an amortised O(1) an admission."""
         busy, reqs = self._caps_busy, self.requests
         for rid in itertools.chain((r.req_id for r in out.scheduled_new_reqs), out.scheduled_cached_reqs.resumed_req_ids):
             r = reqs.get(rid)
             if r is not None:
                 busy[rid] = r
+        if len(busy) > 2 * len(self.running) + _WALK_ALL:
+            for rid in [rid for rid, r in busy.items() if r.status != RequestStatus.RUNNING]:
+                del busy[rid]
 
     def update_from_output(self, scheduler_output, model_runner_output):
         if not self._caps_on:

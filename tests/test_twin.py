@@ -220,6 +220,22 @@ def test_the_budget_read_from_the_requests_not_in_plain_decode_matches_a_full_pa
 
 
 @pytest.mark.vllm
+def test_the_requests_tracked_for_the_budget_stay_bounded_when_no_queue_forms(vllm_twin, tiny_model):
+    """Admitted requests are tracked until the budget estimate sees them decode; under a light
+    load it never runs (nothing waits), and finished requests must not pile up there."""
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from caps_vllm.scheduler import CapsScheduler
+
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    reqs = _poisson(300, 20.0, vocab, seed=4)  # one at a time: the queue never holds two
+    d = Deployment(max_num_seqs=8, max_num_batched_tokens=512, num_blocks=3000, max_model_len=2048)
+    sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "step_cost"})
+    res = Twin(sched, _step_time).run(reqs)
+    assert len(res.finished_order) == len(reqs) and sched.caps_planner.stats.engaged == 0
+    assert len(sched._caps_busy) <= 2 * d.max_num_seqs + 64
+
+
+@pytest.mark.vllm
 def test_async_schedulers_run_in_the_twin(vllm_twin, tiny_model):
     Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
