@@ -289,9 +289,7 @@ class _CapsMixin:
                 tokens -= n
                 opened += (c + n - 1) // bs - (c - 1) // bs
         decoding = len(self.running) - counted
-        tokens = max(tokens - decoding, 0)
-        kv = (self.kv_cache_manager.block_pool.get_num_free_blocks() - opened - decoding) * bs
-        return Capacity(free, tokens, max(kv, 0), self.scheduler_config.enable_chunked_prefill, bs), None
+        return self._caps_left(free, max(tokens - decoding, 0), opened + decoding), None
 
     def _caps_capacity_walk(self, free: int) -> tuple[Capacity, _RunningPass]:
         """:meth:`_caps_capacity` by one pass over every running request, which also keeps what
@@ -313,9 +311,13 @@ class _CapsMixin:
                 opened += (c + n - 1) // bs - (c - 1) // bs  # ceil((c + n) / bs) - ceil(c / bs)
             keys.append(r.request_id)
             remaining.append(r.max_tokens - r.num_output_tokens)
+        return self._caps_left(free, tokens, opened), _RunningPass(keys, remaining)
+
+    def _caps_left(self, free: int, tokens: int, opened: int) -> Capacity:
+        """The capacity left: ``tokens`` of the budget, the free KV blocks less ``opened``."""
+        bs = self.block_size
         kv = (self.kv_cache_manager.block_pool.get_num_free_blocks() - opened) * bs
-        cap = Capacity(free, tokens, max(kv, 0), self.scheduler_config.enable_chunked_prefill, bs)
-        return cap, _RunningPass(keys, remaining)
+        return Capacity(free, tokens, max(kv, 0), self.scheduler_config.enable_chunked_prefill, bs)
 
     def _caps_need(self, r: Request) -> int:
         """A waiting request's tokens this step as vLLM caps them (long_prefill_token_threshold)."""
