@@ -304,6 +304,15 @@ def _verdict(name: str, load: str, arms: dict) -> str:
             f"{', '.join(worse) or 'no'} | {evaluated} | {bare} |")
 
 
+def _by_traffic(part: dict, key: str):
+    """(deployment, traffic, entry) of a part saved per deployment by ``by_deployment``: its
+    entries holding ``key`` (not the study command and wall time saved beside them)."""
+    for dep, e in part.items():
+        for pattern, entry in e.items():
+            if isinstance(entry, dict) and key in entry:
+                yield dep, pattern, entry
+
+
 def report(study: dict) -> str:
     lines = ["# The vLLM twin: studies", "", "Commands: " + "; ".join(f"`{c}`" for c in study["commands"])
              + f" ({sum(study['wall_s'].values()) / 60:.0f} min of runs here).", "", study["note"] + ".", "",
@@ -351,13 +360,10 @@ def report(study: dict) -> str:
                   "of stock's own capacity leaves stock either side of that rate).", "",
                   "| deployment | traffic | rate (req/s) | arm | meets the SLO | TTFT p99 (s) | ITL p99 (ms) |",
                   "|---" * 7 + "|"]
-        for dep, e in study["capacity"].items():
-            for pattern, c in e.items():
-                if not isinstance(c, dict) or "arms" not in c:
-                    continue
-                for arm, r in c["arms"].items():
-                    lines.append(f"| {dep} | {pattern} | {c['rate_rps']:.4g} | {arm} | {'yes' if r['meets_slo'] else 'no'} "
-                                 f"| {_f(r['ttft_p99_s'])} | {_f(r['itl_p99_ms'])} |")
+        for dep, pattern, c in _by_traffic(study["capacity"], "arms"):
+            for arm, r in c["arms"].items():
+                lines.append(f"| {dep} | {pattern} | {c['rate_rps']:.4g} | {arm} | {'yes' if r['meets_slo'] else 'no'} "
+                             f"| {_f(r['ttft_p99_s'])} | {_f(r['itl_p99_ms'])} |")
     if study.get("overhead"):
         lines += ["", "### CAPS's own time in `schedule()` (step_cost, 1.2× capacity, where queues form)", "",
                   "This CPU's wall clock around CAPS's reordering (the busiest engine's; each engine schedules in "
@@ -366,19 +372,16 @@ def report(study: dict) -> str:
                   "| deployment | traffic | mean running | engaged steps | planned | CAPS's time (s) | per step (ms) "
                   "| share of modelled time | mean modelled step (ms) | vLLM's scheduler time: CAPS / stock (same run) |",
                   "|---" * 10 + "|"]
-        for dep, e in study["overhead"].items():
-            for pattern, r in e.items():
-                if not isinstance(r, dict) or "caps" not in r:
-                    continue
-                c = r["caps"]
-                ratio = "–"
-                if r.get("stock_scheduler_wall_s"):
-                    ratio = (f"{r['scheduler_wall_s']:.2f} s / {r['stock_scheduler_wall_s']:.2f} s = "
-                             f"{r['scheduler_wall_s'] / r['stock_scheduler_wall_s']:.3f}×")
-                per_step = f"{c['seconds'] / r['steps'] * 1e3:.3f}" if r.get("steps") else "–"
-                lines.append(f"| {dep} | {pattern} | {r['mean_running']:.0f} | {c['engaged']} | {c['plans']} | "
-                             f"{c['seconds']:.3f} | {per_step} | {c['share_of_simulated']:.2%} | "
-                             f"{r['step_ms_mean']:.3g} | {ratio} |")
+        for dep, pattern, r in _by_traffic(study["overhead"], "caps"):
+            c = r["caps"]
+            ratio = "–"
+            if r.get("stock_scheduler_wall_s"):
+                ratio = (f"{r['scheduler_wall_s']:.2f} s / {r['stock_scheduler_wall_s']:.2f} s = "
+                         f"{r['scheduler_wall_s'] / r['stock_scheduler_wall_s']:.3f}×")
+            per_step = f"{c['seconds'] / r['steps'] * 1e3:.3f}" if r.get("steps") else "–"
+            lines.append(f"| {dep} | {pattern} | {r['mean_running']:.0f} | {c['engaged']} | {c['plans']} | "
+                         f"{c['seconds']:.3f} | {per_step} | {c['share_of_simulated']:.2%} | "
+                         f"{r['step_ms_mean']:.3g} | {ratio} |")
     if study["strategies"]:
         st = study["strategies"]
         s = st["arms"]["stock"]
