@@ -10,9 +10,13 @@ bound: a request may stop early at EOS).
 
 Rows live in one float32 matrix sized for vLLM's sequence slots (half the memory a product
 reads; the twin's decisions came out the same as in float64), and the scheduler hands over
-the running requests' ids and steps left: bringing the rows up to date is a dict lookup per
-request, the weighted sum one matrix-vector product, on the steps that make a choice. Pure
-numpy, no vLLM.
+the running requests' ids: bringing the rows up to date is a dict lookup per request, the
+weighted sum one matrix-vector product, on the steps that make a choice. The steps left need
+not be read off every running request either (with hundreds running, those reads cost more
+than the product): each row keeps the step its request would end on, set when the scheduler
+last read it (``now + remaining``), and a request in plain decode takes one token a step, so
+``end - now`` is its steps left; the scheduler reads a request again when it starts plain
+decode (prefill steps make no output). Pure numpy, no vLLM.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class RunningLoad:
         self.d = d
         self.total = np.zeros(d)
         self._rows = np.zeros((max(int(slots), 1), d), dtype=np.float32)
+        self._end = np.zeros(self._rows.shape[0])  # the step each row's request ends on (see refresh)
         self._row: dict[Hashable, int] = {}
         self._free: list[int] = list(range(self._rows.shape[0] - 1, -1, -1))
 
@@ -49,9 +54,11 @@ class RunningLoad:
         if not self._free:
             n = self._rows.shape[0]
             self._rows = np.vstack([self._rows, np.zeros((n, self.d), dtype=np.float32)])
+            self._end = np.concatenate([self._end, np.zeros(n)])
             self._free = list(range(2 * n - 1, n - 1, -1))
         i = self._free.pop()
         self._row[key] = i
+        self._end[i] = 0.0
         if vec is not None:
             self._rows[i] = vec
             self.total += vec
@@ -65,19 +72,34 @@ class RunningLoad:
         self._free.append(i)
         np.maximum(self.total, 0.0, out=self.total)  # float drift
 
-    def sync(self, keys: Sequence[Hashable], vector_of: Callable[[int], np.ndarray | None]) -> np.ndarray:
+    def sync(self, keys: Sequence[Hashable], vector_of: Callable[[int], np.ndarray | None],
+             remaining_of: Callable[[int], int] | None = None, now: int = 0) -> np.ndarray:
         """Make the rows exactly ``keys`` (the running requests; ``vector_of(i)`` is the load of
-        ``keys[i]``, asked only for a newcomer) and return their row numbers, in that order."""
+        ``keys[i]`` and ``remaining_of(i)`` its steps left at step ``now``, asked only for a
+        newcomer) and return their row numbers, in that order."""
         rows = list(map(self._row.get, keys))
         if None in rows:
             for i, r in enumerate(rows):
                 if r is None:
                     self.add(keys[i], vector_of(i))
                     rows[i] = self._row[keys[i]]
+                    if remaining_of is not None:
+                        self._end[rows[i]] = now + remaining_of(i)
         if len(self._row) > len(keys):  # every key is a row now: the rest have stopped running
             for key in self._row.keys() - set(keys):
                 self.remove(key)
         return np.fromiter(rows, dtype=np.intp, count=len(rows))
+
+    def refresh(self, key: Hashable, remaining: int, now: int) -> None:
+        """``key`` has ``remaining`` steps left at step ``now`` (no-op for a key without a row)."""
+        i = self._row.get(key)
+        if i is not None:
+            self._end[i] = now + remaining
+
+    def steps_left(self, rows: np.ndarray, now: int) -> np.ndarray:
+        """Each row's steps left at step ``now``, from when it was last read (see :meth:`refresh`):
+        exact while the request took one token every step since, fewer if it missed steps."""
+        return self._end[rows] - now
 
     def shared(self, rows: np.ndarray, remaining: Sequence[int], horizon: float) -> np.ndarray:
         """The mean load over the next ``horizon`` decode steps: row ``rows[i]`` weighted by

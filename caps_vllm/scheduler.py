@@ -22,6 +22,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import statistics
 import time
 from collections import Counter
 from typing import NamedTuple
@@ -46,6 +47,11 @@ from caps_vllm.step_log import StepLog
 logger = logging.getLogger("caps_vllm.scheduler")
 _NO_VECTOR = object()
 _WALK_ALL = 64  # up to this many running requests _caps_capacity reads every one (exact, and cheap)
+
+
+def _steps_left(r: Request) -> int:
+    """Decode steps a running request has left at most (it may stop early at EOS)."""
+    return r.max_tokens - r.num_output_tokens
 
 
 class _RunningPass(NamedTuple):
@@ -103,6 +109,7 @@ class _CapsMixin:
             self.waiting = PriorityOrderQueue()
         self.caps_observer = self._caps_make_observer(vllm_config) if self.caps_config.metrics else None
         self._caps_ranked_step: int | None = None
+        self._caps_step = 0  # schedule() calls, in tokens a running request may take (the rows' end steps)
         self.caps_seconds = 0.0  # wall time of CAPS's own work in schedule() (the reordering), summed
         # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
         # (sim/twin.py) replaces it with its virtual clock.
@@ -248,13 +255,15 @@ class _CapsMixin:
     def _caps_shared_load(self, head: list[Waiting], running: _RunningPass | None) -> np.ndarray:
         """The running batch's load over the decode steps the head's requests would share with it
         (caps_vllm.running_load): the running set brought up to date, each request weighted by
-        how much of the median candidate's ``max_tokens`` it will still be running."""
-        run, reqs = self.caps_running, self.running
-        if running is None:  # the budget came from the few requests not in plain decode
-            running = _RunningPass([r.request_id for r in reqs], [r.max_tokens - r.num_output_tokens for r in reqs])
-        rows = run.sync(running.keys, lambda i: self._caps_vector(reqs[i]))
-        horizon = float(np.median([w.item.max_tokens for w in head])) if head else 0.0
-        return run.shared(rows, running.remaining, horizon)
+        how much of the median candidate's ``max_tokens`` it will still be running. Without a
+        pass over the running batch (many running), the steps left come from the rows' kept end
+        steps, refreshed when a request starts plain decode (:meth:`_caps_capacity`)."""
+        run, reqs, now = self.caps_running, self.running, self._caps_step
+        keys = [r.request_id for r in reqs] if running is None else running.keys
+        rows = run.sync(keys, lambda i: self._caps_vector(reqs[i]), lambda i: _steps_left(reqs[i]), now)
+        left = run.steps_left(rows, now) if running is None else running.remaining
+        horizon = statistics.median([w.item.max_tokens for w in head]) if head else 0.0
+        return run.shared(rows, left, float(horizon))
 
     def _caps_capacity(self, free: int) -> tuple[Capacity, _RunningPass | None]:
         """What vLLM will have left for waiting requests this step, as its ``schedule()`` spends it:
@@ -282,6 +291,7 @@ class _CapsMixin:
             n = r.num_tokens_with_spec + r.num_output_placeholders - c
             if n == 1:
                 del busy[rid]  # plain decode from now on: counted below with the others
+                self.caps_running.refresh(rid, _steps_left(r), self._caps_step)
                 continue
             counted += 1
             n = thr if 0 < thr < n else n
@@ -310,7 +320,7 @@ class _CapsMixin:
                 tokens -= n
                 opened += (c + n - 1) // bs - (c - 1) // bs  # ceil((c + n) / bs) - ceil(c / bs)
             keys.append(r.request_id)
-            remaining.append(r.max_tokens - r.num_output_tokens)
+            remaining.append(_steps_left(r))
         return self._caps_left(free, tokens, opened), _RunningPass(keys, remaining)
 
     def _caps_left(self, free: int, tokens: int, opened: int) -> Capacity:
@@ -363,6 +373,7 @@ class _CapsMixin:
         before = (st.ranked, st.bypassed, self.caps_counters["predictor_fallback"], st.engaged, st.reordered, st.pinned,
                   st.kept_fcfs, st.guard_fallback)
         self._caps_ranked_step = None
+        self._caps_step += 1 + getattr(self, "num_spec_tokens", 0)  # the most tokens a request takes a step
         log = self.caps_step_log
         if log is not None:
             log.begin()

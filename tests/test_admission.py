@@ -265,6 +265,23 @@ def test_running_load_sums_and_weights_by_shared_steps():
     np.testing.assert_allclose(run.shared(rows, [50, 1, *[100] * 9], 100.0), np.full(D, 9.0 + 1.0))
 
 
+def test_running_load_keeps_each_rows_end_step_for_the_steps_left():
+    from caps_vllm.running_load import RunningLoad
+
+    run = RunningLoad(D, slots=2)
+    keys = ["a", "b", "c"]
+    rows = run.sync(keys, lambda i: np.full(D, 1.0), lambda i: [10, 3, 200][i], now=5)
+    np.testing.assert_array_equal(run.steps_left(rows, 5), [10, 3, 200])
+    np.testing.assert_array_equal(run.steps_left(rows, 9), [6, -1, 196])  # one token a step since
+    run.refresh("b", 40, now=9)  # read again (it started plain decode late)
+    run.refresh("gone", 1, now=9)  # no row: nothing
+    np.testing.assert_array_equal(run.steps_left(rows, 10), [5, 39, 195])
+    np.testing.assert_allclose(run.shared(rows, run.steps_left(rows, 10), 50.0), np.full(D, 0.1 + 0.78 + 1.0))
+    run.remove("a")
+    rows = run.sync(["b", "c", "d"], lambda i: None, lambda i: 7, now=10)  # "d" takes a's row, with its own end
+    np.testing.assert_array_equal(run.steps_left(rows, 10), [39, 195, 7])
+
+
 def test_the_guard_falls_back_to_fcfs_while_reorderings_lose_on_the_real_routing():
     from caps_vllm.guard import FcfsGuard
 

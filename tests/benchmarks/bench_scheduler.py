@@ -19,6 +19,7 @@ top-4, d=1440; random ids).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import statistics
 import sys
@@ -30,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("CAPS_VLLM_CACHE", str(Path(tempfile.gettempdir()) / "caps_vllm_bench"))
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # each of the hundreds of schedulers built logs its config
 
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
@@ -85,6 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=15)
     a = ap.parse_args()
+    logging.getLogger("caps_vllm").setLevel(logging.ERROR)  # the metrics-registry warning, once per scheduler
     model = str(generate())
     tiny = ExpertPredictor.from_model(model)
     big = qwen15_predictor()
