@@ -31,7 +31,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("CAPS_VLLM_CACHE", str(Path(tempfile.gettempdir()) / "caps_vllm_bench"))
-os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # each of the hundreds of schedulers built logs its config
 
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
@@ -87,7 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=15)
     a = ap.parse_args()
-    logging.getLogger("caps_vllm").setLevel(logging.ERROR)  # the metrics-registry warning, once per scheduler
+    for name in ("vllm", "caps_vllm"):  # each of the hundreds of schedulers built logs its config and warnings
+        logging.getLogger(name).setLevel(logging.ERROR)
     model = str(generate())
     tiny = ExpertPredictor.from_model(model)
     big = qwen15_predictor()
