@@ -45,12 +45,12 @@ bench: setup
 # MoE-layer time vs per-expert token counts with vLLM's CPU fused-MoE op (about 6 minutes by this machine's clock);
 # raw CSV + machine description for the step-cost model (issue 6).
 bench-moe: setup
-	$(PY) tests/benchmarks/bench_moe_kernel.py --out tests/benchmarks/results/moe_kernel_cpu.csv
+	$(VENV)/bin/caps-vllm profile-moe --out tests/benchmarks/results/moe_kernel_cpu.csv
 	$(MAKE) fit-step-cost
 
 # Fit the step-cost model to the measured kernel times (writes caps_vllm/data/step_cost.json).
 fit-step-cost: setup
-	$(PY) tests/benchmarks/fit_step_cost.py --csv tests/benchmarks/results/moe_kernel_cpu.csv
+	$(VENV)/bin/caps-vllm fit-step-cost --csv tests/benchmarks/results/moe_kernel_cpu.csv --out caps_vllm/data/step_cost.json
 
 # Balancing vs affinity under the CV curve, the fitted one-device and the expert-parallel models.
 sim-step-cost: setup

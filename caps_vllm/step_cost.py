@@ -7,7 +7,7 @@ with the two costs simply added, ``fixed + weight * distinct + token * assignmen
 "linear"). Under expert parallelism every rank runs its own experts and the layer waits for
 the slowest rank: ``fixed + max over ranks of its experts' sum``.
 
-The coefficients come from ``tests/benchmarks/fit_step_cost.py`` over measured times of vLLM's
+The coefficients come from ``caps-vllm fit-step-cost`` (:mod:`caps_vllm.profiling.fit_step_cost`) over measured times of vLLM's
 fused-MoE op; the fit for the serving hardware ships in ``caps_vllm/data/step_cost.json``.
 Loads may be *expected* counts (a running batch's predicted routing, fractional): an expert
 with expected count ``m`` is then touched with probability ``1 - exp(-m)`` (Poisson routing),
@@ -50,7 +50,7 @@ class StepCostModel:
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_FIT, shape: str | None = None) -> "StepCostModel":
-        """The fit stored by fit_step_cost.py (its ``default`` shape unless ``shape`` is named)."""
+        """The fit stored by ``caps-vllm fit-step-cost`` (its ``default`` shape unless ``shape`` is named)."""
         doc = _read_fits(str(path))
         name = shape or doc["default"]
         if name not in doc["fits"]:

@@ -134,7 +134,7 @@ def test_gpu_only_option_without_a_gpu_says_so():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = subprocess.run([sys.executable, "tests/benchmarks/bench_moe_kernel.py", "--device", "cuda", "--out",
+    r = subprocess.run([sys.executable, "-m", "caps_vllm.cli", "profile-moe", "--device", "cuda", "--out",
                         "/dev/null"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1
     assert "--device cuda needs a CUDA GPU" in r.stderr and "leave out --device" in r.stderr
@@ -147,8 +147,7 @@ def test_gpu_reference_moe_matches_vllms_cpu_op():
     from vllm import _custom_ops as ops
     from vllm.platforms import current_platform
 
-    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
-    from bench_moe_kernel import routing, torch_moe
+    from caps_vllm.profiling.moe_kernel import routing, torch_moe
 
     current_platform.import_kernels()
     if hasattr(torch._C, "_cpu") and hasattr(torch._C._cpu, "_init_amx"):

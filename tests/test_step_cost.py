@@ -13,7 +13,7 @@ from sim.evaluate import execution_model, sweep
 from sim.engine import ServerConfig
 from sim.execution import StepModel
 from sim.workload import WorkloadConfig
-from tests.benchmarks import fit_step_cost
+from caps_vllm.profiling import fit_step_cost
 
 ROOF = StepCostModel(fixed_ms=1.0, weight_ms=2.0, token_ms=0.5, form="roofline")
 LIN = StepCostModel(fixed_ms=1.0, weight_ms=2.0, token_ms=0.5, form="linear")
@@ -93,6 +93,29 @@ def test_fit_recovers_known_coefficients(truth):
     assert got.weight_ms == pytest.approx(truth.weight_ms, rel=0.02)
     assert got.token_ms == pytest.approx(truth.token_ms, rel=0.02)
     assert fit_step_cost.errors(got, rows)["max"] < 2.0
+
+
+def test_the_installed_command_fits_a_machines_timings_into_strategy_params(tmp_path):
+    """``caps-vllm fit-step-cost`` (the wheel's console script) on the shipped CPU timings
+    reproduces the shipped fit, writes beside the CSV, and prints what to pass as strategy_params."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    csv = tmp_path / "timings.csv"
+    shutil.copy(root / "tests" / "benchmarks" / "results" / "moe_kernel_cpu.csv", csv)
+    exe = Path(sys.executable).with_name("caps-vllm")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "caps_vllm.cli"]
+    r = subprocess.run([*cmd, "fit-step-cost", "--csv", str(csv)], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    fitted = json.loads((tmp_path / "step_cost.json").read_text())
+    assert fitted["fits"] == json.loads(DEFAULT_FIT.read_text())["fits"]
+    params = json.loads(r.stdout.split("strategy_params for this machine: ")[1].splitlines()[0])
+    assert StepCostModel(**params["cost"]).as_dict() == fitted["fits"][fitted["default"]]
+    bad = subprocess.run([*cmd, "no-such-command"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "profile-moe" in bad.stderr
 
 
 def _layer(experts: dict[int, float], e: int = 8) -> np.ndarray:

@@ -1,14 +1,15 @@
 """Fit the step-cost model to measured MoE-layer times; report held-out error; plot it.
 
-    python tests/benchmarks/fit_step_cost.py [--csv tests/benchmarks/results/moe_kernel_cpu.csv]
+    caps-vllm fit-step-cost --csv moe_kernel.csv [--out step_cost.json]
 
 Both forms of :class:`caps_vllm.step_cost.StepCostModel` are fitted per layer shape on the
-"equal" rows of bench_moe_kernel.py (a ladder from fully concentrated to fully spread, per
+"equal" rows of caps-vllm profile-moe (a ladder from fully concentrated to fully spread, per
 number of tokens) and tested on the rows it never saw: the Zipf and Dirichlet routings,
 whose per-expert counts are uneven. The fit minimises squared *relative* error, so 1-token
 steps weigh as much as 2048-token ones. Writes the fits with their errors to
-``caps_vllm/data/step_cost.json`` (what the strategy and the simulator load), a report and a
-figure next to the CSV.
+``--out`` (``make fit-step-cost`` writes the shipped ``caps_vllm/data/step_cost.json``, what the
+strategy and the simulator load; a user passes the printed coefficients as
+``strategy_params.cost``), a report and (with matplotlib) a figure next to the CSV.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caps_vllm.step_cost import DEFAULT_FIT, FORMS, StepCostModel
+from caps_vllm.step_cost import FORMS, StepCostModel
 
 #: the layer the product's defaults are fitted for (Qwen1.5-MoE-A2.7B's)
 DEFAULT_SHAPE = "qwen1.5-moe"
@@ -34,7 +35,7 @@ def read(path: Path) -> dict[str, list[dict]]:
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             if not row.get("counts"):
-                raise ValueError(f"{path}: rows without per-expert counts; re-measure with bench_moe_kernel.py")
+                raise ValueError(f"{path}: rows without per-expert counts; re-measure with caps-vllm profile-moe")
             counts = np.array(row["counts"].split(), dtype=np.int64)
             shapes.setdefault(row["shape"], []).append(
                 {"pattern": row["pattern"], "tokens": int(row["tokens"]), "counts": counts, "ms": float(row["median_ms"])}
@@ -151,12 +152,13 @@ def spread_penalty(shapes: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--csv", default="tests/benchmarks/results/moe_kernel_cpu.csv")
-    ap.add_argument("--out", default=str(DEFAULT_FIT), help="fits for the product (JSON)")
-    a = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="caps-vllm fit-step-cost", description=__doc__.split("\n")[0])
+    ap.add_argument("--csv", default="moe_kernel.csv", help="timings from caps-vllm profile-moe")
+    ap.add_argument("--out", help="fits (JSON); default: step_cost.json beside the CSV")
+    a = ap.parse_args(argv)
     csv_path = Path(a.csv)
+    out = Path(a.out) if a.out else csv_path.with_name("step_cost.json")
     shapes = read(csv_path)
     results: dict = {}
     for name, rows in shapes.items():
@@ -174,12 +176,18 @@ def main() -> None:
         "fits": {name: results[name][best[name]]["model"] for name in results},
         "errors": results,
     }
-    Path(a.out).write_text(json.dumps(doc, indent=2) + "\n")
+    out.write_text(json.dumps(doc, indent=2) + "\n")
     md = report(results, csv_path) + "\n".join(spread_penalty(shapes)) + "\n"
     csv_path.with_name("step_cost_fit.md").write_text(md)
-    plot(results, shapes, csv_path.with_name("step_cost_fit.png"))
+    wrote = [out, csv_path.with_name("step_cost_fit.md")]
+    try:
+        plot(results, shapes, csv_path.with_name("step_cost_fit.png"))
+        wrote.append(csv_path.with_name("step_cost_fit.png"))
+    except ImportError:
+        print("no figure: matplotlib is not installed (pip install matplotlib)")
     print(md)
-    print(f"wrote {a.out}, {csv_path.with_name('step_cost_fit.md')}, {csv_path.with_name('step_cost_fit.png')}")
+    print(f"strategy_params for this machine: {json.dumps({'cost': doc['fits'][doc['default']]})}")
+    print("wrote " + ", ".join(map(str, wrote)))
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ point: median of ``--reps`` timed calls after one warm-up. The per-expert counts
 time budget (``--budget-s``) cuts the sweep cleanly; the machine's description goes to a
 ``.machine.txt`` beside the CSV.
 
-    python tests/benchmarks/bench_moe_kernel.py --out tests/benchmarks/results/moe_kernel_cpu.csv
-    python tests/benchmarks/bench_moe_kernel.py --device cuda --out tests/benchmarks/results/moe_kernel_gpu.csv
+    caps-vllm profile-moe --out moe_kernel_cpu.csv
+    caps-vllm profile-moe --device cuda --out moe_kernel_gpu.csv
+
+(``make bench-moe`` writes this repository's ``tests/benchmarks/results/moe_kernel_cpu.csv``.)
 
 ``--device cuda`` times the same layers on a GPU with per-expert torch matmuls (the reference
 grouped GEMM: one matmul pair per expert that has tokens), synchronised around each call.
@@ -84,16 +86,16 @@ def machine() -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="tests/benchmarks/results/moe_kernel_cpu.csv")
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="caps-vllm profile-moe", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="moe_kernel.csv", help="CSV of the timings (the machine's description beside it)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget-s", type=float, default=1800.0)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: vLLM's CPU fused-MoE op; cuda: per-expert torch matmuls on the GPU")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import torch
 
