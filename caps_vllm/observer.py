@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
+from caps_vllm.logs import WarnOnce
 from caps_vllm.metrics import CapsMetrics
 from caps_vllm.routing import RoutingRecord, cosine, load_shape, topk_overlap
 
@@ -33,12 +34,7 @@ class RoutingObserver:
         self._units: dict[str, np.ndarray | None] = {}  # scheduled last step -> per-token prediction
         self._sum = np.zeros(layers * num_experts)
         self._decodes: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}  # req -> (prediction, decode counts)
-        self._warned: set[str] = set()
-
-    def _warn_once(self, key: str, msg: str, *args) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(msg, *args)
+        self._warn_once = WarnOnce(logger)
 
     def on_schedule(self, scheduled: Mapping[str, int], vector_of: Callable[[str], np.ndarray | None]) -> None:
         """A step was scheduled: ``scheduled`` maps request id -> tokens this step.

@@ -31,21 +31,12 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from caps_vllm.logs import OWNED_ENV, route_logs_through_vllm
+
 logger = logging.getLogger("caps_vllm.plugin")
 
-OWNED_ENV = "CAPS_VLLM_OWNS_METRICS_DIR"
 _RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.cpu_model_runner")
 _registered = False
-
-
-def route_logs_through_vllm() -> None:
-    """Show caps_vllm's INFO logs (table building, fallbacks, capture) in vLLM's own log stream."""
-    ours, theirs = logging.getLogger("caps_vllm"), logging.getLogger("vllm")
-    if not ours.handlers and theirs.handlers:
-        for handler in theirs.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
 
 
 def register() -> None:

@@ -52,7 +52,7 @@ def serve(model: str, rows: list[dict], max_prompt: int, decode: int, seed: int,
               enforce_eager=True, seed=seed, enable_prefix_caching=False, gpu_memory_utilization=0.5,
               additional_config={"caps": caps})
     sched = llm.llm_engine.engine_core.engine_core.scheduler
-    sched.caps_learner.background = False  # learn inline: each step's recall is read after its rows are learned
+    sched.caps.learner.background = False  # learn inline: each step's recall is read after its rows are learned
     prompt_rows: dict[str, list] = {}
     decode_counts: dict[str, np.ndarray] = {}
     curve: list[tuple[int, int, int, int]] = []  # (prompts fully routed, picks, learned hits, prior hits)
@@ -70,7 +70,7 @@ def serve(model: str, rows: list[dict], max_prompt: int, decode: int, seed: int,
                 key = rid.rsplit("-", 1)[0]
                 decode_counts[key] = decode_counts.get(key, 0) + c
         out = inner(scheduler_output, model_runner_output)
-        rc = sched.caps_learner.table.recall
+        rc = sched.caps.learner.table.recall
         curve.append((routed[0], rc.picks, rc.learned_hits, rc.prior_hits))
         return out
 
@@ -86,9 +86,9 @@ def serve(model: str, rows: list[dict], max_prompt: int, decode: int, seed: int,
         routed = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0,), dtype=np.uint8)
         requests.append({"ids": np.asarray(p["prompt_token_ids"]), "rows": routed,
                          "decode": decode_counts.get(o.request_id)})
-    pred = sched.caps_predictor
+    pred = sched.caps.predictor
     return {"requests": requests, "curve": np.asarray(curve), "dry_table": pred.table,
-            "learned_table": sched.caps_learner.table.table.copy(), "num_experts": pred.num_experts,
+            "learned_table": sched.caps.learner.table.table.copy(), "num_experts": pred.num_experts,
             "moe_layers": list(pred.moe_layers), "wall_s": wall}
 
 

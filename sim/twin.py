@@ -239,8 +239,8 @@ class Engine:
         self.busy_s = 0.0
         self.in_flight = 0  # dispatched and not finished (what vLLM's DP front end counts)
         # CAPS reads its wall clock for waiting times; in the twin that is the engine's clock.
-        if hasattr(scheduler, "caps_clock"):
-            scheduler.caps_clock = lambda: self.now
+        if hasattr(scheduler, "caps"):
+            scheduler.caps.clock = lambda: self.now
 
     def dispatch(self, r: TwinRequest) -> None:
         self.inbox.append(r)
@@ -275,7 +275,7 @@ class Engine:
                 self.now = max(self.now, self.inbox[0].arrival_s)
             return None
         self._waiting_before = len(sched.waiting)
-        planner = getattr(sched, "caps_planner", None)
+        planner = getattr(getattr(sched, "caps", None), "planner", None)
         self._plans_before = planner.stats.plans if planner is not None else None
         t0 = time.perf_counter()
         out = sched.schedule()
@@ -318,7 +318,7 @@ class Engine:
             self.served[rid].finished_s = self.now
         self.finished += done
         self.in_flight -= len(done)
-        planner = getattr(sched, "caps_planner", None)
+        planner = getattr(getattr(sched, "caps", None), "planner", None)
         rec = StepRecord(
             start, dt, sum(out.num_scheduled_tokens.values()), prefill, decode, running, waiting, admitted,
             self._waiting_before,
@@ -407,4 +407,5 @@ class VectorSpace:
 def with_vectors(cls, space: VectorSpace):
     """A CAPS scheduler class (e.g. ``caps_vllm.CapsScheduler``) whose predictor is ``space``;
     everything else is the class itself."""
-    return type(cls.__name__, (cls,), {"_caps_load_predictor": lambda self, vllm_config: space})
+    caps = type("Caps", (cls.caps_class,), {"_load_predictor": lambda self, vllm_config: space})
+    return type(cls.__name__, (cls,), {"caps_class": caps})

@@ -219,13 +219,13 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
     if hasattr(dispatch, "overrides"):
         out["dispatch_load_guard_overrides"] = dispatch.overrides
     if arm != STOCK:
-        stats = [e.scheduler.caps_planner.stats for e in engines]
+        stats = [e.scheduler.caps.planner.stats for e in engines]
         out["caps"] = {k: sum(getattr(st, k) for st in stats)
                        for k in ("engaged", "plans", "ranked", "reordered", "kept_fcfs", "pinned", "bypassed",
                                  "fcfs_fallback")}
         # CAPS's own time in schedule() on this CPU's wall clock, the busiest engine's (each engine
         # schedules in its own process), against the modelled time it served
-        own = max(e.scheduler.caps_seconds for e in engines)
+        own = max(e.scheduler.caps.seconds for e in engines)
         out["caps"]["seconds"] = own
         out["caps"]["share_of_simulated"] = own / out["simulated_s"] if out["simulated_s"] else None
     return out

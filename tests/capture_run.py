@@ -76,7 +76,7 @@ def main() -> None:
                 "rows": sum(len(r) for _, r in shipped),
                 "decode_total": int(decode[rid].sum()) if rid in decode else 0,
             })
-    result["top_k"] = sched.caps_predictor.top_k if sched.caps_predictor is not None else None
+    result["top_k"] = sched.caps.predictor.top_k if sched.caps.predictor is not None else None
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -36,8 +36,9 @@ def main() -> None:
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     chats = llm.chat([[{"role": "user", "content": p}] for p in prompts[:6]], SamplingParams(temperature=0.0, max_tokens=6))
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    stats = vars(scheduler.caps_planner.stats) if hasattr(scheduler, "caps_planner") else None
-    learner = getattr(scheduler, "caps_learner", None)
+    caps = getattr(scheduler, "caps", None)
+    stats = vars(caps.planner.stats) if caps is not None else None
+    learner = caps.learner if caps is not None else None
     if learner is not None:
         learner.flush()
     print("RESULT " + json.dumps({
@@ -45,7 +46,7 @@ def main() -> None:
         "outputs": [list(o.outputs[0].token_ids) for o in outs],
         "chat": [list(o.outputs[0].token_ids) for o in chats],
         "caps_stats": stats,
-        "caps_counters": dict(getattr(scheduler, "caps_counters", {})),
+        "caps_counters": dict(caps.counters) if caps is not None else {},
         "budgets": [scheduler.max_num_running_reqs, scheduler.max_num_scheduled_tokens],
         "learner": None if learner is None else {"rows": learner.table.rows_learned, "resumed": learner.resumed,
                                                  "changed": int((learner.table.table != learner.table.prior).any(axis=(1, 2)).sum())},

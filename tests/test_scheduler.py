@@ -66,7 +66,7 @@ def test_the_token_budget_engages_caps_at_vllms_default_slots(model, tokens):
     fill(s, [("hot1", [hot] * 30), ("hot2", [hot] * 30), ("c1", [cold[0]] * 30), ("c2", [cold[1]] * 30)], t0=2000.0)
     out = step(s)
     assert admitted(out)[0] in ("c1", "c2")  # one admission this step (plus a chunk): a complement
-    assert s.caps_planner.stats.engaged >= 1 and s.caps_planner.stats.reordered >= 1
+    assert s.caps.planner.stats.engaged >= 1 and s.caps.planner.stats.reordered >= 1
 
 
 def test_budgets_and_no_request_lost(model, tokens):
@@ -90,7 +90,7 @@ def test_budgets_and_no_request_lost(model, tokens):
         if t >= 60 and not s.requests:
             break
     assert sorted(finished) == sorted(ids) and len(set(finished)) == len(finished)
-    assert s.caps_planner.stats.plans > 0 and s.caps_counters["errors"] == 0
+    assert s.caps.planner.stats.plans > 0 and s.caps.counters["errors"] == 0
 
 
 def test_max_wait_admits_old_requests_ahead(model, tokens):
@@ -107,7 +107,7 @@ def test_max_wait_admits_old_requests_ahead(model, tokens):
     s.add_request(make_request("hot2", [hot] * 8, arrival=2.0))
     s.add_request(make_request("c1", [cold[0]] * 8, arrival=now))
     assert admitted(step(s)) == ["hot1", "hot2"]
-    assert s.caps_planner.stats.bypassed >= 1
+    assert s.caps.planner.stats.bypassed >= 1
 
 
 def test_priority_keeps_its_meaning(model, tokens):
@@ -130,17 +130,17 @@ def test_requests_without_predictable_tokens_are_served_in_fcfs_place(model, tok
     s.add_request(make_request("ok", [hot] * 4, arrival=3.0))
     out = step(s)
     assert admitted(out) == ["emb", "unknown"]
-    assert s.caps_counters["predictor_fallback"] == 2
-    assert s.caps_predictor.unknown_tokens == 2
+    assert s.caps.counters["predictor_fallback"] == 2
+    assert s.caps.predictor.unknown_tokens == 2
 
 
 def test_a_failing_policy_never_stops_the_engine(model, tokens, monkeypatch):
     hot, cold = tokens
     s = make_scheduler(model, CapsScheduler, caps={"min_batch_trigger": 1}, max_num_seqs=2)
-    monkeypatch.setattr(s.caps_planner, "plan", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(s.caps.planner, "plan", lambda *a, **k: 1 / 0)
     fill(s, [("a", [hot] * 4), ("c", [hot] * 4), ("b", [cold[0]] * 4)])
     assert admitted(step(s)) == ["a", "c"]  # FCFS for that step
-    assert s.caps_counters["errors"] == 1
+    assert s.caps.counters["errors"] == 1
     finished: list[str] = []
     for _ in range(20):
         step(s, finished=finished)
@@ -170,7 +170,7 @@ def test_model_without_moe_layers_falls_back_to_fcfs(tmp_path, caplog):
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     s = make_scheduler(str(tmp_path), CapsScheduler, caps=CAPS)
-    assert s.caps_predictor is None
+    assert s.caps.predictor is None
     fill(s, [("a", [1] * 4), ("b", [2] * 4)])
     assert admitted(step(s)) == ["a", "b"]
 
@@ -186,7 +186,7 @@ def test_missing_router_tensors_fall_back_to_fcfs(tiny_model, tmp_path):
     del w["model.layers.1.mlp.gate.weight"]
     save_file(w, copy / "model.safetensors")
     s = make_scheduler(str(copy), CapsScheduler, caps=CAPS)
-    assert s.caps_predictor is None
+    assert s.caps.predictor is None
 
 
 def test_multimodal_placeholders_are_not_predicted(model, tokens):
@@ -199,7 +199,7 @@ def test_multimodal_placeholders_are_not_predicted(model, tokens):
     req.mm_features = [MultiModalFeatureSpec(data=MultiModalKwargsItem.dummy(), modality="image", identifier="img0",
                                              mm_position=PlaceholderRange(offset=3, length=5))]
     plain = make_request("plain", [cold[0]] * 3, arrival=2.0)
-    np.testing.assert_allclose(s._caps_vector(req), s._caps_vector(plain))
+    np.testing.assert_allclose(s.caps.vector(req), s.caps.vector(plain))
 
 
 def _routed_rows(pred, ids) -> np.ndarray:
@@ -227,7 +227,7 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
     import shutil
     shutil.copytree(tiny_model, model)
     sched = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_batched_tokens=16)
-    pred = sched.caps_predictor
+    pred = sched.caps.predictor
     hot, disjoint = tokens
     fill(sched, [("a", [hot] * 12), ("b", disjoint[:20]), ("c", disjoint[20:30])])
 
@@ -267,7 +267,7 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
         == 12 + 20 + 10 + 3 * 3  # prompts, then 3 of each 4 output tokens are fed back
     assert _metric("vllm:caps_admitted_requests_total", model) == 3
     assert _metric("vllm:caps_actual_load_cv_count", model) == _metric("vllm:caps_steps_total", model)
-    assert sched.caps_counters["errors"] == 0
+    assert sched.caps.counters["errors"] == 0
 
 
 def test_step_cost_batches_requests_on_the_experts_already_read(model, tokens):
@@ -275,8 +275,8 @@ def test_step_cost_batches_requests_on_the_experts_already_read(model, tokens):
     request routed like the running one, where greedy_dot_product admits a complement."""
     hot, cold = tokens
     s = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost"}, max_num_seqs=3)
-    assert s.caps_planner.strategy.experts == s.caps_predictor.num_experts
-    assert s.caps_planner.strategy.placement is None
+    assert s.caps.planner.strategy.experts == s.caps.predictor.num_experts
+    assert s.caps.planner.strategy.placement is None
     fill(s, [("run", [hot] * 8)])
     step(s)
     fill(s, [("hot1", [hot] * 8), ("c1", [cold[0]] * 8), ("c2", [cold[1]] * 8), ("hot2", [hot] * 8)], t0=2000.0)
@@ -285,11 +285,11 @@ def test_step_cost_batches_requests_on_the_experts_already_read(model, tokens):
 
 def test_step_cost_reads_the_expert_parallel_layout_from_vllm(model):
     s = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost"})
-    experts = s.caps_predictor.num_experts
+    experts = s.caps.predictor.num_experts
     pc = s.vllm_config.parallel_config
     pc.enable_expert_parallel, pc.data_parallel_size, pc.tensor_parallel_size = True, 2, 2
     pc.expert_placement_strategy = "round_robin"
-    deployment = s._caps_deployment(s.vllm_config)
+    deployment = s.caps._deployment(s.vllm_config)
     assert deployment == {"experts": experts, "ranks": 4, "placement": "round_robin"}
     from caps_vllm.strategies import make_strategy
 
@@ -326,7 +326,7 @@ def test_the_guard_reads_the_captured_prompts_and_falls_back_to_fcfs(model, toke
 
     hot, cold = tokens
     s = make_scheduler(model, CapsScheduler, caps={**CAPS, "strategy": "step_cost", "guard_window": 1}, max_num_seqs=3)
-    guard, pred = s.caps_planner.guard, s.caps_predictor
+    guard, pred = s.caps.planner.guard, s.caps.predictor
     assert guard is not None
     s.add_request(make_request("run", [hot] * 8, arrival=1.0, max_tokens=1000))
     step(s)
@@ -334,7 +334,7 @@ def test_the_guard_reads_the_captured_prompts_and_falls_back_to_fcfs(model, toke
         s.add_request(make_request(rid, [tok] * 8, arrival=2.0 + i, max_tokens=2))
 
     def routed(truth):  # what the workers capture of those prompts in the step that ran them
-        s._caps_judge(RoutingRecord(tuple(pred.moe_layers), sum(truth.values()), 16, prompt_counts=truth))
+        s.caps.judge(RoutingRecord(tuple(pred.moe_layers), sum(truth.values()), 16, prompt_counts=truth))
 
     def counts(tok):
         return pred.vector([tok] * 8).reshape(pred.layers, pred.num_experts)
@@ -349,4 +349,22 @@ def test_the_guard_reads_the_captured_prompts_and_falls_back_to_fcfs(model, toke
     for i, (rid, tok) in enumerate([("c3", cold[0]), ("c4", cold[1]), ("hot3", hot)]):
         s.add_request(make_request(rid, [tok] * 8, arrival=10.0 + i, max_tokens=1))
     assert admitted(step(s)) == ["c3", "c4"]  # FCFS, and the step is counted
-    assert s.caps_planner.stats.guard_fallback == 1 and len(guard.pending) == 1  # the shadow choice, to be scored
+    assert s.caps.planner.stats.guard_fallback == 1 and len(guard.pending) == 1  # the shadow choice, to be scored
+
+
+def test_no_admission_decision_on_a_step_vllm_holds_prefills_back(model, tokens):
+    """A data-parallel engine's throttled step (``schedule(throttle_prefills=True)``) admits no new
+    request while some running request decodes: CAPS leaves the queue and its counters alone."""
+    from sim.twin import _runner_output
+
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=3)
+    fill(s, [("run", [hot] * 8)])
+    step(s)  # the hot request is now running, in decode
+    fill(s, [("hot1", [hot] * 8), ("hot2", [hot] * 8), ("c1", [cold[0]] * 8), ("c2", [cold[1]] * 8)], t0=2000.0)
+    out = s.schedule(True)  # positionally, as vLLM's EngineCore calls it
+    assert admitted(out) == [] and s.caps.planner.stats.engaged == 0 and s.caps.planner.passes == {}
+    assert [r.request_id for r in s.waiting] == ["hot1", "hot2", "c1", "c2"]
+    s.update_from_output(out, _runner_output(s, out))
+    assert sorted(admitted(step(s))) == ["c1", "c2"]  # the next, unthrottled step chooses as before
+    assert s.caps.planner.stats.engaged == 1

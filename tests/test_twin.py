@@ -146,7 +146,7 @@ def test_every_request_completes_once_within_vllms_budgets(vllm_twin, tiny_model
             assert st.tokens <= d.max_num_batched_tokens and st.running <= d.max_num_seqs
         if cls is CapsScheduler:
             # The max-wait bound is measured on the virtual clock: waits of more than 50 ms occur.
-            assert twin.scheduler.caps_planner.stats.bypassed > 0
+            assert twin.scheduler.caps.planner.stats.bypassed > 0
 
 
 @pytest.mark.vllm
@@ -199,11 +199,12 @@ def test_the_budget_read_from_the_requests_not_in_plain_decode_matches_a_full_pa
     d = Deployment(max_num_seqs=160, max_num_batched_tokens=4096, num_blocks=3000, max_model_len=2048)
     sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "step_cost"})
     seen = {"fast": 0, "walked": 0, "budget_left": 0, "wrong": 0}  # (CAPS would swallow an assert: counted)
-    fast = sched._caps_capacity
+    fast = sched.caps.capacity
+    from caps_vllm import vllm_state
 
     def checked(free):
         cap, running = fast(free)
-        walk, _ = sched._caps_capacity_walk(free)
+        walk, _ = vllm_state.capacity_walk(sched, free)
         if running is None:
             seen["fast"] += 1
             seen["wrong"] += not (cap.tokens == walk.tokens and cap.kv_tokens <= walk.kv_tokens and cap.slots == walk.slots)
@@ -212,10 +213,10 @@ def test_the_budget_read_from_the_requests_not_in_plain_decode_matches_a_full_pa
             seen["walked"] += 1
         return cap, running
 
-    sched._caps_capacity = checked
+    sched.caps.capacity = checked  # an instance attribute: reorder() calls it
     res = Twin(sched, _step_time).run(reqs)
     assert sorted(res.finished_order) == sorted(r.rid for r in reqs)
-    assert seen["wrong"] == 0 and sched.caps_counters["errors"] == 0, seen
+    assert seen["wrong"] == 0 and sched.caps.counters["errors"] == 0, seen
     assert seen["fast"] > 20 and seen["budget_left"] > 10 and max(st.running for st in res.steps) > 64, seen
 
 
@@ -231,8 +232,8 @@ def test_the_requests_tracked_for_the_budget_stay_bounded_when_no_queue_forms(vl
     d = Deployment(max_num_seqs=8, max_num_batched_tokens=512, num_blocks=3000, max_model_len=2048)
     sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "step_cost"})
     res = Twin(sched, _step_time).run(reqs)
-    assert len(res.finished_order) == len(reqs) and sched.caps_planner.stats.engaged == 0
-    assert len(sched._caps_busy) <= 2 * d.max_num_seqs + 64
+    assert len(res.finished_order) == len(reqs) and sched.caps.planner.stats.engaged == 0
+    assert len(sched.caps.busy) <= 2 * d.max_num_seqs + 64
 
 
 @pytest.mark.vllm
@@ -268,10 +269,10 @@ def test_the_step_log_records_every_step_and_request(vllm_twin, tiny_model, tmp_
     from sim.twin import make_request
 
     sched.add_request(make_request("gone", [1, 2, 3], 0.0))
-    assert "gone" in sched.caps_step_log._reqs
+    assert "gone" in sched.caps.step_log._reqs
     assert [r.request_id for r in sched.finish_requests("gone", RequestStatus.FINISHED_ABORTED)] == ["gone"]
-    assert "gone" not in sched.caps_step_log._reqs
-    sched.caps_step_log.close()
+    assert "gone" not in sched.caps.step_log._reqs
+    sched.caps.step_log.close()
     steps, lines = read(tmp_path / "s.jsonl")
     assert [s["tokens"] for s in steps] == [s.tokens for s in res.steps]
     assert sum(s["prefill_tokens"] for s in steps) == sum(len(r.prompt) for r in reqs)  # no prefix cache
@@ -373,7 +374,7 @@ def test_caps_given_vectors_reorders_and_the_twin_counts_it(vllm_twin):
     assert sum(st.out_of_order for st in stock.steps) == 0  # FCFS never admits out of order
     assert sorted(res.finished_order) == sorted(r.rid for r in reqs)
     assert sum(st.out_of_order for st in res.steps) > 0 and any(st.planned for st in res.steps)
-    assert twin.scheduler.caps_planner.stats.ranked > 0
+    assert twin.scheduler.caps.planner.stats.ranked > 0
 
 
 class _Sched:
@@ -587,9 +588,9 @@ def test_expert_parallel_engines_tell_caps_their_layout(vllm_twin):
     ep = build(str(MODELS / "deepseek-v2-lite"), cls, d, caps={"strategy": "step_cost"},
                parallel={"data_parallel_size": 4, "data_parallel_rank": 2, "enable_expert_parallel": True,
                          "expert_placement_strategy": "round_robin"})
-    assert ep._caps_deployment(ep.vllm_config) == {"experts": 64, "ranks": 4, "placement": "round_robin"}
+    assert ep.caps._deployment(ep.vllm_config) == {"experts": 64, "ranks": 4, "placement": "round_robin"}
     one = build(str(MODELS / "deepseek-v2-lite"), cls, d, caps={"strategy": "step_cost"})
-    assert one._caps_deployment(one.vllm_config)["ranks"] == 1
+    assert one.caps._deployment(one.vllm_config)["ranks"] == 1
 
 
 @pytest.mark.vllm

@@ -55,10 +55,10 @@ def build(model: str, cls, vocab: int, rng, predictor: ExpertPredictor | None, w
     seqs, tokens = budgets
     s = make_scheduler(model, cls, caps={"window_size": window, "max_wait_ms": None}, max_num_seqs=seqs,
                        max_num_batched_tokens=tokens, num_blocks=20000)
-    if predictor is not None and hasattr(s, "caps_planner"):
-        s.caps_predictor = predictor
-        s.caps_planner = AdmissionPlanner(s.caps_config, predictor.d)
-        s.caps_running = RunningLoad(predictor.d, seqs)
+    if predictor is not None and hasattr(s, "caps"):
+        s.caps.predictor = predictor
+        s.caps.planner = AdmissionPlanner(s.caps.config, predictor.d)
+        s.caps.running = RunningLoad(predictor.d, seqs)
     for i in range(RUNNING):
         s.add_request(make_request(f"run{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1.0 + i, max_tokens=1000))
     while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
@@ -66,13 +66,13 @@ def build(model: str, cls, vocab: int, rng, predictor: ExpertPredictor | None, w
     step(s)  # all running and decoding
     for i in range(waiting):
         s.add_request(make_request(f"wait{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1000.0 + i))
-    if hasattr(s, "caps_planner"):  # vectors of earlier steps
+    if hasattr(s, "caps"):  # vectors of earlier steps
         for r in list(s.running) + list(s.waiting):
-            s._caps_vector(r)
-        s._caps_shared_load([], s._caps_capacity(1)[1])  # the running rows, as a choosing step builds them
+            s.caps.vector(r)
+        s.caps.shared_load([], s.caps.capacity(1)[1])  # the running rows, as a choosing step builds them
         if warm:
             for r in list(s.waiting)[:window]:
-                s.caps_planner.pairs.add(r.request_id, s._caps_vector(r))
+                s.caps.planner.pairs.add(r.request_id, s.caps.vector(r))
     return s
 
 
@@ -106,9 +106,9 @@ def main() -> None:
                 stock = build(model, Scheduler, vocab, np.random.default_rng(k), None, window, False, budgets, queue)
                 caps = build(model, CapsScheduler, vocab, np.random.default_rng(k), pred, window, warm, budgets, queue)
                 stock_t.append(timed_schedule(stock))
-                plans = caps.caps_planner.stats.plans
+                plans = caps.caps.planner.stats.plans
                 caps_t.append(timed_schedule(caps))
-                sel.append(caps.caps_planner.stats.last_selection_s if caps.caps_planner.stats.plans > plans else 0.0)
+                sel.append(caps.caps.planner.stats.last_selection_s if caps.caps.planner.stats.plans > plans else 0.0)
             s_ms, c_ms = statistics.median(stock_t) * 1e3, statistics.median(caps_t) * 1e3
             print(f"  {label:34s} {'warm' if warm else 'cold'} {queue:3d} waiting  stock {s_ms:7.3f} ms  CAPS {c_ms:7.3f} ms  "
                   f"ratio {c_ms / s_ms:5.2f} (target <= 1.05: {'met' if c_ms <= 1.05 * s_ms else 'NOT met'})  "

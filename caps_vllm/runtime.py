@@ -1,0 +1,382 @@
+"""The one CAPS object a vLLM scheduler carries: all of CAPS's state and its per-step work.
+
+The scheduler subclass (caps_vllm.scheduler) only calls in: :meth:`Caps.before_schedule` reorders
+the waiting queue, vLLM's ``schedule()`` admits from its front under every budget,
+:meth:`Caps.after_schedule` and :meth:`Caps.on_output` hear what happened. Data flows one way:
+vLLM's state (read through caps_vllm.vllm_state) -> the planner's decision -> vLLM's queue;
+routing -> observer, learner and guard.
+
+Everything here runs on the EngineCore busy-loop thread: the running-load update, lazy
+prediction of the requests that enter the window (a gather and a bincount over their prompt
+tokens, once per request), and the selection. Nothing runs while fewer than
+``min_batch_trigger`` requests wait. Any error is logged once and that step is left in FCFS
+order: CAPS never crashes the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import statistics
+import time
+from collections import Counter
+
+import numpy as np
+from vllm.v1.request import Request
+
+from caps_vllm import vllm_state as vs
+from caps_vllm.admission import AdmissionPlanner, Capacity, Waiting, fcfs_admissions
+from caps_vllm.blas import limit_threads
+from caps_vllm.config import CapsConfig
+from caps_vllm.guard import FcfsGuard
+from caps_vllm.learner import OnlineLearner
+from caps_vllm.logs import OWNED_ENV, WarnOnce
+from caps_vllm.predictor import ExpertPredictor, PredictorUnavailable
+from caps_vllm.routing import RoutingRecord, counts_from_rows
+from caps_vllm.running_load import RunningLoad
+from caps_vllm.step_log import StepLog
+
+logger = logging.getLogger("caps_vllm.scheduler")
+_NO_VECTOR = object()
+
+
+class Caps:
+    """CAPS's state for one vLLM scheduler (``sched``), built when the scheduler is."""
+
+    def __init__(self, sched) -> None:
+        self.sched = sched
+        vllm_config = sched.vllm_config
+        raw = (vllm_config.additional_config or {}).get("caps")
+        self.config = CapsConfig.from_dict(raw)  # an invalid value stops startup here
+        if self.config.blas_threads is not None:
+            lib = limit_threads(self.config.blas_threads)
+            logger.info("CAPS: numpy's BLAS on %s thread(s) in this process (%s)", self.config.blas_threads,
+                        lib or "no OpenBLAS found: left as it is")
+        self.counters: Counter[str] = Counter()
+        self.warn_once = WarnOnce(logger)
+        self.predictor = self._load_predictor(vllm_config) if self.config.predictor else None
+        self.learner = self._make_learner()
+        d = self.predictor.d if self.predictor is not None else 1
+        self.planner = AdmissionPlanner(self.config, d, self._deployment(vllm_config))
+        self.planner.guard = self._make_guard()
+        self.running = RunningLoad(d, sched.max_num_running_reqs)
+        self.busy: dict[str, Request] = {}  # running requests not (yet) known to be in plain decode
+        self.observer = self._make_observer(vllm_config) if self.config.metrics else None
+        self.step = 0  # schedule() calls, in tokens a running request may take (the rows' end steps)
+        self.seconds = 0.0  # wall time of CAPS's own work in schedule() (the reordering), summed
+        # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
+        # (sim/twin.py) replaces it with its virtual clock.
+        self.clock = time.time
+        self.step_log = self._make_step_log(vllm_config)
+        self._ranked_step: int | None = None
+        self._before: tuple = ()
+
+    # --- construction -------------------------------------------------------------------------
+
+    def _make_step_log(self, vllm_config) -> StepLog | None:
+        path = self.config.step_log
+        if not path:
+            return None
+        pc = vllm_config.parallel_config
+        if pc.data_parallel_size > 1:
+            path = f"{path}.{pc.data_parallel_rank}"
+        logger.info("CAPS step log: %s", path)
+        return StepLog(path)
+
+    def _load_predictor(self, vllm_config) -> ExpertPredictor | None:
+        mc = vllm_config.model_config
+        try:
+            pred = ExpertPredictor.from_model(mc.model, getattr(mc, "revision", None), self.config.cache_dir)
+        except PredictorUnavailable as exc:
+            logger.warning("CAPS cannot predict expert loads for %s (%s): admission stays FCFS. CAPS is for "
+                           "Mixture-of-Experts models whose router weights are on local disk; for a dense model "
+                           "leave out --scheduler-cls and vLLM's own scheduler does the same with less work",
+                           mc.model, exc)
+            return None
+        vocab = mc.get_vocab_size() if hasattr(mc, "get_vocab_size") else pred.vocab
+        if vocab != pred.vocab:
+            logger.warning("CAPS router table covers %d token ids, the model %d: others are skipped", pred.vocab, vocab)
+        return pred
+
+    def _make_learner(self) -> OnlineLearner | None:
+        cfg, pred = self.config, self.predictor
+        if not (cfg.learn and cfg.capture) or not isinstance(pred, ExpertPredictor):
+            return None
+        return OnlineLearner(pred, cfg.learn_max_tokens, cfg.learn_half_life_tokens)
+
+    def _make_guard(self) -> FcfsGuard | None:
+        """The live guard, where it can judge: routing captured, a priced strategy, per-token vectors."""
+        cfg, pred, strategy = self.config, self.predictor, self.planner.strategy
+        if not (cfg.capture and cfg.guard_window and cfg.vectors == "per_token" and hasattr(strategy, "cost")) \
+                or not isinstance(pred, ExpertPredictor):
+            return None
+        return FcfsGuard(strategy.cost, pred.layers * pred.top_k, cfg.guard_window)
+
+    def _deployment(self, vllm_config) -> dict:
+        """Experts per layer and vLLM's expert-parallel layout, for deployment-aware strategies."""
+        if self.predictor is None:
+            return {}
+        ranks, placement, eplb = vs.expert_parallel(vllm_config)
+        if eplb:
+            logger.warning("CAPS: EPLB moves experts while serving; deployment-aware strategies assume vLLM's "
+                           "initial %s placement", placement)
+        return {"experts": self.predictor.num_experts, "ranks": ranks, "placement": placement}
+
+    def _make_observer(self, vllm_config):
+        from caps_vllm.metrics import CapsMetrics, exported
+        from caps_vllm.observer import RoutingObserver
+
+        mc, pred = vllm_config.model_config, self.predictor
+        metrics = CapsMetrics(str(mc.served_model_name), str(vllm_config.parallel_config.data_parallel_rank))
+        folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not exported():
+            logger.warning("CAPS metrics stay in this process's prometheus registry, which no /metrics endpoint "
+                           "of vLLM's serves: PROMETHEUS_MULTIPROC_DIR is not set. `vllm serve` sets it up by "
+                           "itself; with another launcher run `export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d)` "
+                           "before it starts vLLM (an empty folder, one per server)")
+        elif os.environ.get(OWNED_ENV) == folder:
+            logger.info("CAPS metrics: on vllm serve's /metrics via PROMETHEUS_MULTIPROC_DIR=%s (made for this "
+                        "server, removed at exit)", folder)
+        else:
+            logger.info("CAPS metrics: on /metrics via your PROMETHEUS_MULTIPROC_DIR=%s (files of finished "
+                        "processes were removed at startup)", folder)
+        if pred is None:
+            return RoutingObserver(metrics, None, 1, 1, 1)
+        return RoutingObserver(metrics, lambda ids: pred.vector(ids), pred.layers, pred.num_experts, pred.top_k)
+
+    # --- what the scheduler calls -------------------------------------------------------------
+
+    def added(self, request: Request) -> None:
+        if self.step_log is not None:
+            self.step_log.added(request)
+
+    def aborted(self, requests: list[Request]) -> None:
+        if self.observer is not None:
+            self.observer.on_finished((r.request_id for r in requests), score=False)
+        if self.step_log is not None:
+            self.step_log.dropped(r.request_id for r in requests)
+
+    def shutdown(self) -> None:
+        if self.learner is not None:
+            self.learner.close()
+
+    def before_schedule(self, holds_prefills: bool) -> None:
+        """Reorder the waiting queue for this step (``holds_prefills``: vLLM admits nothing new)."""
+        st = self.planner.stats
+        self._before = (st.ranked, st.bypassed, self.counters["predictor_fallback"], st.engaged, st.reordered,
+                        st.pinned, st.kept_fcfs, st.guard_fallback)
+        self._ranked_step = None
+        self.step += 1 + vs.spec_tokens(self.sched)  # the most tokens a request takes a step
+        if self.step_log is not None:
+            self.step_log.begin()
+        if self.predictor is not None and self.sched.waiting and not holds_prefills:
+            t0 = time.perf_counter()
+            try:
+                self.reorder()
+            except Exception:  # never let the policy take the engine down
+                self.counters["errors"] += 1
+                if self.observer is not None:
+                    self.observer.metrics.inc("vllm:caps_errors")
+                self.warn_once("error", "CAPS admission failed; this step stays FCFS (further errors are only "
+                               "counted)", log=logger.exception)
+            self.seconds += time.perf_counter() - t0
+
+    def after_schedule(self, out) -> None:
+        if self.predictor is not None:  # what reorder's budget estimate reads
+            t0 = time.perf_counter()
+            self.guarded(self.track_admitted, out)
+            self.seconds += time.perf_counter() - t0
+        if self.observer is not None:
+            self.guarded(self._observe_schedule, out)
+        if self.step_log is not None:
+            self.guarded(self.step_log.scheduled, out, self.sched.requests)
+
+    def on_output(self, model_runner_output) -> RoutingRecord | None:
+        """A step's model output, before vLLM frees the requests that finished: its routing to
+        the observer (scored before the table learns these rows), the learner and the guard."""
+        record = getattr(model_runner_output, "caps_routing", None)
+        aux = getattr(model_runner_output, "aux_output_connector_output", None)
+        if record is None and aux and self.predictor is not None:
+            try:
+                record = self.record_from_rows(aux)
+            except Exception:  # rows of a shape CAPS does not know: metrics and learning skip the step
+                self.counters["errors"] += 1
+                self.warn_once("rows", "CAPS could not read vLLM's routed-experts rows; routing metrics and "
+                               "learning skip such steps (further errors are only counted)", log=logger.exception)
+        if record is not None:
+            if self.observer is not None:
+                self.guarded(self._observe_output, record)
+            if self.learner is not None:
+                self.guarded(self._learn, record)
+            if self.planner.guard is not None:
+                self.guarded(self.judge, record)
+        return record
+
+    def after_output(self, outputs, record: RoutingRecord | None) -> None:
+        if self.observer is not None and self.config.capture_decode:
+            self.guarded(self.observer.on_finished, vs.finished_ids(outputs))
+        if self.step_log is not None:
+            self.guarded(self.step_log.updated, outputs, self.sched.has_unfinished_requests(),
+                         None if record is None else record.layer_counts)
+
+    def guarded(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception:  # metrics must never take the engine down either
+            self.counters["errors"] += 1
+            self.warn_once("metrics", "CAPS metrics or step log failed; further errors are only counted",
+                           log=logger.exception)
+
+    # --- admission ----------------------------------------------------------------------------
+
+    def vector(self, request: Request) -> np.ndarray | None:
+        """The request's predicted load, computed once and kept on the request."""
+        v = getattr(request, "caps_vector", _NO_VECTOR)
+        if v is not _NO_VECTOR:
+            return v
+        v, reason = None, None
+        ids = vs.prompt_ids(request)
+        if ids is None:
+            reason = "prompt_embeds"
+        else:
+            v = self.predictor.vector(ids, per_token=self.config.vectors == "per_token")
+            if v is None:
+                reason = "no_known_tokens"
+        if reason is not None:
+            self.counters["predictor_fallback"] += 1
+            self.counters[f"predictor_fallback_{reason}"] += 1
+            self.warn_once(reason, "CAPS: a request has no predictable prompt tokens (%s); it keeps its FCFS "
+                           "place (counted, warned once per reason)", reason)
+        request.caps_vector = v
+        return v
+
+    def shared_load(self, head: list[Waiting], running: vs.RunningPass | None) -> np.ndarray:
+        """The running batch's load over the decode steps the head's requests would share with it
+        (caps_vllm.running_load): the running set brought up to date, each request weighted by
+        how much of the median candidate's ``max_tokens`` it will still be running. Without a
+        pass over the running batch (many running), the steps left come from the rows' kept end
+        steps, refreshed when a request starts plain decode (:meth:`capacity`)."""
+        run, reqs, now = self.running, self.sched.running, self.step
+        keys = vs.running_keys(self.sched) if running is None else running.keys
+        rows = run.sync(keys, lambda i: self.vector(reqs[i]), lambda i: vs.steps_left(reqs[i]), now)
+        left = run.steps_left(rows, now) if running is None else running.remaining
+        horizon = statistics.median([w.item.max_tokens for w in head]) if head else 0.0
+        return run.shared(rows, left, float(horizon))
+
+    def capacity(self, free: int) -> tuple[Capacity, vs.RunningPass | None]:
+        """What vLLM will have left for waiting requests this step (caps_vllm.vllm_state): with
+        many running, from the few not in plain decode (the KV estimate then under-counts:
+        :meth:`reorder` falls back to the full pass whenever that could change what FCFS admits).
+        None for the pass: not walked."""
+        if vs.walks_all(self.sched):
+            return vs.capacity_walk(self.sched, free)
+        refresh = self.running.refresh
+        return vs.capacity_busy(self.sched, free, self.busy, lambda rid, r: refresh(rid, vs.steps_left(r), self.step)), \
+            None
+
+    def reorder(self) -> None:
+        s = self.sched
+        waiting = s.waiting
+        free = vs.free_slots(s)
+        if free <= 0 or len(waiting) < self.config.min_batch_trigger:
+            self.planner.engaged(len(waiting), free)  # counts the FCFS-fallback steps
+            return  # checked before any per-step work: most steps stop here
+        cap, running = self.capacity(free)
+        need = functools.partial(vs.need, s)
+        admits = fcfs_admissions(map(need, waiting), cap)
+        if running is None and admits != fcfs_admissions(map(need, waiting), dataclasses.replace(cap, kv_tokens=None)):
+            cap, running = vs.capacity_walk(s, free)  # the KV under-estimate binds: count exactly
+            admits = fcfs_admissions(map(need, waiting), cap)
+        if not self.planner.engaged(len(waiting), admits):
+            return
+        plans = self.planner.stats.plans
+        # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue).
+        head = vs.head(s, admits + self.config.window_size, need)
+        order = self.planner.plan(head, self.vector, self.shared_load(head, running), cap, self.clock(),
+                                  by_priority=vs.by_priority(s), queue_len=len(waiting), admits=admits)
+        if order is not None:
+            assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
+            vs.reorder_head(s, order)
+        if self.planner.stats.plans > plans:
+            self._ranked_step = self.planner.stats.ranked
+
+    def track_admitted(self, out) -> None:
+        """Requests that joined the running batch this step (new or resumed) are not yet in plain
+        decode: :meth:`capacity` reads them until they are. Where it does not run (no queue), the
+        ones that stopped running are dropped once they could outnumber the running batch, so
+        the dict stays within twice its size at an amortised O(1) an admission."""
+        busy, reqs = self.busy, self.sched.requests
+        for rid in vs.admitted_ids(out):
+            r = reqs.get(rid)
+            if r is not None:
+                busy[rid] = r
+        if len(busy) > 2 * len(self.sched.running) + vs.WALK_ALL:
+            for rid in [rid for rid, r in busy.items() if not vs.is_running(r)]:
+                del busy[rid]
+
+    # --- routing: observer, learner, guard ----------------------------------------------------
+
+    def _learn(self, record: RoutingRecord) -> None:
+        reqs = self.sched.requests
+        recall = self.learner.observe(record, lambda rid: vs.routed_prompt(reqs.get(rid)))
+        if self.observer is not None and recall.picks:
+            self.observer.on_learning(recall)
+
+    def judge(self, record: RoutingRecord) -> None:
+        """The captured prompts the live guard waits for (caps_vllm.guard)."""
+        guard, reqs = self.planner.guard, self.sched.requests
+        for rid, counts in record.prompt_counts.items():
+            if guard.wants(rid):
+                r = reqs.get(rid)
+                gains = guard.routed(rid, counts, r is not None and vs.prompt_done(r))
+                if self.observer is not None:
+                    for g in gains:
+                        self.observer.metrics.observe("vllm:caps_guard_realized_gain_ms", g)
+
+    def _observe_schedule(self, out) -> None:
+        st, obs, before = self.planner.stats, self.observer, self._before
+        ranked = None if self._ranked_step is None else st.ranked - before[0]
+        obs.on_admission(len(out.scheduled_new_reqs), ranked, st.bypassed - before[1],
+                         self.counters["predictor_fallback"] - before[2],
+                         st.last_selection_s if ranked is not None else None,
+                         st.engaged - before[3], st.reordered - before[4], st.pinned - before[5],
+                         st.kept_fcfs - before[6], st.guard_fallback - before[7])
+        reqs, predicted = self.sched.requests, self.predictor is not None
+        obs.on_schedule(out.num_scheduled_tokens,
+                        lambda rid: self.vector(reqs[rid]) if predicted and rid in reqs else None)
+
+    def _observe_output(self, record: RoutingRecord) -> None:
+        reqs = self.sched.requests
+
+        def prompt_of(rid):
+            r = reqs.get(rid)
+            ids = vs.routed_prompt(r)
+            return None if ids is None else (ids, vs.prompt_done(r))
+
+        self.observer.on_output(record, prompt_of)
+
+    def record_from_rows(self, aux) -> RoutingRecord:
+        """GPU path: vLLM's routed-experts rows (``--enable-return-routed-experts``) as a record."""
+        pred = self.predictor
+        layers = list(pred.moe_layers)
+        total = np.zeros((len(layers), pred.num_experts), dtype=np.int64)
+        rec = RoutingRecord(tuple(layers), total, 0)
+        for rid, out in aux.items():
+            rows = np.asarray(out.rows)
+            if rows.ndim != 3 or not len(rows):
+                continue  # no routing for this request in this step (e.g. a prompt-end offset)
+            rows = rows[:, layers]
+            total += counts_from_rows(rows, pred.num_experts)
+            rec.num_tokens += len(rows)
+            r = self.sched.requests.get(rid)
+            in_prompt = 0 if r is None else max(0, min(len(rows), r.num_prompt_tokens - out.token_start))
+            if in_prompt:
+                rec.prompt_counts[rid] = counts_from_rows(rows[:in_prompt], pred.num_experts)
+                rec.prompt_start[rid] = out.token_start
+                if self.learner is not None:
+                    rec.prompt_rows[rid] = rows[:in_prompt]
+            if self.config.capture_decode and len(rows) > in_prompt:
+                rec.decode_counts[rid] = counts_from_rows(rows[in_prompt:], pred.num_experts)
+        return rec

@@ -1,0 +1,196 @@
+"""Everything CAPS reads of vLLM's scheduler, its requests and its outputs, in one place.
+
+CAPS decides order and vLLM enforces every budget, but to know whether there is a decision
+(how many waiting requests vLLM would admit this step) CAPS estimates what vLLM has left. The
+attributes read here are vLLM's internals, not an API: each is known for vLLM 0.32.0 (run in
+CI, with vLLM's own scheduler tests) and was checked by reading vLLM 0.33.0's source (docs/
+deployment.md, *Supported vLLM versions*). ``getattr`` with a default marks what older or
+newer versions may lack. Nothing else in caps_vllm reads a vLLM object's fields.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from typing import NamedTuple
+
+import numpy as np
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.request import Request, RequestStatus
+
+from caps_vllm.admission import Capacity, Waiting
+
+WALK_ALL = 64  # up to this many running requests the budget estimate reads every one (exact, and cheap)
+
+
+class RunningPass(NamedTuple):
+    """What one pass over the running batch keeps for the shared load: ids and decode steps left."""
+
+    keys: list[str]
+    remaining: list[int]
+
+
+def steps_left(r: Request) -> int:
+    """Decode steps a running request has left at most (it may stop early at EOS)."""
+    return r.max_tokens - r.num_output_tokens
+
+
+def need(s, r: Request) -> int:
+    """A waiting request's tokens this step as vLLM caps them (long_prefill_token_threshold)."""
+    n, thr = r.num_tokens - r.num_computed_tokens, s.scheduler_config.long_prefill_token_threshold
+    return thr if 0 < thr < n else n
+
+
+def free_slots(s) -> int:
+    """Sequence slots vLLM can still fill from the waiting queue this step."""
+    max_active = getattr(s, "max_num_active_reqs", s.max_num_running_reqs)
+    return max_active - len(s.running) - getattr(s, "num_waiting_for_streaming_input", 0) \
+        - len(getattr(s, "kv_holding_waiting", ()))
+
+
+def by_priority(s) -> bool:
+    return s.policy == SchedulingPolicy.PRIORITY
+
+
+def walks_all(s) -> bool:
+    """Whether the budget estimate reads every running request (few running, or speculative decoding)."""
+    return len(s.running) <= WALK_ALL or bool(spec_tokens(s))
+
+
+def spec_tokens(s) -> int:
+    return getattr(s, "num_spec_tokens", 0)
+
+
+def left(s, free: int, tokens: int, opened: int) -> Capacity:
+    """The capacity left: ``tokens`` of the budget, the free KV blocks less ``opened``."""
+    bs = s.block_size
+    kv = (s.kv_cache_manager.block_pool.get_num_free_blocks() - opened) * bs
+    return Capacity(free, tokens, max(kv, 0), s.scheduler_config.enable_chunked_prefill, bs)
+
+
+def capacity_walk(s, free: int) -> tuple[Capacity, RunningPass]:
+    """What vLLM will have left for waiting requests this step, as its ``schedule()`` spends it,
+    by one pass over every running request: the token budget after every running request's
+    next tokens (decode, prefill chunks, capped by long_prefill_token_threshold) and the free KV
+    blocks after those the running requests' next tokens open (prefix-cache hits and the
+    watermark are not counted: an estimate). The pass also keeps what the shared load needs."""
+    tokens, bs = s.max_num_scheduled_tokens, s.block_size
+    thr = s.scheduler_config.long_prefill_token_threshold
+    opened = 0  # KV blocks the running requests' next tokens start
+    keys: list[str] = []
+    remaining: list[int] = []
+    for r in s.running:
+        c = r.num_computed_tokens
+        n = r.num_tokens_with_spec + r.num_output_placeholders - c
+        if 0 < thr < n:
+            n = thr
+        if n > tokens:
+            n = tokens
+        if n > 0:
+            tokens -= n
+            opened += (c + n - 1) // bs - (c - 1) // bs  # ceil((c + n) / bs) - ceil(c / bs)
+        keys.append(r.request_id)
+        remaining.append(steps_left(r))
+    return left(s, free, tokens, opened), RunningPass(keys, remaining)
+
+
+def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[str, Request], None]) -> Capacity:
+    """:func:`capacity_walk` reading only ``busy``, the running requests not known to be in plain
+    decode (admitted or resumed, prefilling, chunked): a request in plain decode schedules one
+    token a step, so the token budget left is the same as the full pass gives, and the KV
+    estimate counts a new block for every decoding request (an under-estimate). Requests found
+    stopped or in plain decode leave ``busy``; ``on_decode`` hears of the latter."""
+    tokens, bs = s.max_num_scheduled_tokens, s.block_size
+    thr = s.scheduler_config.long_prefill_token_threshold
+    opened = counted = 0
+    for rid, r in list(busy.items()):
+        if r.status != RequestStatus.RUNNING:
+            del busy[rid]  # finished or preempted (a resumed request comes back through schedule())
+            continue
+        c = r.num_computed_tokens
+        n = r.num_tokens_with_spec + r.num_output_placeholders - c
+        if n == 1:
+            del busy[rid]  # plain decode from now on: counted below with the others
+            on_decode(rid, r)
+            continue
+        counted += 1
+        n = thr if 0 < thr < n else n
+        if n > 0:
+            tokens -= n
+            opened += (c + n - 1) // bs - (c - 1) // bs
+    decoding = len(s.running) - counted
+    return left(s, free, max(tokens - decoding, 0), opened + decoding)
+
+
+def head(s, n: int, needs: Callable[[Request], int]) -> list[Waiting]:
+    """The first ``n`` waiting requests as the planner reads them."""
+    return [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, needs(r))
+            for r in itertools.islice(s.waiting, n)]
+
+
+def reorder_head(s, order: list[Request]) -> None:
+    """Put ``order`` (a permutation of the queue's first ``len(order)``) at the queue's front."""
+    waiting = s.waiting
+    new = order + list(itertools.islice(waiting, len(order), None))  # built before the queue is touched
+    waiting.clear()
+    waiting.extend(new)
+
+
+def running_keys(s) -> list[str]:
+    return [r.request_id for r in s.running]
+
+
+def admitted_ids(out) -> Iterable[str]:
+    """Requests a SchedulerOutput put into the running batch (new, or resumed after preemption)."""
+    return itertools.chain((r.req_id for r in out.scheduled_new_reqs), out.scheduled_cached_reqs.resumed_req_ids)
+
+
+def is_running(r: Request) -> bool:
+    return r.status == RequestStatus.RUNNING
+
+
+def prompt_ids(r: Request) -> np.ndarray | list[int] | None:
+    """The prompt's token ids without multimodal placeholder positions; None for prompt embeddings."""
+    ids = r.prompt_token_ids
+    if ids is None or not r.mm_features:
+        return ids
+    keep = np.ones(len(ids), dtype=bool)
+    for f in r.mm_features:
+        pos = f.mm_position
+        keep[pos.offset : pos.offset + pos.length] = False
+    return np.asarray(ids)[keep]
+
+
+def routed_prompt(r: Request | None) -> list[int] | None:
+    """Prompt ids whose routed positions are its token positions (None: gone, embeddings, multimodal)."""
+    return None if r is None or r.prompt_token_ids is None or r.mm_features else r.prompt_token_ids
+
+
+def prompt_done(r: Request) -> bool:
+    return r.num_computed_tokens >= r.num_prompt_tokens
+
+
+def finished_ids(outputs) -> list[str]:
+    """Requests update_from_output's EngineCoreOutputs report finished."""
+    return [o.request_id for eco in outputs.values() for o in eco.outputs if o.finish_reason is not None]
+
+
+def expert_parallel(vllm_config) -> tuple[int, str, bool]:
+    """(ranks of vLLM's expert-parallel group, its placement, EPLB on). The group spans data x
+    tensor (x prefill-context) parallel ranks; every data-parallel engine has its own scheduler."""
+    pc = vllm_config.parallel_config
+    ranks = 1
+    if pc.enable_expert_parallel:
+        ranks = pc.data_parallel_size * pc.tensor_parallel_size * getattr(pc, "prefill_context_parallel_size", 1)
+    return ranks, pc.expert_placement_strategy, bool(pc.enable_expert_parallel and getattr(pc, "enable_eplb", False))
+
+
+def holds_prefills(s, throttle_prefills: bool = False, *_, **__) -> bool:
+    """Whether vLLM's ``schedule(throttle_prefills)`` admits no new request this step, so there is
+    no admission to decide: data-parallel prefill throttling (0.32.0: ``throttle_prefills``, set
+    by the EngineCore, unless the engine is prefill-capacity bound), and 0.33.0's local prefill
+    cadence (``prefill_schedule_interval`` > 1 without DP; read in its source, not run here)."""
+    interval = getattr(s, "local_prefill_interval", 1)
+    held = throttle_prefills or (
+        interval > 1 and getattr(s, "num_executed_steps", 0) + 1 - getattr(s, "last_prefill_step", 0) < interval)
+    return held and not getattr(s, "prefill_capacity_bound", False) and any(not r.is_prefill_chunk for r in s.running)
