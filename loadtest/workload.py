@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sim.workload import load_trace, topic_runs  # the simulator's bursty pattern and trace reader
+
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "caps_vllm" / "data" / "topic_prompts.jsonl"
 PATTERNS = ("bursty", "poisson", "trace")
 
@@ -84,18 +86,6 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def _topic_runs(n: int, topics: int, mean_len: float, rng: np.random.Generator) -> np.ndarray:
-    out = np.empty(n, dtype=np.int64)
-    pos, cur = 0, int(rng.integers(topics))
-    while pos < n:
-        run = int(rng.geometric(1.0 / max(mean_len, 1.0)))
-        out[pos : pos + run] = cur
-        pos += run
-        if topics > 1:
-            cur = (cur + 1 + int(rng.integers(topics - 1))) % topics
-    return out
-
-
 def build(pattern: str, prompts: list[dict], *, rate: float = 4.0, duration: float = 60.0, max_requests: int = 1000,
           max_tokens: int = 32, burst_len: float = 16.0, chat_share: float = 0.5, seed: int = 0,
           trace: str | Path | None = None, speedup: float = 1.0) -> list[Arrival]:
@@ -110,8 +100,6 @@ def build(pattern: str, prompts: list[dict], *, rate: float = 4.0, duration: flo
     if pattern == "trace":
         if trace is None:
             raise ValueError("pattern 'trace' needs a trace CSV")
-        from sim.workload import load_trace
-
         times, prompt_tokens, output_tokens = load_trace(trace)
         keep = times / speedup <= duration
         times, prompt_tokens, output_tokens = times[keep] / speedup, prompt_tokens[keep], output_tokens[keep]
@@ -125,7 +113,7 @@ def build(pattern: str, prompts: list[dict], *, rate: float = 4.0, duration: flo
     times = np.cumsum(gaps) - gaps[0]
     n = int(np.searchsorted(times, duration, side="right"))
     if pattern == "bursty":
-        topic = _topic_runs(n, len(cats), burst_len, rng)
+        topic = topic_runs(n, len(cats), burst_len, rng)
     else:
         topic = rng.integers(len(cats), size=n)
     out = []

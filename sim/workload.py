@@ -54,11 +54,12 @@ def _sizes(n: int, cfg: WorkloadConfig, rng: np.random.Generator) -> tuple[np.nd
 
 
 def topic_runs(n: int, topics: int, mean_len: float, rng: np.random.Generator) -> np.ndarray:
-    """Topics in runs of geometric length (mean ``mean_len``), each run a different topic."""
+    """Topics in runs of geometric length (mean ``mean_len``, at least 1), each run a different topic
+    (the simulator's and the load test's bursty pattern)."""
     out = np.empty(n, dtype=np.int64)
     pos, cur = 0, int(rng.integers(topics))
     while pos < n:
-        run = int(rng.geometric(1.0 / mean_len))
+        run = int(rng.geometric(1.0 / max(mean_len, 1.0)))
         out[pos : pos + run] = cur
         pos += run
         if topics > 1:
