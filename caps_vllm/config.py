@@ -45,7 +45,7 @@ class CapsConfig:
     predictor: bool = True
     #: count the experts the model actually routed to, per step, on the workers
     capture: bool = True
-    #: export CAPS's Prometheus metrics (see README, "Metrics")
+    #: export CAPS's Prometheus metrics (see docs/metrics.md)
     metrics: bool = True
     #: learn the token -> expert table online from the captured routing, with the router dry
     #: run as the prior (caps_vllm.learned_table); the state is kept next to the router table
@@ -69,7 +69,7 @@ class CapsConfig:
     step_log: str | None = None
 
     @classmethod
-    def from_dict(cls, raw: Any) -> "CapsConfig":
+    def from_dict(cls, raw: Any) -> CapsConfig:
         """Validate user input; ValueError names the field and the valid range."""
         if raw is None:
             raw = {}
@@ -98,10 +98,18 @@ class CapsConfig:
         _int_in("seed", self.seed, 0, 2**32 - 1)
         _int_in("guard_window", self.guard_window, 0, 100_000)
         if self.max_wait_ms is not None and (
-            isinstance(self.max_wait_ms, bool) or not isinstance(self.max_wait_ms, (int, float)) or not 0 < self.max_wait_ms <= 3.6e6
+            isinstance(self.max_wait_ms, bool)
+            or not isinstance(self.max_wait_ms, (int, float))
+            or not 0 < self.max_wait_ms <= 3.6e6
         ):
-            raise ValueError(f"caps.max_wait_ms: {self.max_wait_ms!r} is out of range; valid: a number in (0, 3600000] or null")
-        if isinstance(self.min_gain, bool) or not isinstance(self.min_gain, (int, float)) or not 0 <= self.min_gain <= 1:
+            raise ValueError(
+                f"caps.max_wait_ms: {self.max_wait_ms!r} is out of range; valid: a number in (0, 3600000] or null"
+            )
+        if (
+            isinstance(self.min_gain, bool)
+            or not isinstance(self.min_gain, (int, float))
+            or not 0 <= self.min_gain <= 1
+        ):
             raise ValueError(f"caps.min_gain: {self.min_gain!r} is out of range; valid: a number in [0, 1]")
         if self.vectors not in ("per_token", "counts"):
             raise ValueError(f"caps.vectors: {self.vectors!r}; valid: 'per_token' or 'counts'")
@@ -109,10 +117,15 @@ class CapsConfig:
             _int_in("blas_threads", self.blas_threads, 1, 4096)
         _int_in("learn_rows_per_step", self.learn_rows_per_step, 1, 1_000_000)
         _int_in("learn_max_tokens", self.learn_max_tokens, 8, 100_000_000)
-        if isinstance(self.learn_half_life_tokens, bool) or not isinstance(self.learn_half_life_tokens, (int, float)) \
-                or not 1 <= self.learn_half_life_tokens <= 1e15:
-            raise ValueError(f"caps.learn_half_life_tokens: {self.learn_half_life_tokens!r} is out of range; "
-                             "valid: a number in [1, 1e15]")
+        if (
+            isinstance(self.learn_half_life_tokens, bool)
+            or not isinstance(self.learn_half_life_tokens, (int, float))
+            or not 1 <= self.learn_half_life_tokens <= 1e15
+        ):
+            raise ValueError(
+                f"caps.learn_half_life_tokens: {self.learn_half_life_tokens!r} is out of range; "
+                "valid: a number in [1, 1e15]"
+            )
         for name in ("predictor", "capture", "metrics", "learn", "capture_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"caps.{name}: {getattr(self, name)!r}; valid: true or false")

@@ -28,67 +28,168 @@ _SECONDS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.
 
 _LABELS = ("model_name", "engine")
 
-#: name -> (kind, help, buckets, extra labels); the README's metrics reference is this table
+#: name -> (kind, help, buckets, extra labels); docs/metrics.md's reference is this table
 SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
-    "vllm:caps_predicted_load_cv": ("histogram", "Per step: coefficient of variation of the predicted per-expert "
-                                    "load of the scheduled tokens, averaged over MoE layers", _CV, ()),
-    "vllm:caps_actual_load_cv": ("histogram", "Per step: coefficient of variation of the per-expert load the "
-                                 "routers actually produced, averaged over MoE layers", _CV, ()),
-    "vllm:caps_predicted_load_max_over_mean": ("histogram", "Per step: max/mean predicted per-expert load, averaged "
-                                               "over MoE layers", _MAX_OVER_MEAN, ()),
-    "vllm:caps_actual_load_max_over_mean": ("histogram", "Per step: max/mean actual per-expert load, averaged over "
-                                            "MoE layers", _MAX_OVER_MEAN, ()),
-    "vllm:caps_actual_layer_load_max_over_mean": ("histogram", "Per step and MoE layer: max/mean actual "
-                                                  "per-expert load", _MAX_OVER_MEAN, ("layer",)),
-    "vllm:caps_predicted_distinct_experts": ("histogram", "Per step: experts with a predicted load of at least one "
-                                             "token, per MoE layer (mean over layers)", _DISTINCT, ()),
-    "vllm:caps_actual_distinct_experts": ("histogram", "Per step: experts that received at least one token, per "
-                                          "MoE layer (mean over layers)", _DISTINCT, ()),
-    "vllm:caps_predictor_cosine": ("histogram", "Per request: cosine of the predicted and the actual expert "
-                                   "histogram of its prompt tokens", _FRACTION, ()),
-    "vllm:caps_predictor_topk_overlap": ("histogram", "Per request: share of the actual top-k experts of its prompt "
-                                         "that the predictor also ranked top-k (mean over layers)", _FRACTION, ()),
-    "vllm:caps_predictor_decode_cosine": ("histogram", "Per finished request (caps.capture_decode): cosine of its "
-                                          "prompt's predicted expert histogram and the actual one of its decode "
-                                          "tokens", _FRACTION, ()),
-    "vllm:caps_predictor_decode_topk_overlap": ("histogram", "Per finished request (caps.capture_decode): share of "
-                                                "the actual top-k experts of its decode tokens that the prompt's "
-                                                "prediction ranked top-k (mean over layers)", _FRACTION, ()),
-    "vllm:caps_learning_routed_picks": ("counter", "Routed (prompt token, layer) top-k choices the learning table "
-                                        "was scored on before it learned them", None, ()),
-    "vllm:caps_learning_hits": ("counter", "Of those choices, how many the table predicted (table=learned: the "
-                                "learning table, table=dry_run: the router dry run alone); top-k recall is "
-                                "hits / routed picks", None, ("table",)),
-    "vllm:caps_selection_seconds": ("histogram", "Per ranked step: time CAPS took to order the waiting queue",
-                                    _SECONDS, ()),
+    "vllm:caps_predicted_load_cv": (
+        "histogram",
+        "Per step: coefficient of variation of the predicted per-expert "
+        "load of the scheduled tokens, averaged over MoE layers",
+        _CV,
+        (),
+    ),
+    "vllm:caps_actual_load_cv": (
+        "histogram",
+        "Per step: coefficient of variation of the per-expert load the "
+        "routers actually produced, averaged over MoE layers",
+        _CV,
+        (),
+    ),
+    "vllm:caps_predicted_load_max_over_mean": (
+        "histogram",
+        "Per step: max/mean predicted per-expert load, averaged over MoE layers",
+        _MAX_OVER_MEAN,
+        (),
+    ),
+    "vllm:caps_actual_load_max_over_mean": (
+        "histogram",
+        "Per step: max/mean actual per-expert load, averaged over MoE layers",
+        _MAX_OVER_MEAN,
+        (),
+    ),
+    "vllm:caps_actual_layer_load_max_over_mean": (
+        "histogram",
+        "Per step and MoE layer: max/mean actual per-expert load",
+        _MAX_OVER_MEAN,
+        ("layer",),
+    ),
+    "vllm:caps_predicted_distinct_experts": (
+        "histogram",
+        "Per step: experts with a predicted load of at least one token, per MoE layer (mean over layers)",
+        _DISTINCT,
+        (),
+    ),
+    "vllm:caps_actual_distinct_experts": (
+        "histogram",
+        "Per step: experts that received at least one token, per MoE layer (mean over layers)",
+        _DISTINCT,
+        (),
+    ),
+    "vllm:caps_predictor_cosine": (
+        "histogram",
+        "Per request: cosine of the predicted and the actual expert histogram of its prompt tokens",
+        _FRACTION,
+        (),
+    ),
+    "vllm:caps_predictor_topk_overlap": (
+        "histogram",
+        "Per request: share of the actual top-k experts of its prompt "
+        "that the predictor also ranked top-k (mean over layers)",
+        _FRACTION,
+        (),
+    ),
+    "vllm:caps_predictor_decode_cosine": (
+        "histogram",
+        "Per finished request (caps.capture_decode): cosine of its "
+        "prompt's predicted expert histogram and the actual one of its decode "
+        "tokens",
+        _FRACTION,
+        (),
+    ),
+    "vllm:caps_predictor_decode_topk_overlap": (
+        "histogram",
+        "Per finished request (caps.capture_decode): share of "
+        "the actual top-k experts of its decode tokens that the prompt's "
+        "prediction ranked top-k (mean over layers)",
+        _FRACTION,
+        (),
+    ),
+    "vllm:caps_learning_routed_picks": (
+        "counter",
+        "Routed (prompt token, layer) top-k choices the learning table was scored on before it learned them",
+        None,
+        (),
+    ),
+    "vllm:caps_learning_hits": (
+        "counter",
+        "Of those choices, how many the table predicted (table=learned: the "
+        "learning table, table=dry_run: the router dry run alone); top-k recall is "
+        "hits / routed picks",
+        None,
+        ("table",),
+    ),
+    "vllm:caps_selection_seconds": (
+        "histogram",
+        "Per ranked step: time CAPS took to order the waiting queue",
+        _SECONDS,
+        (),
+    ),
     "vllm:caps_steps": ("counter", "Scheduler steps that scheduled tokens", None, ()),
     "vllm:caps_scheduled_tokens": ("counter", "Tokens scheduled by vLLM", None, ()),
     "vllm:caps_routed_tokens": ("counter", "Tokens whose routing was captured", None, ()),
-    "vllm:caps_admitted_requests": ("counter", "Requests admitted from the waiting queue for the first time",
-                                    None, ()),
+    "vllm:caps_admitted_requests": ("counter", "Requests admitted from the waiting queue for the first time", None, ()),
     "vllm:caps_ranked_requests": ("counter", "Requests placed into free slots by the CAPS strategy", None, ()),
-    "vllm:caps_engaged_steps": ("counter", "Scheduler steps with an admission decision: vLLM would admit some but "
-                                "not all waiting requests (slots, token budget or KV cache)", None, ()),
-    "vllm:caps_reordered_steps": ("counter", "Steps whose admitted requests differ from what FCFS would admit "
-                                  "(as CAPS estimates vLLM's budgets)", None, ()),
-    "vllm:caps_kept_fcfs_steps": ("counter", "Steps where CAPS kept FCFS's admissions: step_cost's choice was "
-                                  "predicted to gain no more than min_gain, or vLLM would have admitted another "
-                                  "number of requests or fewer tokens from it", None, ()),
-    "vllm:caps_guard_fallback_steps": ("counter", "Steps CAPS left in FCFS order because the live guard found its "
-                                       "recent reorderings losing on the captured routing (caps_vllm.guard)",
-                                       None, ()),
-    "vllm:caps_guard_realized_gain_ms": ("histogram", "Per reordering, once all its requests' prompts were routed: "
-                                         "step-cost milliseconds FCFS's admissions would have cost minus CAPS's, "
-                                         "on the captured routing (negative: CAPS lost)", _GAIN_MS, ()),
-    "vllm:caps_pass_over_pinned_requests": ("counter", "Requests passed over max_passes times and then admitted "
-                                            "ahead of the strategy (the starvation bound at work)", None, ()),
-    "vllm:caps_max_wait_bypass_requests": ("counter", "Requests admitted ahead of the strategy because they "
-                                           "waited longer than max_wait_ms", None, ()),
-    "vllm:caps_fcfs_fallback_requests": ("counter", "Requests admitted in steps where CAPS left the FCFS order "
-                                         "(fewer than min_batch_trigger waiting, no choice to make, no predictor, "
-                                         "or an error)", None, ()),
-    "vllm:caps_predictor_fallback_requests": ("counter", "Requests without a prediction (no known prompt token, "
-                                              "prompt embeddings): kept in FCFS place", None, ()),
+    "vllm:caps_engaged_steps": (
+        "counter",
+        "Scheduler steps with an admission decision: vLLM would admit some but "
+        "not all waiting requests (slots, token budget or KV cache)",
+        None,
+        (),
+    ),
+    "vllm:caps_reordered_steps": (
+        "counter",
+        "Steps whose admitted requests differ from what FCFS would admit (as CAPS estimates vLLM's budgets)",
+        None,
+        (),
+    ),
+    "vllm:caps_kept_fcfs_steps": (
+        "counter",
+        "Steps where CAPS kept FCFS's admissions: step_cost's choice was "
+        "predicted to gain no more than min_gain, or vLLM would have admitted another "
+        "number of requests or fewer tokens from it",
+        None,
+        (),
+    ),
+    "vllm:caps_guard_fallback_steps": (
+        "counter",
+        "Steps CAPS left in FCFS order because the live guard found its "
+        "recent reorderings losing on the captured routing (caps_vllm.guard)",
+        None,
+        (),
+    ),
+    "vllm:caps_guard_realized_gain_ms": (
+        "histogram",
+        "Per reordering, once all its requests' prompts were routed: "
+        "step-cost milliseconds FCFS's admissions would have cost minus CAPS's, "
+        "on the captured routing (negative: CAPS lost)",
+        _GAIN_MS,
+        (),
+    ),
+    "vllm:caps_pass_over_pinned_requests": (
+        "counter",
+        "Requests passed over max_passes times and then admitted ahead of the strategy (the starvation bound at work)",
+        None,
+        (),
+    ),
+    "vllm:caps_max_wait_bypass_requests": (
+        "counter",
+        "Requests admitted ahead of the strategy because they waited longer than max_wait_ms",
+        None,
+        (),
+    ),
+    "vllm:caps_fcfs_fallback_requests": (
+        "counter",
+        "Requests admitted in steps where CAPS left the FCFS order "
+        "(fewer than min_batch_trigger waiting, no choice to make, no predictor, "
+        "or an error)",
+        None,
+        (),
+    ),
+    "vllm:caps_predictor_fallback_requests": (
+        "counter",
+        "Requests without a prediction (no known prompt token, prompt embeddings): kept in FCFS place",
+        None,
+        (),
+    ),
     "vllm:caps_errors": ("counter", "Exceptions inside CAPS (the step stayed FCFS)", None, ()),
 }
 

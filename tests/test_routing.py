@@ -52,8 +52,9 @@ def test_cosine_and_topk_overlap():
 
 
 def _samples(name: str) -> dict:
-    return {tuple(sorted(s.labels.items())): s.value
-            for fam in REGISTRY.collect() for s in fam.samples if s.name == name}
+    return {
+        tuple(sorted(s.labels.items())): s.value for fam in REGISTRY.collect() for s in fam.samples if s.name == name
+    }
 
 
 def _value(name: str, model: str) -> float:
@@ -112,7 +113,8 @@ def test_decode_accuracy_is_scored_against_the_prompts_prediction_once_the_reque
     assert _value("vllm:caps_predictor_decode_cosine_count", "t-dec") == 1
     # prediction [1,1,0,0] vs decode [3,0,3,0] in layer 0 (cosine 0.5), [0,0,1,1] vs [0,0,3,3] in layer 1 (1.0)
     assert _value("vllm:caps_predictor_decode_cosine_sum", "t-dec") == pytest.approx(
-        cosine(np.array([1.0, 1, 0, 0, 0, 0, 1, 1]), np.array([3.0, 0, 3, 0, 0, 0, 3, 3])))
+        cosine(np.array([1.0, 1, 0, 0, 0, 0, 1, 1]), np.array([3.0, 0, 3, 0, 0, 0, 3, 3]))
+    )
     assert _value("vllm:caps_predictor_decode_topk_overlap_sum", "t-dec") == pytest.approx((0.5 + 1.0) / 2)
     assert obs._decodes == {}
     obs.on_output(RoutingRecord((0, 1), step, 1, decode_counts={"q": step}), {"q": ([4], True)}.get)
@@ -127,8 +129,11 @@ def test_learning_counters():
     obs.on_learning(Recall(picks=40, learned_hits=30, prior_hits=10))
     obs.on_learning(Recall(picks=8, learned_hits=8, prior_hits=1))
     assert _value("vllm:caps_learning_routed_picks_total", "t-learn") == 48
-    hits = {dict(k)["table"]: v for k, v in _samples("vllm:caps_learning_hits_total").items()
-            if ("model_name", "t-learn") in k}
+    hits = {
+        dict(k)["table"]: v
+        for k, v in _samples("vllm:caps_learning_hits_total").items()
+        if ("model_name", "t-learn") in k
+    }
     assert hits == {"learned": 38, "dry_run": 11}
 
 
@@ -136,11 +141,17 @@ def test_admission_counters():
     obs = _observer("t-adm")
     obs.on_admission(admitted=3, ranked=2, bypassed=1, no_vector=1, selection_s=1e-4)
     obs.on_admission(admitted=2, ranked=None, bypassed=0, no_vector=0, selection_s=None)
-    got = {n: _value(n, "t-adm") for n in ("vllm:caps_admitted_requests_total", "vllm:caps_ranked_requests_total",
-                                           "vllm:caps_max_wait_bypass_requests_total",
-                                           "vllm:caps_fcfs_fallback_requests_total",
-                                           "vllm:caps_predictor_fallback_requests_total",
-                                           "vllm:caps_selection_seconds_count")}
+    got = {
+        n: _value(n, "t-adm")
+        for n in (
+            "vllm:caps_admitted_requests_total",
+            "vllm:caps_ranked_requests_total",
+            "vllm:caps_max_wait_bypass_requests_total",
+            "vllm:caps_fcfs_fallback_requests_total",
+            "vllm:caps_predictor_fallback_requests_total",
+            "vllm:caps_selection_seconds_count",
+        )
+    }
     assert list(got.values()) == [5, 2, 1, 2, 1, 1]
 
 
@@ -155,8 +166,9 @@ def test_series_do_not_grow_with_requests():
         for i in range(first, first + n):
             counts = rng.integers(0, 5, size=(2, 4))
             obs.on_schedule({f"r{i}": 3}, lambda rid: np.ones(8))
-            obs.on_output(RoutingRecord((0, 1), counts, 3, {f"r{i}": counts}, {f"r{i}": 0}),
-                          lambda rid: ([1, 2, 3], True))
+            obs.on_output(
+                RoutingRecord((0, 1), counts, 3, {f"r{i}": counts}, {f"r{i}": 0}), lambda rid: ([1, 2, 3], True)
+            )
             obs.on_admission(1, 1, 0, 0, 1e-4)
 
     traffic(0, 10)
@@ -187,8 +199,9 @@ def test_remove_stale_files_keeps_live_processes(tmp_path):
 def _in_subprocess(code: str, env: dict | None = None) -> dict:
     full_env = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
     full_env.update(env or {})
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=full_env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -210,11 +223,14 @@ def test_vllm_serve_gets_a_private_metrics_folder_removed_at_exit():
 
 def test_a_user_metrics_folder_is_kept_but_cleaned(tmp_path):
     (tmp_path / "counter_999999999.db").write_text("stale")
-    got = _in_subprocess("""
+    got = _in_subprocess(
+        """
         import json
         from caps_vllm.plugin import prepare_metrics_dir
         print(json.dumps({"folder": prepare_metrics_dir(["/x/bin/vllm", "serve", "m"])}))
-    """, {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)})
+    """,
+        {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+    )
     assert got["folder"] == str(tmp_path) and tmp_path.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -233,14 +249,18 @@ def test_after_import_runs_the_hook_once_on_first_import(tmp_path, monkeypatch):
     sys.modules.pop("caps_probe_mod")
 
 
-@pytest.mark.parametrize("cls,caps,want", [
-    ("caps_vllm.CapsScheduler", None, True),
-    ("caps_vllm.CapsScheduler", {"capture": False}, False),
-    ("vllm.v1.core.sched.scheduler.Scheduler", None, False),
-])
+@pytest.mark.parametrize(
+    "cls,caps,want",
+    [
+        ("caps_vllm.CapsScheduler", None, True),
+        ("caps_vllm.CapsScheduler", {"capture": False}, False),
+        ("vllm.v1.core.sched.scheduler.Scheduler", None, False),
+    ],
+)
 def test_capture_only_with_the_caps_scheduler(cls, caps, want):
-    cfg = SimpleNamespace(scheduler_config=SimpleNamespace(scheduler_cls=cls),
-                          additional_config={"caps": caps} if caps else {})
+    cfg = SimpleNamespace(
+        scheduler_config=SimpleNamespace(scheduler_cls=cls), additional_config={"caps": caps} if caps else {}
+    )
     assert plugin.capture_wanted(cfg) is want
 
 
@@ -260,10 +280,10 @@ def test_incremental_predicted_load_equals_recomputation():
     assert _value("vllm:caps_predicted_load_max_over_mean_sum", "t-incr") == pytest.approx(expected, rel=1e-9)
 
 
-def test_readme_documents_every_metric():
+def test_the_metrics_reference_documents_every_metric():
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
     for name, (kind, *_rest) in SPEC.items():
         assert (f"`{name}_total`" if kind == "counter" else f"`{name}") in readme or f"{name}_total" in readme, name
 
