@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus lint test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -27,7 +27,12 @@ prometheus:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends prometheus; }
 
 # The README's test command: fast tests first, then the ones that start engines and servers.
-test: setup prometheus
+# ruff's lint and format check (configured in pyproject.toml), first: it takes seconds
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup prometheus lint
 	$(PY) -m pytest -q -m "not engine and not server"
 	$(PY) -m pytest -q -m "engine or server" --durations=0
 

@@ -270,8 +270,7 @@ class AdmissionPlanner:
             cand = np.vstack([np.zeros((1, cand.shape[1])), cand])
             gram = np.pad(gram, ((1, 0), (1, 0))) if gram is not None else None
             terms = np.vstack([np.zeros((1, terms.shape[1])), terms]) if terms is not None else None
-            picks = [p - 1 for p in self.strategy.select(load, cand, b + 1, gram=gram, checked=True,
-                                                         terms=terms)[1:]]
+            picks = [p - 1 for p in self.strategy.select(load, cand, b + 1, gram=gram, checked=True, terms=terms)[1:]]
             if priced and sorted(picks) != list(range(b)):
                 # Never worse than FCFS by the step model: its b oldest unless the pick gains enough.
                 gain = fcfs_ms - self.strategy.cost((load + cand[1:][picks].sum(axis=0))[None, :])[0]
@@ -279,8 +278,12 @@ class AdmissionPlanner:
                     picks = list(range(b))
                     self.stats.kept_fcfs += 1
                 else:  # for the live guard, if the order is taken
-                    self._decision = ([window[scored[p]].key for p in picks], [window[i].key for i in scored[:b]],
-                                      load, gain)
+                    self._decision = (
+                        [window[scored[p]].key for p in picks],
+                        [window[i].key for i in scored[:b]],
+                        load,
+                        gain,
+                    )
             picked = [scored[p] for p in picks]
         self.stats.no_vector += len(window) - len(scored)
         # Requests without a vector keep their FCFS place; the picked ones, then the others, fill the rest.

@@ -17,16 +17,22 @@ import os
 
 import numpy as np
 
-_SETTERS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads", "openblas_set_num_threads64_",
-            "openblas_set_num_threads")
+_SETTERS = (
+    "scipy_openblas_set_num_threads64_",
+    "scipy_openblas_set_num_threads",
+    "openblas_set_num_threads64_",
+    "openblas_set_num_threads",
+)
 
 
 def limit_threads(n: int) -> str | None:
     """Set numpy's OpenBLAS to ``n`` threads; the library's path, or None if none was found
     (another BLAS, or a numpy built differently: then nothing changes)."""
     root = os.path.dirname(os.path.dirname(np.__file__))
-    for path in sorted(glob.glob(os.path.join(root, "numpy.libs", "*openblas*")) +
-                       glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))):
+    for path in sorted(
+        glob.glob(os.path.join(root, "numpy.libs", "*openblas*"))
+        + glob.glob(os.path.join(os.path.dirname(np.__file__), ".dylibs", "*openblas*"))
+    ):
         try:
             lib = ctypes.CDLL(path)  # already loaded by numpy: the same handle
         except OSError:

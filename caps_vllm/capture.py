@@ -66,7 +66,7 @@ class StepCapture(RoutedExpertsCapturer):
         #: per-request counts of decode tokens too (bounded: one [layers, experts] matrix per request)
         self.decode_counts = opts["capture_decode"]
 
-    def reduce(self, scheduler_output, input_batch) -> "PendingRecord | None":
+    def reduce(self, scheduler_output, input_batch) -> PendingRecord | None:
         """Counts of the step that just ran (device tensors; copied to the host on ``get``)."""
         n = int(scheduler_output.total_num_scheduled_tokens)
         if n == 0:
@@ -86,8 +86,11 @@ class StepCapture(RoutedExpertsCapturer):
         if int(sched.sum()) != n:  # a layout this reduction does not know; totals stay right
             if not self._layout_warned:
                 self._layout_warned = True
-                logger.warning("CAPS capture: %d scheduled tokens but the batch lays out %d; per-request "
-                               "counts are skipped", n, int(sched.sum()))
+                logger.warning(
+                    "CAPS capture: %d scheduled tokens but the batch lays out %d; per-request counts are skipped",
+                    n,
+                    int(sched.sum()),
+                )
             return PendingRecord(self, n, layer_counts, None, [], [], [], None)
         owners = [i for i in range(k) if in_prompt[i] > 0]
         decoders = [i for i in range(k) if sched[i] > in_prompt[i]] if self.decode_counts else []
@@ -117,8 +120,13 @@ class StepCapture(RoutedExpertsCapturer):
                     break
             rows = routed[torch.from_numpy(np.concatenate(take)).to(routed.device)].to(self._row_dtype)
         return PendingRecord(
-            self, n, layer_counts, per_request,
-            [req_ids[i] for i in owners], [int(computed[i]) for i in owners], [req_ids[i] for i in decoders],
+            self,
+            n,
+            layer_counts,
+            per_request,
+            [req_ids[i] for i in owners],
+            [int(computed[i]) for i in owners],
+            [req_ids[i] for i in decoders],
             (rows, lengths),
         )
 

@@ -33,8 +33,9 @@ class Choice:
 
 
 class AffinityDispatcher:
-    def __init__(self, replicas: int, d: int, cost: StepCostModel, margin: int = 8,
-                 balance_ms: float | None = None) -> None:
+    def __init__(
+        self, replicas: int, d: int, cost: StepCostModel, margin: int = 8, balance_ms: float | None = None
+    ) -> None:
         """``d``: length of the load vectors (MoE layers x experts); ``balance_ms``: price of one
         request in flight (default: one expert's weight read, so affinity decides until the
         guard does)."""

@@ -36,8 +36,9 @@ class Decision:
 
 
 class FcfsGuard:
-    def __init__(self, cost: Callable[[np.ndarray], np.ndarray], unit_mass: float, window: int = 64,
-                 max_pending: int = 512) -> None:
+    def __init__(
+        self, cost: Callable[[np.ndarray], np.ndarray], unit_mass: float, window: int = 64, max_pending: int = 512
+    ) -> None:
         """``cost``: rows of loads -> step milliseconds (the strategy's); ``unit_mass``: the mass
         of a per-token vector (layers x top_k), to which captured counts are scaled."""
         self.cost, self.unit_mass, self.window = cost, unit_mass, window
@@ -54,8 +55,9 @@ class FcfsGuard:
     def wants(self, key: Hashable) -> bool:
         return key in self._wanted
 
-    def decided(self, caps: Sequence[Hashable], fcfs: Sequence[Hashable], base: np.ndarray,
-                predicted_ms: float) -> None:
+    def decided(
+        self, caps: Sequence[Hashable], fcfs: Sequence[Hashable], base: np.ndarray, predicted_ms: float
+    ) -> None:
         d = Decision(tuple(caps), tuple(fcfs), base.copy(), float(predicted_ms))
         self.pending.append(d)
         self._wanted.update(d.caps + d.fcfs)
@@ -112,11 +114,18 @@ class FcfsGuard:
         if not self.tripped and total < 0:
             self.tripped = True
             self.recent.clear()  # the shadow decisions decide when to resume
-            logger.warning("CAPS guard: the last %d reorderings cost %.4g ms more than FCFS's admissions would have "
-                           "(captured routing x step-cost model); admission falls back to FCFS and CAPS keeps "
-                           "scoring its choices in the shadow", self.window, -total)
+            logger.warning(
+                "CAPS guard: the last %d reorderings cost %.4g ms more than FCFS's admissions would have "
+                "(captured routing x step-cost model); admission falls back to FCFS and CAPS keeps "
+                "scoring its choices in the shadow",
+                self.window,
+                -total,
+            )
         elif self.tripped and total > 0:
             self.tripped = False
             self.recent.clear()
-            logger.warning("CAPS guard: the last %d shadow choices would have gained %.4g ms over FCFS; CAPS "
-                           "reorders again", self.window, total)
+            logger.warning(
+                "CAPS guard: the last %d shadow choices would have gained %.4g ms over FCFS; CAPS reorders again",
+                self.window,
+                total,
+            )

@@ -56,8 +56,14 @@ def topk_hits(table: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarra
 class LearnedTable:
     """Online per-token expert counts over a dry-run prior; ``table`` is the current top-k."""
 
-    def __init__(self, prior: np.ndarray, num_experts: int, max_tokens: int = 8192,
-                 half_life_tokens: float = 2e6, prior_weight: float = 2.0) -> None:
+    def __init__(
+        self,
+        prior: np.ndarray,
+        num_experts: int,
+        max_tokens: int = 8192,
+        half_life_tokens: float = 2e6,
+        prior_weight: float = 2.0,
+    ) -> None:
         if prior.ndim != 3:
             raise ValueError(f"prior must be [vocab, layers, top_k], got shape {prior.shape}")
         if max_tokens < 8 or half_life_tokens <= 0 or prior_weight < 0:
@@ -116,8 +122,9 @@ class LearnedTable:
 
     def _score(self, ids: np.ndarray, rows: np.ndarray) -> None:
         """Prequential recall: how many routed picks each table had before learning them."""
-        self.recall.add(rows.size, int(topk_hits(self.table, ids, rows).sum()),
-                        int(topk_hits(self.prior, ids, rows).sum()))
+        self.recall.add(
+            rows.size, int(topk_hits(self.table, ids, rows).sum()), int(topk_hits(self.prior, ids, rows).sum())
+        )
 
     def _slots(self, tokens: np.ndarray) -> np.ndarray:
         """Rows of ``tokens`` (sorted, unique), allocating (and evicting) where needed."""
@@ -181,12 +188,16 @@ class LearnedTable:
         """A copy of everything learned (the used slots only), for ``save`` off the step thread."""
         live = np.flatnonzero(self.owner >= 0)
         return {
-            "format": np.array(STATE_FORMAT), "fingerprint": np.array(fingerprint),
+            "format": np.array(STATE_FORMAT),
+            "fingerprint": np.array(fingerprint),
             "shape": np.array([self.vocab, self.layers, self.top_k, self.num_experts]),
-            "tokens": self.owner[live].copy(), "counts": (self.counts[live] / self.scale).astype(np.float32),
+            "tokens": self.owner[live].copy(),
+            "counts": (self.counts[live] / self.scale).astype(np.float32),
             "mass": self.mass[live] / self.scale,
-            "stats": np.array([self.rows_learned, self.evicted, self.recall.picks, self.recall.learned_hits,
-                               self.recall.prior_hits], dtype=np.int64),
+            "stats": np.array(
+                [self.rows_learned, self.evicted, self.recall.picks, self.recall.learned_hits, self.recall.prior_hits],
+                dtype=np.int64,
+            ),
         }
 
     @staticmethod
@@ -218,8 +229,9 @@ class LearnedTable:
         except (OSError, ValueError, KeyError) as exc:
             problem = f"unreadable ({exc})"
         if problem:
-            logger.warning("CAPS learned routing table %s ignored: %s; predicting with the router dry run",
-                           path, problem)
+            logger.warning(
+                "CAPS learned routing table %s ignored: %s; predicting with the router dry run", path, problem
+            )
             return False
         tokens = st["tokens"].astype(np.int64)
         order = np.argsort(-st["mass"], kind="stable")[: self.max_tokens]  # a smaller bound keeps the heaviest
@@ -238,6 +250,7 @@ class LearnedTable:
         self.recall = Recall(picks, learned, prior)
         self.table = self.prior.copy()
         self._refresh(np.sort(tokens))
-        logger.info("CAPS learned routing table resumed from %s: %d tokens, %d rows learned",
-                    path, n, self.rows_learned)
+        logger.info(
+            "CAPS learned routing table resumed from %s: %d tokens, %d rows learned", path, n, self.rows_learned
+        )
         return True

@@ -30,9 +30,16 @@ logger = logging.getLogger("caps_vllm.learner")
 
 
 class OnlineLearner:
-    def __init__(self, predictor: ExpertPredictor, max_tokens: int, half_life_tokens: float,
-                 persist_every_s: float = 60.0, background: bool = True, queue_rows: int = 65536,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        predictor: ExpertPredictor,
+        max_tokens: int,
+        half_life_tokens: float,
+        persist_every_s: float = 60.0,
+        background: bool = True,
+        queue_rows: int = 65536,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.predictor = predictor
         self.table = LearnedTable(predictor.table, predictor.num_experts, max_tokens, half_life_tokens)
         self.path = predictor.learned_path
@@ -51,9 +58,14 @@ class OnlineLearner:
         self._thread: threading.Thread | None = None
         self._reported = Recall(self.table.recall.picks, self.table.recall.learned_hits, self.table.recall.prior_hits)
         self._learned = Recall(**vars(self._reported))  # the worker's totals, read under the lock
-        logger.info("CAPS learning table: up to %d tokens (%.1f MB), half-life %.3g tokens, state %s%s",
-                    self.table.max_tokens, self.table.bytes / 2**20, half_life_tokens, self.path,
-                    " (resumed)" if self.resumed else "")
+        logger.info(
+            "CAPS learning table: up to %d tokens (%.1f MB), half-life %.3g tokens, state %s%s",
+            self.table.max_tokens,
+            self.table.bytes / 2**20,
+            half_life_tokens,
+            self.path,
+            " (resumed)" if self.resumed else "",
+        )
 
     def observe(self, record: RoutingRecord, prompt_of: Callable[[str], Sequence[int] | None]) -> Recall:
         """Queue the record's prompt rows; returns the recall counts learned since the last call."""

@@ -24,8 +24,14 @@ logger = logging.getLogger("caps_vllm.observer")
 class RoutingObserver:
     """Per-engine state behind the metrics: prompt-count accumulators, warn-once flags."""
 
-    def __init__(self, metrics: CapsMetrics, predict: Callable[[Sequence[int]], np.ndarray | None] | None,
-                 layers: int, num_experts: int, top_k: int) -> None:
+    def __init__(
+        self,
+        metrics: CapsMetrics,
+        predict: Callable[[Sequence[int]], np.ndarray | None] | None,
+        layers: int,
+        num_experts: int,
+        top_k: int,
+    ) -> None:
         self.metrics = metrics
         self.predict = predict  # prompt ids -> flat [layers * experts] counts, or None
         self.shape = (layers, num_experts)
@@ -76,9 +82,19 @@ class RoutingObserver:
         mass = v.sum()
         return v * (self.shape[0] * self.top_k / mass) if mass > 0 else None
 
-    def on_admission(self, admitted: int, ranked: int | None, bypassed: int, no_vector: int,
-                     selection_s: float | None, engaged: int = 0, reordered: int = 0, pinned: int = 0,
-                     kept_fcfs: int = 0, guard_fallback: int = 0) -> None:
+    def on_admission(
+        self,
+        admitted: int,
+        ranked: int | None,
+        bypassed: int,
+        no_vector: int,
+        selection_s: float | None,
+        engaged: int = 0,
+        reordered: int = 0,
+        pinned: int = 0,
+        kept_fcfs: int = 0,
+        guard_fallback: int = 0,
+    ) -> None:
         """What one scheduling step did with the queue; ``ranked`` is None if CAPS left it FCFS."""
         m = self.metrics
         m.inc("vllm:caps_engaged_steps", engaged)
@@ -96,8 +112,9 @@ class RoutingObserver:
         if selection_s is not None:
             m.observe("vllm:caps_selection_seconds", selection_s)
 
-    def on_output(self, record: RoutingRecord | None,
-                  prompt_of: Callable[[str], tuple[Sequence[int], bool] | None]) -> None:
+    def on_output(
+        self, record: RoutingRecord | None, prompt_of: Callable[[str], tuple[Sequence[int], bool] | None]
+    ) -> None:
         """A step's routing came back; ``prompt_of(req)`` gives (prompt ids, prompt fully routed),
         or None for a request that is gone."""
         if record is None:
@@ -110,8 +127,12 @@ class RoutingObserver:
         if self.predict is None or not (record.prompt_counts or self._prompts or record.decode_counts or self._decodes):
             return
         if record.layer_counts.shape != self.shape:
-            self._warn_once("shape", "CAPS: routing has shape %s, the predictor %s; predictor accuracy is not "
-                            "measured", record.layer_counts.shape, self.shape)
+            self._warn_once(
+                "shape",
+                "CAPS: routing has shape %s, the predictor %s; predictor accuracy is not measured",
+                record.layer_counts.shape,
+                self.shape,
+            )
             return
         for rid, counts in record.prompt_counts.items():
             start, acc = self._prompts.get(rid, (record.prompt_start.get(rid, 0), None))

@@ -52,10 +52,12 @@ def register() -> None:
 
 # --- metrics folder -------------------------------------------------------------------------
 
+
 def _is_vllm_serve(argv: list[str]) -> bool:
     prog = os.path.basename(argv[0]) if argv else ""
     return (prog == "vllm" and argv[1:2] == ["serve"]) or argv[0].endswith(
-        os.path.join("entrypoints", "openai", "api_server.py"))
+        os.path.join("entrypoints", "openai", "api_server.py")
+    )
 
 
 def remove_stale_files(folder: str) -> list[str]:
@@ -87,9 +89,11 @@ def prepare_metrics_dir(argv: list[str] | None = None) -> str | None:
                 os.makedirs(folder)
                 logger.warning("CAPS: PROMETHEUS_MULTIPROC_DIR=%s did not exist; created it", folder)
             except OSError as exc:
-                raise RuntimeError(f"PROMETHEUS_MULTIPROC_DIR={folder} is not a folder and cannot be created ({exc}): "
-                                   "point it at a writable empty folder, or unset it (vllm serve then makes a "
-                                   "private one)") from None
+                raise RuntimeError(
+                    f"PROMETHEUS_MULTIPROC_DIR={folder} is not a folder and cannot be created ({exc}): "
+                    "point it at a writable empty folder, or unset it (vllm serve then makes a "
+                    "private one)"
+                ) from None
         else:
             removed = remove_stale_files(folder)
             if removed:
@@ -108,6 +112,7 @@ def prepare_metrics_dir(argv: list[str] | None = None) -> str | None:
 
 
 # --- model runner ---------------------------------------------------------------------------
+
 
 class _HookedLoader(importlib.abc.Loader):
     def __init__(self, inner, hook: Callable) -> None:
@@ -170,8 +175,11 @@ def _install(runner) -> None:
     except ValueError as exc:  # no MoE layer / unsupported router: one warning, capture off
         logger.warning("CAPS routing capture is off for this model: %s", exc)
         return
-    logger.info("CAPS routing capture on: %d MoE layers, %d experts", len(runner.caps_capture.moe_layers),
-                runner.caps_capture.num_experts)
+    logger.info(
+        "CAPS routing capture on: %d MoE layers, %d experts",
+        len(runner.caps_capture.moe_layers),
+        runner.caps_capture.num_experts,
+    )
 
 
 def _attach(runner, output) -> None:

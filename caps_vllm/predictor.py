@@ -62,21 +62,34 @@ def router_spec(config: dict) -> RouterSpec:
         step = int(config.get("decoder_sparse_step", 1) or 1)
         dense = set(config.get("mlp_only_layers") or [])
         layers = tuple(i for i in range(n_layers) if i not in dense and experts > 0 and (i + 1) % step == 0)
-        spec = RouterSpec(layers, experts, int(config.get("num_experts_per_tok", 0)), ("model.layers.{i}.mlp.gate.weight",), eps=eps)
+        spec = RouterSpec(
+            layers, experts, int(config.get("num_experts_per_tok", 0)), ("model.layers.{i}.mlp.gate.weight",), eps=eps
+        )
     elif mt == "mixtral":
         experts = int(config.get("num_local_experts") or 0)
         # Original checkpoints (what vLLM loads) say block_sparse_moe; transformers 5 saves mlp.
-        spec = RouterSpec(tuple(range(n_layers)), experts, int(config.get("num_experts_per_tok", 0)),
-                          ("model.layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.mlp.gate.weight"), eps=eps)
+        spec = RouterSpec(
+            tuple(range(n_layers)),
+            experts,
+            int(config.get("num_experts_per_tok", 0)),
+            ("model.layers.{i}.block_sparse_moe.gate.weight", "model.layers.{i}.mlp.gate.weight"),
+            eps=eps,
+        )
     elif mt in ("deepseek_v2", "deepseek_v3"):
-        experts = int(config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0)
+        experts = int(
+            config.get("n_routed_experts") or config.get("num_local_experts") or config.get("num_experts") or 0
+        )
         first_dense = int(config.get("first_k_dense_replace", 0))
         freq = int(config.get("moe_layer_freq", 1) or 1)
         layers = tuple(i for i in range(n_layers) if experts > 0 and i >= first_dense and i % freq == 0)
         v3 = mt == "deepseek_v3" or config.get("topk_method") == "noaux_tc"
         grouped = v3 or config.get("topk_method") == "group_limited_greedy"
         spec = RouterSpec(
-            layers, experts, int(config.get("num_experts_per_tok", 0)), ("model.layers.{i}.mlp.gate.weight",), eps=eps,
+            layers,
+            experts,
+            int(config.get("num_experts_per_tok", 0)),
+            ("model.layers.{i}.mlp.gate.weight",),
+            eps=eps,
             scoring=str(config.get("scoring_func", "sigmoid" if v3 else "softmax")),
             bias="model.layers.{i}.mlp.gate.e_score_correction_bias" if v3 else None,
             n_group=int(config.get("n_group") or 1) if grouped else 1,
@@ -84,10 +97,14 @@ def router_spec(config: dict) -> RouterSpec:
             group_score="top2_sum" if v3 else "max",
         )
     else:
-        raise PredictorUnavailable(f"model type {mt!r} is not a Mixture-of-Experts model CAPS knows "
-                                   "(supported: qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3)")
+        raise PredictorUnavailable(
+            f"model type {mt!r} is not a Mixture-of-Experts model CAPS knows "
+            "(supported: qwen2_moe, qwen3_moe, mixtral, deepseek_v2, deepseek_v3)"
+        )
     if not spec.moe_layers or spec.num_experts <= 0 or not 0 < spec.top_k <= spec.num_experts:
-        raise PredictorUnavailable(f"model type {mt!r} has no MoE layers (experts={spec.num_experts}, top_k={spec.top_k})")
+        raise PredictorUnavailable(
+            f"model type {mt!r} has no MoE layers (experts={spec.num_experts}, top_k={spec.top_k})"
+        )
     return spec
 
 
@@ -99,8 +116,11 @@ def resolve_model_dir(model: str, revision: str | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, revision=revision, local_files_only=True,
-                                      allow_patterns=["*.json", "*.safetensors"]))
+        return Path(
+            snapshot_download(
+                model, revision=revision, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]
+            )
+        )
     except Exception as exc:  # not cached, no hub library, offline...
         raise PredictorUnavailable(f"cannot find the files of {model!r} locally: {exc}") from None
 
@@ -179,15 +199,23 @@ def build_table(model_dir: Path, spec: RouterSpec, chunk: int = 8192):
         norm_w = _load(index, spec.norm.format(i=layer))
         gate = _load(index, *(g.format(i=layer) for g in spec.gate))
         if tuple(gate.shape) != (spec.num_experts, emb.shape[1]):
-            raise PredictorUnavailable(f"router of layer {layer} has shape {tuple(gate.shape)}, "
-                                       f"expected ({spec.num_experts}, {emb.shape[1]})")
+            raise PredictorUnavailable(
+                f"router of layer {layer} has shape {tuple(gate.shape)}, expected ({spec.num_experts}, {emb.shape[1]})"
+            )
         bias = _load(index, spec.bias.format(i=layer)) if spec.bias else None
         with torch.no_grad():
             for lo in range(0, vocab, chunk):
                 logits = (normed[lo : lo + chunk] * norm_w) @ gate.T
                 table[lo : lo + chunk, n] = _select(logits, spec, bias).numpy()
-        logger.info("CAPS router table: layer %d/%d done (%.1f s, vocab %d, %d experts, top-%d)",
-                    n + 1, len(spec.moe_layers), time.monotonic() - started, vocab, spec.num_experts, spec.top_k)
+        logger.info(
+            "CAPS router table: layer %d/%d done (%.1f s, vocab %d, %d experts, top-%d)",
+            n + 1,
+            len(spec.moe_layers),
+            time.monotonic() - started,
+            vocab,
+            spec.num_experts,
+            spec.top_k,
+        )
     return table
 
 
@@ -202,8 +230,9 @@ def table_path(model_dir: Path, key: str, cache_dir: Path | None = None, kind: s
     return cache_dir / f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model_dir.name)}-{key}{ext}"
 
 
-def load_or_build_table(model_dir: Path, spec: RouterSpec, revision: str | None = None,
-                        cache_dir: Path | None = None) -> np.ndarray:
+def load_or_build_table(
+    model_dir: Path, spec: RouterSpec, revision: str | None = None, cache_dir: Path | None = None
+) -> np.ndarray:
     """The token table from the disk cache, or built and cached (atomically) on first use."""
     path = table_path(model_dir, fingerprint(model_dir, revision), cache_dir)
     cache_dir = path.parent
@@ -235,8 +264,14 @@ class ExpertPredictor:
     table (:mod:`caps_vllm.learner`) replaces a token's experts with ``refresh`` as it learns.
     """
 
-    def __init__(self, table: np.ndarray, num_experts: int, moe_layers: tuple[int, ...] | None = None,
-                 fingerprint: str = "", learned_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        table: np.ndarray,
+        num_experts: int,
+        moe_layers: tuple[int, ...] | None = None,
+        fingerprint: str = "",
+        learned_path: Path | None = None,
+    ) -> None:
         vocab, layers, top_k = table.shape
         #: the dry-run table (the learning table's prior); ``_bins`` may move away from it
         self.table = table
@@ -260,7 +295,7 @@ class ExpertPredictor:
             self._bins[tokens] = (rows.astype(self._bins.dtype) + self._offsets[0]).reshape(len(tokens), -1)
 
     @classmethod
-    def from_model(cls, model: str, revision: str | None = None, cache_dir: Path | None = None) -> "ExpertPredictor":
+    def from_model(cls, model: str, revision: str | None = None, cache_dir: Path | None = None) -> ExpertPredictor:
         model_dir = resolve_model_dir(model, revision)
         config_path = model_dir / "config.json"
         if not config_path.exists():
@@ -268,8 +303,13 @@ class ExpertPredictor:
         config = json.loads(config_path.read_text())
         spec = router_spec(config.get("text_config", config))  # multimodal wrappers nest the LM config
         key = fingerprint(model_dir, revision)
-        return cls(load_or_build_table(model_dir, spec, revision, cache_dir), spec.num_experts, spec.moe_layers,
-                   key, table_path(model_dir, key, cache_dir, kind="router_learned"))
+        return cls(
+            load_or_build_table(model_dir, spec, revision, cache_dir),
+            spec.num_experts,
+            spec.moe_layers,
+            key,
+            table_path(model_dir, key, cache_dir, kind="router_learned"),
+        )
 
     def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:
         """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""

@@ -72,8 +72,13 @@ class RunningLoad:
         self._free.append(i)
         np.maximum(self.total, 0.0, out=self.total)  # float drift
 
-    def sync(self, keys: Sequence[Hashable], vector_of: Callable[[int], np.ndarray | None],
-             remaining_of: Callable[[int], int] | None = None, now: int = 0) -> np.ndarray:
+    def sync(
+        self,
+        keys: Sequence[Hashable],
+        vector_of: Callable[[int], np.ndarray | None],
+        remaining_of: Callable[[int], int] | None = None,
+        now: int = 0,
+    ) -> np.ndarray:
         """Make the rows exactly ``keys`` (the running requests; ``vector_of(i)`` is the load of
         ``keys[i]`` and ``remaining_of(i)`` its steps left at step ``now``, asked only for a
         newcomer) and return their row numbers, in that order."""

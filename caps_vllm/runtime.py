@@ -52,8 +52,11 @@ class Caps:
         self.config = CapsConfig.from_dict(raw)  # an invalid value stops startup here
         if self.config.blas_threads is not None:
             lib = limit_threads(self.config.blas_threads)
-            logger.info("CAPS: numpy's BLAS on %s thread(s) in this process (%s)", self.config.blas_threads,
-                        lib or "no OpenBLAS found: left as it is")
+            logger.info(
+                "CAPS: numpy's BLAS on %s thread(s) in this process (%s)",
+                self.config.blas_threads,
+                lib or "no OpenBLAS found: left as it is",
+            )
         self.counters: Counter[str] = Counter()
         self.warn_once = WarnOnce(logger)
         self.predictor = self._load_predictor(vllm_config) if self.config.predictor else None
@@ -90,10 +93,13 @@ class Caps:
         try:
             pred = ExpertPredictor.from_model(mc.model, getattr(mc, "revision", None), self.config.cache_dir)
         except PredictorUnavailable as exc:
-            logger.warning("CAPS cannot predict expert loads for %s (%s): admission stays FCFS. CAPS is for "
-                           "Mixture-of-Experts models whose router weights are on local disk; for a dense model "
-                           "leave out --scheduler-cls and vLLM's own scheduler does the same with less work",
-                           mc.model, exc)
+            logger.warning(
+                "CAPS cannot predict expert loads for %s (%s): admission stays FCFS. CAPS is for "
+                "Mixture-of-Experts models whose router weights are on local disk; for a dense model "
+                "leave out --scheduler-cls and vLLM's own scheduler does the same with less work",
+                mc.model,
+                exc,
+            )
             return None
         vocab = mc.get_vocab_size() if hasattr(mc, "get_vocab_size") else pred.vocab
         if vocab != pred.vocab:
@@ -109,8 +115,9 @@ class Caps:
     def _make_guard(self) -> FcfsGuard | None:
         """The live guard, where it can judge: routing captured, a priced strategy, per-token vectors."""
         cfg, pred, strategy = self.config, self.predictor, self.planner.strategy
-        if not (cfg.capture and cfg.guard_window and cfg.vectors == "per_token" and hasattr(strategy, "cost")) \
-                or not isinstance(pred, ExpertPredictor):
+        if not (
+            cfg.capture and cfg.guard_window and cfg.vectors == "per_token" and hasattr(strategy, "cost")
+        ) or not isinstance(pred, ExpertPredictor):
             return None
         return FcfsGuard(strategy.cost, pred.layers * pred.top_k, cfg.guard_window)
 
@@ -120,8 +127,11 @@ class Caps:
             return {}
         ranks, placement, eplb = vs.expert_parallel(vllm_config)
         if eplb:
-            logger.warning("CAPS: EPLB moves experts while serving; deployment-aware strategies assume vLLM's "
-                           "initial %s placement", placement)
+            logger.warning(
+                "CAPS: EPLB moves experts while serving; deployment-aware strategies assume vLLM's "
+                "initial %s placement",
+                placement,
+            )
         return {"experts": self.predictor.num_experts, "ranks": ranks, "placement": placement}
 
     def _make_observer(self, vllm_config):
@@ -132,16 +142,24 @@ class Caps:
         metrics = CapsMetrics(str(mc.served_model_name), str(vllm_config.parallel_config.data_parallel_rank))
         folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not exported():
-            logger.warning("CAPS metrics stay in this process's prometheus registry, which no /metrics endpoint "
-                           "of vLLM's serves: PROMETHEUS_MULTIPROC_DIR is not set. `vllm serve` sets it up by "
-                           "itself; with another launcher run `export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d)` "
-                           "before it starts vLLM (an empty folder, one per server)")
+            logger.warning(
+                "CAPS metrics stay in this process's prometheus registry, which no /metrics endpoint "
+                "of vLLM's serves: PROMETHEUS_MULTIPROC_DIR is not set. `vllm serve` sets it up by "
+                "itself; with another launcher run `export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d)` "
+                "before it starts vLLM (an empty folder, one per server)"
+            )
         elif os.environ.get(OWNED_ENV) == folder:
-            logger.info("CAPS metrics: on vllm serve's /metrics via PROMETHEUS_MULTIPROC_DIR=%s (made for this "
-                        "server, removed at exit)", folder)
+            logger.info(
+                "CAPS metrics: on vllm serve's /metrics via PROMETHEUS_MULTIPROC_DIR=%s (made for this "
+                "server, removed at exit)",
+                folder,
+            )
         else:
-            logger.info("CAPS metrics: on /metrics via your PROMETHEUS_MULTIPROC_DIR=%s (files of finished "
-                        "processes were removed at startup)", folder)
+            logger.info(
+                "CAPS metrics: on /metrics via your PROMETHEUS_MULTIPROC_DIR=%s (files of finished "
+                "processes were removed at startup)",
+                folder,
+            )
         if pred is None:
             return RoutingObserver(metrics, None, 1, 1, 1)
         return RoutingObserver(metrics, lambda ids: pred.vector(ids), pred.layers, pred.num_experts, pred.top_k)
@@ -165,8 +183,16 @@ class Caps:
     def before_schedule(self, holds_prefills: bool) -> None:
         """Reorder the waiting queue for this step (``holds_prefills``: vLLM admits nothing new)."""
         st = self.planner.stats
-        self._before = (st.ranked, st.bypassed, self.counters["predictor_fallback"], st.engaged, st.reordered,
-                        st.pinned, st.kept_fcfs, st.guard_fallback)
+        self._before = (
+            st.ranked,
+            st.bypassed,
+            self.counters["predictor_fallback"],
+            st.engaged,
+            st.reordered,
+            st.pinned,
+            st.kept_fcfs,
+            st.guard_fallback,
+        )
         self._ranked_step = None
         self.step += 1 + vs.spec_tokens(self.sched)  # the most tokens a request takes a step
         if self.step_log is not None:
@@ -179,8 +205,11 @@ class Caps:
                 self.counters["errors"] += 1
                 if self.observer is not None:
                     self.observer.metrics.inc("vllm:caps_errors")
-                self.warn_once("error", "CAPS admission failed; this step stays FCFS (further errors are only "
-                               "counted)", log=logger.exception)
+                self.warn_once(
+                    "error",
+                    "CAPS admission failed; this step stays FCFS (further errors are only counted)",
+                    log=logger.exception,
+                )
             self.seconds += time.perf_counter() - t0
 
     def after_schedule(self, out) -> None:
@@ -203,8 +232,12 @@ class Caps:
                 record = self.record_from_rows(aux)
             except Exception:  # rows of a shape CAPS does not know: metrics and learning skip the step
                 self.counters["errors"] += 1
-                self.warn_once("rows", "CAPS could not read vLLM's routed-experts rows; routing metrics and "
-                               "learning skip such steps (further errors are only counted)", log=logger.exception)
+                self.warn_once(
+                    "rows",
+                    "CAPS could not read vLLM's routed-experts rows; routing metrics and "
+                    "learning skip such steps (further errors are only counted)",
+                    log=logger.exception,
+                )
         if record is not None:
             if self.observer is not None:
                 self.guarded(self._observe_output, record)
@@ -218,16 +251,21 @@ class Caps:
         if self.observer is not None and self.config.capture_decode:
             self.guarded(self.observer.on_finished, vs.finished_ids(outputs))
         if self.step_log is not None:
-            self.guarded(self.step_log.updated, outputs, self.sched.has_unfinished_requests(),
-                         None if record is None else record.layer_counts)
+            self.guarded(
+                self.step_log.updated,
+                outputs,
+                self.sched.has_unfinished_requests(),
+                None if record is None else record.layer_counts,
+            )
 
     def guarded(self, fn, *args) -> None:
         try:
             fn(*args)
         except Exception:  # metrics must never take the engine down either
             self.counters["errors"] += 1
-            self.warn_once("metrics", "CAPS metrics or step log failed; further errors are only counted",
-                           log=logger.exception)
+            self.warn_once(
+                "metrics", "CAPS metrics or step log failed; further errors are only counted", log=logger.exception
+            )
 
     # --- admission ----------------------------------------------------------------------------
 
@@ -247,8 +285,12 @@ class Caps:
         if reason is not None:
             self.counters["predictor_fallback"] += 1
             self.counters[f"predictor_fallback_{reason}"] += 1
-            self.warn_once(reason, "CAPS: a request has no predictable prompt tokens (%s); it keeps its FCFS "
-                           "place (counted, warned once per reason)", reason)
+            self.warn_once(
+                reason,
+                "CAPS: a request has no predictable prompt tokens (%s); it keeps its FCFS "
+                "place (counted, warned once per reason)",
+                reason,
+            )
         request.caps_vector = v
         return v
 
@@ -273,8 +315,9 @@ class Caps:
         if vs.walks_all(self.sched):
             return vs.capacity_walk(self.sched, free)
         refresh = self.running.refresh
-        return vs.capacity_busy(self.sched, free, self.busy, lambda rid, r: refresh(rid, vs.steps_left(r), self.step)), \
-            None
+        return vs.capacity_busy(
+            self.sched, free, self.busy, lambda rid, r: refresh(rid, vs.steps_left(r), self.step)
+        ), None
 
     def reorder(self) -> None:
         s = self.sched
@@ -294,8 +337,16 @@ class Caps:
         plans = self.planner.stats.plans
         # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue).
         head = vs.head(s, admits + self.config.window_size, need)
-        order = self.planner.plan(head, self.vector, self.shared_load(head, running), cap, self.clock(),
-                                  by_priority=vs.by_priority(s), queue_len=len(waiting), admits=admits)
+        order = self.planner.plan(
+            head,
+            self.vector,
+            self.shared_load(head, running),
+            cap,
+            self.clock(),
+            by_priority=vs.by_priority(s),
+            queue_len=len(waiting),
+            admits=admits,
+        )
         if order is not None:
             assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
             vs.reorder_head(s, order)
@@ -338,14 +389,22 @@ class Caps:
     def _observe_schedule(self, out) -> None:
         st, obs, before = self.planner.stats, self.observer, self._before
         ranked = None if self._ranked_step is None else st.ranked - before[0]
-        obs.on_admission(len(out.scheduled_new_reqs), ranked, st.bypassed - before[1],
-                         self.counters["predictor_fallback"] - before[2],
-                         st.last_selection_s if ranked is not None else None,
-                         st.engaged - before[3], st.reordered - before[4], st.pinned - before[5],
-                         st.kept_fcfs - before[6], st.guard_fallback - before[7])
+        obs.on_admission(
+            len(out.scheduled_new_reqs),
+            ranked,
+            st.bypassed - before[1],
+            self.counters["predictor_fallback"] - before[2],
+            st.last_selection_s if ranked is not None else None,
+            st.engaged - before[3],
+            st.reordered - before[4],
+            st.pinned - before[5],
+            st.kept_fcfs - before[6],
+            st.guard_fallback - before[7],
+        )
         reqs, predicted = self.sched.requests, self.predictor is not None
-        obs.on_schedule(out.num_scheduled_tokens,
-                        lambda rid: self.vector(reqs[rid]) if predicted and rid in reqs else None)
+        obs.on_schedule(
+            out.num_scheduled_tokens, lambda rid: self.vector(reqs[rid]) if predicted and rid in reqs else None
+        )
 
     def _observe_output(self, record: RoutingRecord) -> None:
         reqs = self.sched.requests

@@ -61,7 +61,9 @@ class _CapsMixin:
         self.caps = self.caps_class(self)
         if vs.by_priority(self):
             self.waiting = PriorityOrderQueue()
-        logger.info("CAPS scheduler (%s): %s", "async" if isinstance(self, AsyncScheduler) else "sync", self.caps.config)
+        logger.info(
+            "CAPS scheduler (%s): %s", "async" if isinstance(self, AsyncScheduler) else "sync", self.caps.config
+        )
 
     @property
     def _caps(self) -> Caps | None:

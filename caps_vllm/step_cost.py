@@ -49,7 +49,7 @@ class StepCostModel:
                 raise ValueError(f"step cost {name}: {v!r}; valid: a finite number >= 0")
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_FIT, shape: str | None = None) -> "StepCostModel":
+    def load(cls, path: str | Path = DEFAULT_FIT, shape: str | None = None) -> StepCostModel:
         """The fit stored by ``caps-vllm fit-step-cost`` (its ``default`` shape unless ``shape`` is named)."""
         doc = _read_fits(str(path))
         name = shape or doc["default"]

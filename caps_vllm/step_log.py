@@ -35,9 +35,13 @@ class StepLog:
 
     def added(self, request) -> None:
         self._reqs[request.request_id] = {
-            "req": request.request_id, "added": self.clock(),
-            "front_s": max(0.0, self.wall() - request.arrival_time), "prompt": request.num_prompt_tokens,
-            "first": None, "done": None}
+            "req": request.request_id,
+            "added": self.clock(),
+            "front_s": max(0.0, self.wall() - request.arrival_time),
+            "prompt": request.num_prompt_tokens,
+            "first": None,
+            "done": None,
+        }
 
     def dropped(self, request_ids) -> None:
         """Requests finished from outside (aborted: a client went away) leave no line, and no
@@ -62,9 +66,16 @@ class StepLog:
                 prefill_reqs += 1
             else:
                 decode += 1
-        self._step = {"t": self._t0, "sched_s": t1 - self._t0, "tokens": sum(out.num_scheduled_tokens.values()),
-                      "prefill_tokens": prefill, "prefill_reqs": prefill_reqs, "decode_reqs": decode,
-                      "context": context, "new": len(out.scheduled_new_reqs)}
+        self._step = {
+            "t": self._t0,
+            "sched_s": t1 - self._t0,
+            "tokens": sum(out.num_scheduled_tokens.values()),
+            "prefill_tokens": prefill,
+            "prefill_reqs": prefill_reqs,
+            "decode_reqs": decode,
+            "context": context,
+            "new": len(out.scheduled_new_reqs),
+        }
 
     def updated(self, engine_outputs, busy: bool, routed=None) -> None:
         """After ``update_from_output()``: its EngineCoreOutputs; ``busy``: work is left;

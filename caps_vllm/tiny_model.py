@@ -31,8 +31,15 @@ CHAT_TEMPLATE = (
 )
 VOCAB = 1024
 SHIPPED = "data/tiny-qwen2-moe"
-MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-               "tokenizer_config.json", "chat_template.jinja", "caps_model.json")
+MODEL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "caps_model.json",
+)
 
 
 def default_dir() -> Path:
@@ -59,11 +66,16 @@ def build_tokenizer(corpus: list[str], out: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus, trainer=trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                 model_max_length=2048)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", model_max_length=2048
+    )
     hf.chat_template = CHAT_TEMPLATE
     hf.save_pretrained(out)
     return hf
@@ -74,12 +86,27 @@ def model_config(tok, layers: int = 4, aux_coef: float = 0.01):
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
-        vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, hidden_act="silu", max_position_embeddings=2048,
-        rms_norm_eps=1e-6, tie_word_embeddings=False, decoder_sparse_step=1, mlp_only_layers=[],
-        num_experts=60, num_experts_per_tok=4, moe_intermediate_size=64, shared_expert_intermediate_size=128,
-        norm_topk_prob=False, qkv_bias=True, router_aux_loss_coef=aux_coef,
-        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        num_experts=60,
+        num_experts_per_tok=4,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=128,
+        norm_topk_prob=False,
+        qkv_bias=True,
+        router_aux_loss_coef=aux_coef,
+        bos_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
         pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"),
     )
 
@@ -96,8 +123,12 @@ def save_model(model, tok, out: Path, record: dict) -> Path:
     tok.save_pretrained(tmp)
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     cfg = model.config
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}, indent=2))
+    (tmp / "generation_config.json").write_text(
+        json.dumps(
+            {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id},
+            indent=2,
+        )
+    )
     (tmp / "caps_model.json").write_text(json.dumps(record, indent=1) + "\n")
     if out.exists():
         shutil.rmtree(out)

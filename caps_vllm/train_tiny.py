@@ -73,9 +73,21 @@ def lr_at(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(pool: Path, save_to: Path | None, steps: int, seed: int = 0, batch: int = 16, seq_len: int = 256,
-          lr: float = 3e-3, aux_coef: float = 0.01, eval_every: int = 100, eval_blocks: int = 64,
-          threads: int = 1, balance: str = "per_layer", log=print) -> tuple[object, object, dict]:
+def train(
+    pool: Path,
+    save_to: Path | None,
+    steps: int,
+    seed: int = 0,
+    batch: int = 16,
+    seq_len: int = 256,
+    lr: float = 3e-3,
+    aux_coef: float = 0.01,
+    eval_every: int = 100,
+    eval_blocks: int = 64,
+    threads: int = 1,
+    balance: str = "per_layer",
+    log=print,
+) -> tuple[object, object, dict]:
     """Train from the seeded random init; returns (model, tokenizer, report).
 
     One thread by default: with two, torch's parallel reductions on this CPU differ run to run
@@ -107,8 +119,10 @@ def train(pool: Path, save_to: Path | None, steps: int, seed: int = 0, batch: in
     curve: list[dict] = []
     ppl0 = perplexity(model, held)
     curve.append({"step": 0, "held_out_ppl": ppl0})
-    log(f"train: {len(data)} blocks of {seq_len} tokens ({len(train_rows)} prompts), held out {len(held)} blocks; "
-        f"step 0 held-out perplexity {ppl0:.1f}")
+    log(
+        f"train: {len(data)} blocks of {seq_len} tokens ({len(train_rows)} prompts), held out {len(held)} blocks; "
+        f"step 0 held-out perplexity {ppl0:.1f}"
+    )
     started, pos, epoch = time.monotonic(), 0, 0
     model.train()
     for step in range(steps):
@@ -123,8 +137,9 @@ def train(pool: Path, save_to: Path | None, steps: int, seed: int = 0, batch: in
         if balance == "pooled":
             aux = out.aux_loss
         else:
-            aux = torch.stack([load_balancing_loss_func((g,), cfg.num_experts, cfg.num_experts_per_tok)
-                               for g in out.router_logits]).mean()
+            aux = torch.stack(
+                [load_balancing_loss_func((g,), cfg.num_experts, cfg.num_experts_per_tok) for g in out.router_logits]
+            ).mean()
         opt.zero_grad(set_to_none=True)
         (out.loss + aux_coef * aux).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -136,15 +151,28 @@ def train(pool: Path, save_to: Path | None, steps: int, seed: int = 0, batch: in
                 point["held_out_ppl"] = perplexity(model, held)
             curve.append(point)
             if "held_out_ppl" in point:
-                log(f"step {step + 1}/{steps}: loss {lm:.3f}, aux {point['aux_loss']:.3f}, held-out perplexity "
-                    f"{point['held_out_ppl']:.1f} ({time.monotonic() - started:.0f} s)")
+                log(
+                    f"step {step + 1}/{steps}: loss {lm:.3f}, aux {point['aux_loss']:.3f}, held-out perplexity "
+                    f"{point['held_out_ppl']:.1f} ({time.monotonic() - started:.0f} s)"
+                )
     report = {
-        "seed": seed, "steps": steps, "batch": batch, "seq_len": seq_len, "lr": lr, "router_aux_loss_coef": aux_coef,
+        "seed": seed,
+        "steps": steps,
+        "batch": batch,
+        "seq_len": seq_len,
+        "lr": lr,
+        "router_aux_loss_coef": aux_coef,
         "balance": balance,
-        "train_prompts": len(train_rows), "held_out_prompts": len(held_rows), "train_blocks": int(len(data)),
-        "tokens_seen": steps * batch * seq_len, "epochs": round(steps * batch / len(data), 2),
-        "held_out_ppl_untrained": ppl0, "held_out_ppl": curve[-1].get("held_out_ppl"),
-        "train_seconds": round(time.monotonic() - started, 1), "threads": threads, "torch": torch.__version__,
+        "train_prompts": len(train_rows),
+        "held_out_prompts": len(held_rows),
+        "train_blocks": int(len(data)),
+        "tokens_seen": steps * batch * seq_len,
+        "epochs": round(steps * batch / len(data), 2),
+        "held_out_ppl_untrained": ppl0,
+        "held_out_ppl": curve[-1].get("held_out_ppl"),
+        "train_seconds": round(time.monotonic() - started, 1),
+        "threads": threads,
+        "torch": torch.__version__,
         "curve": curve,
     }
     if save_to is not None:
@@ -162,13 +190,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--aux-coef", type=float, default=0.01, help="router_aux_loss_coef (load-balancing loss weight)")
-    ap.add_argument("--balance", choices=("per_layer", "pooled"), default="per_layer",
-                    help="load-balancing loss per MoE layer, or pooled over layers as transformers' forward does")
+    ap.add_argument(
+        "--balance",
+        choices=("per_layer", "pooled"),
+        default="per_layer",
+        help="load-balancing loss per MoE layer, or pooled over layers as transformers' forward does",
+    )
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: bitwise reproducible)")
     a = ap.parse_args(argv)
-    train(a.pool, a.out, a.steps, a.seed, a.batch, a.seq_len, a.lr, a.aux_coef, a.eval_every, threads=a.threads,
-          balance=a.balance)
+    train(
+        a.pool,
+        a.out,
+        a.steps,
+        a.seed,
+        a.batch,
+        a.seq_len,
+        a.lr,
+        a.aux_coef,
+        a.eval_every,
+        threads=a.threads,
+        balance=a.balance,
+    )
     print(a.out)
 
 

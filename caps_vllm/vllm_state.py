@@ -44,8 +44,12 @@ def need(s, r: Request) -> int:
 def free_slots(s) -> int:
     """Sequence slots vLLM can still fill from the waiting queue this step."""
     max_active = getattr(s, "max_num_active_reqs", s.max_num_running_reqs)
-    return max_active - len(s.running) - getattr(s, "num_waiting_for_streaming_input", 0) \
+    return (
+        max_active
+        - len(s.running)
+        - getattr(s, "num_waiting_for_streaming_input", 0)
         - len(getattr(s, "kv_holding_waiting", ()))
+    )
 
 
 def by_priority(s) -> bool:
@@ -124,8 +128,10 @@ def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[s
 
 def head(s, n: int, needs: Callable[[Request], int]) -> list[Waiting]:
     """The first ``n`` waiting requests as the planner reads them."""
-    return [Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, needs(r))
-            for r in itertools.islice(s.waiting, n)]
+    return [
+        Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, needs(r))
+        for r in itertools.islice(s.waiting, n)
+    ]
 
 
 def reorder_head(s, order: list[Request]) -> None:
@@ -192,5 +198,6 @@ def holds_prefills(s, throttle_prefills: bool = False, *_, **__) -> bool:
     cadence (``prefill_schedule_interval`` > 1 without DP; read in its source, not run here)."""
     interval = getattr(s, "local_prefill_interval", 1)
     held = throttle_prefills or (
-        interval > 1 and getattr(s, "num_executed_steps", 0) + 1 - getattr(s, "last_prefill_step", 0) < interval)
+        interval > 1 and getattr(s, "num_executed_steps", 0) + 1 - getattr(s, "last_prefill_step", 0) < interval
+    )
     return held and not getattr(s, "prefill_capacity_bound", False) and any(not r.is_prefill_chunk for r in s.running)

@@ -42,15 +42,31 @@ from loadtest.workload import add_load_options, load_option_args
 
 ROOT = Path(__file__).resolve().parents[1]
 #: /metrics series kept per poll (summed over labels)
-SERIES = ("vllm:caps_actual_load_max_over_mean", "vllm:caps_actual_load_cv", "vllm:caps_actual_distinct_experts",
-          "vllm:caps_predicted_load_max_over_mean", "vllm:caps_predicted_load_cv",
-          "vllm:caps_predicted_distinct_experts", "vllm:caps_predictor_cosine", "vllm:caps_selection_seconds",
-          "vllm:caps_guard_realized_gain_ms", "vllm:iteration_tokens_total")
-COUNTERS = ("vllm:caps_ranked_requests_total", "vllm:caps_fcfs_fallback_requests_total",
-            "vllm:caps_max_wait_bypass_requests_total", "vllm:caps_admitted_requests_total",
-            "vllm:caps_steps_total", "vllm:num_preemptions_total", "vllm:generation_tokens_total",
-            "vllm:caps_engaged_steps_total", "vllm:caps_reordered_steps_total", "vllm:caps_kept_fcfs_steps_total",
-            "vllm:caps_guard_fallback_steps_total")
+SERIES = (
+    "vllm:caps_actual_load_max_over_mean",
+    "vllm:caps_actual_load_cv",
+    "vllm:caps_actual_distinct_experts",
+    "vllm:caps_predicted_load_max_over_mean",
+    "vllm:caps_predicted_load_cv",
+    "vllm:caps_predicted_distinct_experts",
+    "vllm:caps_predictor_cosine",
+    "vllm:caps_selection_seconds",
+    "vllm:caps_guard_realized_gain_ms",
+    "vllm:iteration_tokens_total",
+)
+COUNTERS = (
+    "vllm:caps_ranked_requests_total",
+    "vllm:caps_fcfs_fallback_requests_total",
+    "vllm:caps_max_wait_bypass_requests_total",
+    "vllm:caps_admitted_requests_total",
+    "vllm:caps_steps_total",
+    "vllm:num_preemptions_total",
+    "vllm:generation_tokens_total",
+    "vllm:caps_engaged_steps_total",
+    "vllm:caps_reordered_steps_total",
+    "vllm:caps_kept_fcfs_steps_total",
+    "vllm:caps_guard_fallback_steps_total",
+)
 STOCK = "stock"
 
 
@@ -90,8 +106,12 @@ def arm_args(arm: str, baseline: str, caps: dict) -> list[str]:
     name = baseline if arm == f"{baseline}-aa" else arm
     if name == STOCK:
         return []
-    return ["--scheduler-cls", "caps_vllm.CapsScheduler",
-            "--additional-config", json.dumps({"caps": {**caps, "strategy": name}})]
+    return [
+        "--scheduler-cls",
+        "caps_vllm.CapsScheduler",
+        "--additional-config",
+        json.dumps({"caps": {**caps, "strategy": name}}),
+    ]
 
 
 def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) -> dict:
@@ -99,10 +119,27 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
     d = raw / f"r{rep}-{arm}"
     d.mkdir(parents=True, exist_ok=True)
     seed = args.seed + rep
-    rec = {"label": arm, "repeat": rep, "seed": seed, "status": "ok", "reason": None, "summary": None,
-           "metrics": None, "samples": [], "timeseries": []}
-    serve_args = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
-                  "--seed", str(args.seed), *(["--enforce-eager"] if not args.compile else []), *sched_args]
+    rec = {
+        "label": arm,
+        "repeat": rep,
+        "seed": seed,
+        "status": "ok",
+        "reason": None,
+        "summary": None,
+        "metrics": None,
+        "samples": [],
+        "timeseries": [],
+    }
+    serve_args = [
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--seed",
+        str(args.seed),
+        *(["--enforce-eager"] if not args.compile else []),
+        *sched_args,
+    ]
     env = {"VLLM_SERVER_DEV_MODE": "1"} if args.hold > 0 else None  # /pause and /resume for --hold
     server_cpus, gen_cpus = cpus if cpus else (None, None)
     started = time.monotonic()
@@ -114,13 +151,36 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
         poller.start()
         shape = ROOT / "loadtest" / "shapes" / f"{args.pattern}.py"
         load = {**vars(args), "seed": seed}
-        cmd = [sys.executable, "-m", "locust", "-f", f"{ROOT / 'loadtest' / 'locustfile.py'},{shape}", "--headless",
-               "-H", server.url(""), "--only-summary", "--loglevel", "WARNING", "--csv", str(d / "locust"),
-               "--summary", str(d / "summary.json"), "--samples", str(d / "samples.jsonl"),
-               "--run-time", f"{int(args.duration + args.hold + args.request_timeout + 30)}s",
-               *load_option_args(argparse.Namespace(**load))]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, preexec_fn=pinned(gen_cpus),
-                              timeout=args.duration + args.hold + args.request_timeout + 120)
+        cmd = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            f"{ROOT / 'loadtest' / 'locustfile.py'},{shape}",
+            "--headless",
+            "-H",
+            server.url(""),
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
+            "--csv",
+            str(d / "locust"),
+            "--summary",
+            str(d / "summary.json"),
+            "--samples",
+            str(d / "samples.jsonl"),
+            "--run-time",
+            f"{int(args.duration + args.hold + args.request_timeout + 30)}s",
+            *load_option_args(argparse.Namespace(**load)),
+        ]
+        proc = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            preexec_fn=pinned(gen_cpus),
+            timeout=args.duration + args.hold + args.request_timeout + 120,
+        )
         (d / "locust.log").write_text(proc.stdout + proc.stderr)
         if not (d / "summary.json").exists():
             raise RuntimeError(f"Locust wrote no summary (exit {proc.returncode}): {proc.stderr[-1500:]}")
@@ -143,15 +203,17 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
     first, last = (samples[0][1], samples[-1][1]) if samples else ({}, {})
     metrics = {name: mean_between(first, last, name) for name in SERIES}
     metrics.update({c: last.get(c, 0.0) - first.get(c, 0.0) for c in COUNTERS})
-    metrics["engine_steps"] = last.get("vllm:iteration_tokens_total_count", 0.0) \
-        - first.get("vllm:iteration_tokens_total_count", 0.0)
+    metrics["engine_steps"] = last.get("vllm:iteration_tokens_total_count", 0.0) - first.get(
+        "vllm:iteration_tokens_total_count", 0.0
+    )
     rec.update(summary=summary, metrics=metrics, timeseries=samples)
     rec["status"], rec["reason"] = classify(summary, args.max_lag)
     return rec
 
 
-def analyse(runs: list[dict], data: dict[tuple[int, str], RunData], arms: list[str], baseline: str, aa: str | None,
-            draws: int) -> dict:
+def analyse(
+    runs: list[dict], data: dict[tuple[int, str], RunData], arms: list[str], baseline: str, aa: str | None, draws: int
+) -> dict:
     """Per arm other than the baseline: every figure's ratio, interval and verdict, over the
     repetitions where both it and the baseline have a valid run (``data``: records.run_data)."""
     reps = sorted({r["repeat"] for r in runs})
@@ -161,15 +223,21 @@ def analyse(runs: list[dict], data: dict[tuple[int, str], RunData], arms: list[s
             continue
         pairs = [rep for rep in reps if (rep, baseline) in data and (rep, arm) in data]
         if pairs:
-            intervals[arm] = compare([data[(p, baseline)] for p in pairs], [data[(p, arm)] for p in pairs],
-                                     draws=draws, seed=len(intervals))
+            intervals[arm] = compare(
+                [data[(p, baseline)] for p in pairs], [data[(p, arm)] for p in pairs], draws=draws, seed=len(intervals)
+            )
     out = {}
     for arm, ivs in intervals.items():
         aa_ivs = intervals.get(aa) if aa and arm != aa else None
-        out[arm] = {f.name: {**ivs[f.name].to_json(),
-                             "verdict": aa_verdict(ivs[f.name]) if arm == aa
-                             else verdict(f, ivs[f.name], aa_ivs[f.name] if aa_ivs else None)}
-                    for f in FIGURES}
+        out[arm] = {
+            f.name: {
+                **ivs[f.name].to_json(),
+                "verdict": aa_verdict(ivs[f.name])
+                if arm == aa
+                else verdict(f, ivs[f.name], aa_ivs[f.name] if aa_ivs else None),
+            }
+            for f in FIGURES
+        }
     return out
 
 
@@ -182,25 +250,46 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-seqs", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="let vLLM compile (slower start; default --enforce-eager)")
-    ap.add_argument("--caps-config", default="{}",
-                    help="the CAPS settings of every CAPS arm, as JSON (the strategy is set per arm)")
-    ap.add_argument("--strategies", nargs="+", metavar="ARM", default=["fcfs", "step_cost"],
-                    help="the arms: CAPS strategy names, or 'stock' for vLLM's own Scheduler (default: fcfs step_cost)")
+    ap.add_argument(
+        "--caps-config", default="{}", help="the CAPS settings of every CAPS arm, as JSON (the strategy is set per arm)"
+    )
+    ap.add_argument(
+        "--strategies",
+        nargs="+",
+        metavar="ARM",
+        default=["fcfs", "step_cost"],
+        help="the arms: CAPS strategy names, or 'stock' for vLLM's own Scheduler (default: fcfs step_cost)",
+    )
     ap.add_argument("--baseline", default=None, help="the arm the others are compared with (default: the first)")
     ap.add_argument("--repeats", type=int, default=3, help="runs of every arm, interleaved (default 3)")
     ap.add_argument("--aa", action="store_true", help="add an A/A control: a second, identical baseline arm")
-    ap.add_argument("--max-lag", type=float, default=0.5,
-                    help="a run whose load generator sent its P99 request later than this (s) is invalid")
-    ap.add_argument("--pin", choices=("auto", "none"), default="auto",
-                    help="auto: server and load generator on separate CPUs where there are two or more")
-    ap.add_argument("--step-log", action="store_true",
-                    help="CAPS arms write the engine's step timings to raw/<run>/steps.jsonl (caps.step_log)")
+    ap.add_argument(
+        "--max-lag",
+        type=float,
+        default=0.5,
+        help="a run whose load generator sent its P99 request later than this (s) is invalid",
+    )
+    ap.add_argument(
+        "--pin",
+        choices=("auto", "none"),
+        default="auto",
+        help="auto: server and load generator on separate CPUs where there are two or more",
+    )
+    ap.add_argument(
+        "--step-log",
+        action="store_true",
+        help="CAPS arms write the engine's step timings to raw/<run>/steps.jsonl (caps.step_log)",
+    )
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval")
     ap.add_argument("--poll", type=float, default=2.0, help="seconds between /metrics scrapes")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
     ap.add_argument("--out", default="loadtest/results/latest")
-    ap.add_argument("--reanalyse", metavar="DIR", help="no runs: recompute the intervals, report and plots of an "
-                    "earlier comparison in DIR from its compare.json and raw/ samples (with this --bootstrap)")
+    ap.add_argument(
+        "--reanalyse",
+        metavar="DIR",
+        help="no runs: recompute the intervals, report and plots of an "
+        "earlier comparison in DIR from its compare.json and raw/ samples (with this --bootstrap)",
+    )
     args = ap.parse_args(argv)
     # A SIGTERM unwinds like Ctrl-C, so the running server is stopped by pid, never orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -245,11 +334,21 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m loadtest.compare " + " ".join(sys.argv[1:] if argv is None else argv)
     order = plan_runs(arms, args.repeats)
     runs: list[dict] = []
-    meta = {"command": command, "args": vars(args), "arms": arms, "baseline": baseline, "aa": aa,
-            "order": order, "pinning": {"server_cpus": cpus[0], "loadgen_cpus": cpus[1]} if cpus else None}
+    meta = {
+        "command": command,
+        "args": vars(args),
+        "arms": arms,
+        "baseline": baseline,
+        "aa": aa,
+        "order": order,
+        "pinning": {"server_cpus": cpus[0], "loadgen_cpus": cpus[1]} if cpus else None,
+    }
     for i, (rep, arm) in enumerate(order, 1):
-        print(f"[{i}/{len(order)}] repetition {rep + 1}, {arm}: serving {args.model}, {args.pattern} load ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(order)}] repetition {rep + 1}, {arm}: serving {args.model}, {args.pattern} load ...",
+            file=sys.stderr,
+            flush=True,
+        )
         run_caps = caps
         if args.step_log:
             log = raw / f"r{rep}-{arm}" / "steps.jsonl"
@@ -258,9 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run_one(arm, rep, arm_args(arm, baseline, run_caps), args, raw, cpus))
         r = runs[-1]
         s = r["summary"]
-        print(f"[{i}/{len(order)}] {arm}: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "")
-              + (f", {s['completed']} completed, E2E p99 {s['e2e_s']['p99']:.3f} s, P99 lag {s['lag_s']['p99']:.3f} s"
-                 if s and s["e2e_s"]["p99"] is not None else ""), file=sys.stderr, flush=True)
+        print(
+            f"[{i}/{len(order)}] {arm}: {r['status']}"
+            + (f" ({r['reason']})" if r["reason"] else "")
+            + (
+                f", {s['completed']} completed, E2E p99 {s['e2e_s']['p99']:.3f} s, P99 lag {s['lag_s']['p99']:.3f} s"
+                if s and s["e2e_s"]["p99"] is not None
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
     return finish(meta, runs, out, args.bootstrap)
 
 
@@ -268,10 +375,15 @@ def finish(meta: dict, runs: list[dict], out: Path, draws: int) -> int:
     """Intervals, compare.json, report and plots of finished runs; the exit status."""
     data = run_data(runs)
     results = analyse(runs, data, meta["arms"], meta["baseline"], meta["aa"], draws)
-    doc = {**meta, "headline": headline(results, runs, meta),
-           "runs": [{k: r[k] for k in ("label", "repeat", "seed", "status", "reason", "wall_s", "summary", "metrics")}
-                    for r in runs],
-           "comparisons": results}
+    doc = {
+        **meta,
+        "headline": headline(results, runs, meta),
+        "runs": [
+            {k: r[k] for k in ("label", "repeat", "seed", "status", "reason", "wall_s", "summary", "metrics")}
+            for r in runs
+        ],
+        "comparisons": results,
+    }
     (out / "compare.json").write_text(json.dumps(doc, indent=2))
     text = report(doc, runs, data, out)
     plots(doc, runs, out)

@@ -21,7 +21,8 @@ those seconds queue up inside vLLM as after a stall, so a burst larger than the 
 slots waits at the first step, whatever the machine's speed.
 
 Every request fires Locust request events named ``TTFT``, ``ITL`` (one per generated token after
-the first: a chunk's gap divided over the tokens it carries, from per-chunk usage) and ``E2E``, under request type ``completions`` or ``chat``, so Locust's CSVs hold them.
+the first: a chunk's gap divided over the tokens it carries, from per-chunk usage) and ``E2E``,
+under request type ``completions`` or ``chat``, so Locust's CSVs hold them.
 A failure (server down, time-out, an HTTP error, a broken stream, no token) is an ``E2E``
 failure with its reason and never stops the run. ``--summary`` writes p50/p90/p99 of TTFT, ITL
 and E2E, throughput, goodput under the SLO (``--slo-ttft``, ``--slo-e2e``) and failures by
@@ -60,9 +61,18 @@ class Run:
         self.options = o
         self.pattern = pattern
         self.arrivals: list[Arrival] = build(
-            pattern, load_prompts(o.prompts or None), rate=o.rate, duration=o.duration,
-            max_requests=o.max_requests, max_tokens=o.max_tokens, burst_len=o.burst_len, chat_share=o.chat_share,
-            seed=o.seed, trace=o.trace or None, speedup=o.speedup)
+            pattern,
+            load_prompts(o.prompts or None),
+            rate=o.rate,
+            duration=o.duration,
+            max_requests=o.max_requests,
+            max_tokens=o.max_tokens,
+            burst_len=o.burst_len,
+            chat_share=o.chat_share,
+            seed=o.seed,
+            trace=o.trace or None,
+            speedup=o.speedup,
+        )
         self.next = 0
         self.in_flight = 0
         self.start = time.monotonic()
@@ -146,8 +156,9 @@ def _served_model(base: str, timeout: float) -> str:
 
 
 def _fire(env, kind: str, name: str, seconds: float, length: int = 0, exc: Exception | None = None) -> None:
-    env.events.request.fire(request_type=kind, name=name, response_time=seconds * 1000.0, response_length=length,
-                            exception=exc, context={})
+    env.events.request.fire(
+        request_type=kind, name=name, response_time=seconds * 1000.0, response_length=length, exception=exc, context={}
+    )
 
 
 class LLMUser(User):
@@ -180,13 +191,29 @@ class LLMUser(User):
         kind = "chat" if a.chat else "completions"
         sent = time.monotonic()
         due = max(a.t, taken)  # a user held it from then on
-        rec = {"t": a.t, "held_s": due - a.t, "lag_s": max(0.0, sent - run.start - due), "category": a.category,
-               "kind": kind, "ttft_s": None, "itl_s": [], "e2e_s": None, "tokens": 0, "error": None}
+        rec = {
+            "t": a.t,
+            "held_s": due - a.t,
+            "lag_s": max(0.0, sent - run.start - due),
+            "category": a.category,
+            "kind": kind,
+            "ttft_s": None,
+            "itl_s": [],
+            "e2e_s": None,
+            "tokens": 0,
+            "error": None,
+        }
         try:
             if not run.model:
                 run.model = _served_model(self.host, o.request_timeout)
-            body = {"model": run.model, "max_tokens": a.max_tokens, "stream": True, "temperature": 0.0,
-                    "ignore_eos": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+            body = {
+                "model": run.model,
+                "max_tokens": a.max_tokens,
+                "stream": True,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+            }
             if a.chat:
                 body["messages"] = [{"role": "user", "content": a.prompt}]
                 path = "/v1/chat/completions"
@@ -260,8 +287,12 @@ def summarize(run: Run, wall_s: float) -> dict:
     ok = [r for r in run.results if r["error"] is None]
     good = [r for r in ok if r["ttft_s"] <= o.slo_ttft and r["e2e_s"] <= o.slo_e2e]
     return {
-        "pattern": run.pattern, "seed": o.seed, "scheduled": len(run.arrivals), "sent": len(run.results),
-        "completed": len(ok), "failures": len(run.results) - len(ok),
+        "pattern": run.pattern,
+        "seed": o.seed,
+        "scheduled": len(run.arrivals),
+        "sent": len(run.results),
+        "completed": len(ok),
+        "failures": len(run.results) - len(ok),
         "failure_reasons": dict(Counter(r["error"] for r in run.results if r["error"])),
         "wall_s": wall_s,
         "ttft_s": quantiles([r["ttft_s"] for r in ok]),

@@ -38,14 +38,19 @@ def read_samples(path: Path) -> list[dict]:
 
 def run_data(runs: list[dict]) -> dict[tuple[int, str], RunData]:
     """What the intervals and the pooled figures read of every valid run, by (repetition, arm)."""
-    return {(r["repeat"], r["label"]): RunData.from_samples(r["samples"], run_level(r))
-            for r in runs if r["status"] == "ok"}
+    return {
+        (r["repeat"], r["label"]): RunData.from_samples(r["samples"], run_level(r)) for r in runs if r["status"] == "ok"
+    }
 
 
 def run_level(rec: dict) -> dict[str, float | None]:
     """The run-level figures of a finished run (keys of loadtest.stats.FIGURES)."""
     s, m = rec["summary"], rec["metrics"]
-    return {"throughput_rps": s["throughput_rps"], "throughput_tok_s": s["throughput_tok_s"],
-            "goodput_rps": s["goodput_rps"], "engine_steps": m["engine_steps"] or None,
-            "distinct_experts": m["vllm:caps_actual_distinct_experts"],
-            "imbalance": m["vllm:caps_actual_load_max_over_mean"]}
+    return {
+        "throughput_rps": s["throughput_rps"],
+        "throughput_tok_s": s["throughput_tok_s"],
+        "goodput_rps": s["goodput_rps"],
+        "engine_steps": m["engine_steps"] or None,
+        "distinct_experts": m["vllm:caps_actual_distinct_experts"],
+        "imbalance": m["vllm:caps_actual_load_max_over_mean"],
+    }

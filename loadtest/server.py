@@ -64,9 +64,17 @@ class VllmServer:
     them too (``VLLM_CPU_OMP_THREADS_BIND``; with two or more, the first is left to the API
     server and engine-core processes, as vLLM's own auto binding reserves one)."""
 
-    def __init__(self, model: str | Path, args: list[str], log: Path, env: dict | None = None,
-                 name: str = "tiny", port: int | None = None, cwd: Path | None = None,
-                 cpus: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        args: list[str],
+        log: Path,
+        env: dict | None = None,
+        name: str = "tiny",
+        port: int | None = None,
+        cwd: Path | None = None,
+        cpus: list[int] | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -78,10 +86,24 @@ class VllmServer:
             omp = cpus[1:] if len(cpus) >= 2 else cpus
             base["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, omp))
         self.proc = subprocess.Popen(
-            [str(vllm), "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-             "--served-model-name", name, *args],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
-            env={**base, **(env or {})}, preexec_fn=pinned(cpus),
+            [
+                str(vllm),
+                "serve",
+                str(model),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--served-model-name",
+                name,
+                *args,
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=cwd,
+            env={**base, **(env or {})},
+            preexec_fn=pinned(cpus),
         )
 
     def url(self, path: str) -> str:
@@ -106,8 +128,9 @@ class VllmServer:
             return r.read().decode()
 
     def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(self.url(path), data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url(path), data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
 

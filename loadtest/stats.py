@@ -38,8 +38,38 @@ import numpy as np
 
 LEVEL = 0.95
 #: Student's t at 97.5 % by degrees of freedom (1-30); the normal quantile beyond
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 _Z975 = 1.959964
 
 
@@ -99,8 +129,12 @@ class RunData:
         ok = [s for s in samples if s.get("error") is None]
         if not ok:
             raise ValueError("a run without a completed request has no latency to compare")
-        return cls(np.array([s["ttft_s"] for s in ok], dtype=float), np.array([s["e2e_s"] for s in ok], dtype=float),
-                   [np.asarray(s["itl_s"], dtype=float) for s in ok], dict(run))
+        return cls(
+            np.array([s["ttft_s"] for s in ok], dtype=float),
+            np.array([s["e2e_s"] for s in ok], dtype=float),
+            [np.asarray(s["itl_s"], dtype=float) for s in ok],
+            dict(run),
+        )
 
 
 @dataclass(frozen=True)
@@ -153,8 +187,12 @@ class _Pooled:
         its requests resampled with replacement in every draw."""
         if rng is None:
             return np.ones(int(self.sizes.sum()))
-        return np.concatenate([rng.multinomial(n * c, np.full(n, 1.0 / n)) if c else np.zeros(n, dtype=np.int64)
-                               for n, c in zip(self.sizes, rep_counts)])
+        return np.concatenate(
+            [
+                rng.multinomial(n * c, np.full(n, 1.0 / n)) if c else np.zeros(n, dtype=np.int64)
+                for n, c in zip(self.sizes, rep_counts)
+            ]
+        )
 
 
 def _run_mean(runs: Sequence[RunData], key: str, rep_counts: np.ndarray) -> float | None:
@@ -168,8 +206,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return b / a if a is not None and b is not None and a != 0 else None
 
 
-def compare(base: Sequence[RunData], arm: Sequence[RunData], figures: Sequence[Figure] = FIGURES,
-            draws: int = 1000, seed: int = 0) -> dict[str, Interval]:
+def compare(
+    base: Sequence[RunData],
+    arm: Sequence[RunData],
+    figures: Sequence[Figure] = FIGURES,
+    draws: int = 1000,
+    seed: int = 0,
+) -> dict[str, Interval]:
     """Arm / base ratio of every figure with its bootstrap interval; ``base[i]`` and ``arm[i]``
     are the same repetition (the same schedule). With a single pair, only the requests are
     resampled: the interval then leaves out run-to-run noise (see :func:`verdict`)."""

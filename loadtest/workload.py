@@ -50,8 +50,13 @@ LOAD_OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--request-timeout", float, 120.0, "seconds per request"),
     ("--slo-ttft", float, 2.0, "goodput SLO: TTFT seconds"),
     ("--slo-e2e", float, 20.0, "goodput SLO: end-to-end seconds"),
-    ("--hold", float, 0.0, "pause the server's scheduler for the first S seconds of the run, so the first arrivals "
-                           "queue up (vLLM's /pause: the server needs VLLM_SERVER_DEV_MODE=1; compare sets it)"),
+    (
+        "--hold",
+        float,
+        0.0,
+        "pause the server's scheduler for the first S seconds of the run, so the first arrivals "
+        "queue up (vLLM's /pause: the server needs VLLM_SERVER_DEV_MODE=1; compare sets it)",
+    ),
 )
 
 
@@ -86,9 +91,20 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     return rows
 
 
-def build(pattern: str, prompts: list[dict], *, rate: float = 4.0, duration: float = 60.0, max_requests: int = 1000,
-          max_tokens: int = 32, burst_len: float = 16.0, chat_share: float = 0.5, seed: int = 0,
-          trace: str | Path | None = None, speedup: float = 1.0) -> list[Arrival]:
+def build(
+    pattern: str,
+    prompts: list[dict],
+    *,
+    rate: float = 4.0,
+    duration: float = 60.0,
+    max_requests: int = 1000,
+    max_tokens: int = 32,
+    burst_len: float = 16.0,
+    chat_share: float = 0.5,
+    seed: int = 0,
+    trace: str | Path | None = None,
+    speedup: float = 1.0,
+) -> list[Arrival]:
     """The run's requests, bounded by ``duration`` seconds and ``max_requests``."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern {pattern!r}: valid: {', '.join(PATTERNS)}")
@@ -107,8 +123,12 @@ def build(pattern: str, prompts: list[dict], *, rate: float = 4.0, duration: flo
         lengths = np.array([len(p["prompt"]) for p in prompts])
         picks = [prompts[int(np.argmin(np.abs(lengths - 4 * pt)))] for pt in prompt_tokens[:n]]
         outs = np.clip(output_tokens[:n], 1, max_tokens)
-        return [Arrival(float(times[i]), picks[i]["prompt"], picks[i]["category"], int(outs[i]),
-                        bool(rng.random() < chat_share)) for i in range(n)]
+        return [
+            Arrival(
+                float(times[i]), picks[i]["prompt"], picks[i]["category"], int(outs[i]), bool(rng.random() < chat_share)
+            )
+            for i in range(n)
+        ]
     gaps = rng.exponential(1.0 / rate, size=max_requests)
     times = np.cumsum(gaps) - gaps[0]
     n = int(np.searchsorted(times, duration, side="right"))

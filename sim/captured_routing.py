@@ -62,4 +62,3 @@ class CapturedRouting:
                 draw = np.argpartition(rng.random((self.layers, self.experts)), self.top_k, axis=1)[:, : self.top_k]
                 total += counts_from_rows(draw[None], self.experts)
         return total
-

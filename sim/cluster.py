@@ -61,11 +61,17 @@ class LeastLoaded(Dispatch):
         self._snap_t = float("-inf")
 
     def _loads(self, now: float, engines) -> list[list[float]]:
-        if self.snapshot_s > 0 and self._snap is not None and len(self._snap) == len(engines) \
-                and now < self._snap_t + self.snapshot_s:
+        if (
+            self.snapshot_s > 0
+            and self._snap is not None
+            and len(self._snap) == len(engines)
+            and now < self._snap_t + self.snapshot_s
+        ):
             return self._snap
-        self._snap = [[len(e.scheduler.waiting) + len(e.inbox), len(e.scheduler.running),
-                       e.scheduler.kv_cache_manager.usage] for e in engines]
+        self._snap = [
+            [len(e.scheduler.waiting) + len(e.inbox), len(e.scheduler.running), e.scheduler.kv_cache_manager.usage]
+            for e in engines
+        ]
         if self.snapshot_s > 0:
             self._snap_t = now - now % self.snapshot_s  # the coordinator's clock ticks on its own
         return self._snap
@@ -85,8 +91,6 @@ class LeastLoaded(Dispatch):
         self.start = (self.start + 1) % n
         loads[best][0] += 1  # counted as waiting there until the next snapshot
         return best
-
-
 
 
 class ExpertParallel:
@@ -124,8 +128,14 @@ class Cluster:
     step (a StepBatch), ``price(batch)`` prices an independent engine's step, ``ep`` (an
     ExpertParallel) prices lockstep steps instead."""
 
-    def __init__(self, engines: list[Engine], dispatch: Dispatch, step_batch: Callable,
-                 price: Callable | None = None, ep: ExpertParallel | None = None) -> None:
+    def __init__(
+        self,
+        engines: list[Engine],
+        dispatch: Dispatch,
+        step_batch: Callable,
+        price: Callable | None = None,
+        ep: ExpertParallel | None = None,
+    ) -> None:
         if (price is None) == (ep is None):
             raise ValueError("give price (independent engines) or ep (lockstep), not both")
         self.engines, self.dispatch, self.step_batch, self.price, self.ep = engines, dispatch, step_batch, price, ep
@@ -148,8 +158,13 @@ class Cluster:
 
         served = {k: v for e in self.engines for k, v in e.served.items()}
         steps = [st for e in self.engines for st in e.steps]
-        return TwinResult(served, steps, sum(e.busy_s for e in self.engines), max(e.now for e in self.engines),
-                          [rid for e in self.engines for rid in e.finished])
+        return TwinResult(
+            served,
+            steps,
+            sum(e.busy_s for e in self.engines),
+            max(e.now for e in self.engines),
+            [rid for e in self.engines for rid in e.finished],
+        )
 
     def _independent(self, pending: list[TwinRequest]) -> None:
         i, engines = 0, self.engines
@@ -222,7 +237,7 @@ class ExpertAffinity(Dispatch):
 
     def choose(self, request, engines) -> int:
         for k, e in enumerate(engines):
-            for rid in e.finished[self._released[k]:]:
+            for rid in e.finished[self._released[k] :]:
                 self.policy.finished(rid)
             self._released[k] = len(e.finished)
         v = self.vector_of(request)

@@ -41,7 +41,9 @@ class RunResult:
         return self.completion - self.workload.arrival
 
 
-def simulate(wl: Workload, vectors: np.ndarray, strategy: Strategy, server: ServerConfig, model: ExecutionModel) -> RunResult:
+def simulate(
+    wl: Workload, vectors: np.ndarray, strategy: Strategy, server: ServerConfig, model: ExecutionModel
+) -> RunResult:
     """Run ``wl`` through the server; every request completes exactly once."""
     n = len(wl)
     if vectors.shape[0] != n:

@@ -42,8 +42,10 @@ def _run_cell(args: tuple) -> tuple[str, float, int, dict[str, dict[str, float]]
     else:
         wl = getattr(wlmod, pattern)(rate, n, wcfg, rng)
     vectors = wlmod.expert_vectors(wl, wcfg, rng)
-    out = {name: summarize(simulate(wl, vectors, make_strategy(name, seed=seed, deployment=deployment), server, model))
-           for name in strategies}
+    out = {
+        name: summarize(simulate(wl, vectors, make_strategy(name, seed=seed, deployment=deployment), server, model))
+        for name in strategies
+    }
     return pattern, rate, seed, out
 
 
@@ -62,8 +64,12 @@ def improvements(cell: dict[str, dict[str, float]], baseline: str = "fcfs") -> d
     return {
         name: {
             "p99_reduction_pct": round(100.0 * (base["p99_mean"] - s["p99_mean"]) / base["p99_mean"], 1),
-            "throughput_gain_pct": round(100.0 * (s["throughput_mean"] - base["throughput_mean"]) / base["throughput_mean"], 1),
-            "imbalance_reduction_pct": round(100.0 * (base["imbalance_mean"] - s["imbalance_mean"]) / base["imbalance_mean"], 1),
+            "throughput_gain_pct": round(
+                100.0 * (s["throughput_mean"] - base["throughput_mean"]) / base["throughput_mean"], 1
+            ),
+            "imbalance_reduction_pct": round(
+                100.0 * (base["imbalance_mean"] - s["imbalance_mean"]) / base["imbalance_mean"], 1
+            ),
         }
         for name, s in cell.items()
         if name != baseline
@@ -95,7 +101,12 @@ def sweep(
         make_strategy(name, deployment=deployment)  # unknown names fail before any work starts
     if "trace" in patterns and not trace_path:
         raise ValueError("pattern 'trace' needs --trace PATH")
-    todo = [(p, r, s, requests, strategies, wcfg, server, model, trace_path, deployment) for p in patterns for r in rates for s in seeds]
+    todo = [
+        (p, r, s, requests, strategies, wcfg, server, model, trace_path, deployment)
+        for p in patterns
+        for r in rates
+        for s in seeds
+    ]
     started = time.perf_counter()
     if jobs > 1:
         with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -122,7 +133,9 @@ def sweep(
     for pattern in patterns:
         doc[pattern] = {}
         for rate in rates:
-            per = {name: _aggregate([c[3][name] for c in cells if c[0] == pattern and c[1] == rate]) for name in strategies}
+            per = {
+                name: _aggregate([c[3][name] for c in cells if c[0] == pattern and c[1] == rate]) for name in strategies
+            }
             cell = dict(sorted(per.items()))
             if "fcfs" in strategies:
                 cell["_improvements"] = improvements(per)
@@ -131,8 +144,12 @@ def sweep(
 
 
 def execution_model(
-    kind: str, wcfg: wlmod.WorkloadConfig, sensitivity: float = CVModel.sensitivity, ranks: int = 4,
-    placement: str = "linear", shape: str | None = None,
+    kind: str,
+    wcfg: wlmod.WorkloadConfig,
+    sensitivity: float = CVModel.sensitivity,
+    ranks: int = 4,
+    placement: str = "linear",
+    shape: str | None = None,
 ) -> ExecutionModel:
     """The prototype's CV curve, or the step-cost model fitted to measured kernel times on one
     device ("fitted") or on ``ranks`` expert-parallel ranks ("expert_parallel")."""
@@ -167,18 +184,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rates", type=float, nargs="+", default=[200.0], help="arrival rates, req/s")
     ap.add_argument("--patterns", nargs="+", default=["bursty", "poisson"], choices=PATTERNS)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), help="strategy names (default: all)")
-    ap.add_argument("--trace", help="trace CSV for the 'trace' pattern (Azure or arrival_s,prompt_tokens,output_tokens)")
+    ap.add_argument(
+        "--trace", help="trace CSV for the 'trace' pattern (Azure or arrival_s,prompt_tokens,output_tokens)"
+    )
     ap.add_argument("--vectors", choices=("counts", "per_token"), default="counts", help="request load vectors")
     ap.add_argument("--layers", type=int, default=1, help="MoE layers per vector (d = layers x 60)")
-    ap.add_argument("--hot-share", type=float, default=wlmod.WorkloadConfig.hot_share,
-                    help="share of a topic's routing on its hot experts (how strong the hotspots are)")
-    ap.add_argument("--execution", choices=EXECUTION, default="cv",
-                    help="cv: the prototype's 1 + CV x sensitivity; fitted: measured step cost on one device; "
-                         "expert_parallel: the same per rank, each layer waits for its slowest rank")
+    ap.add_argument(
+        "--hot-share",
+        type=float,
+        default=wlmod.WorkloadConfig.hot_share,
+        help="share of a topic's routing on its hot experts (how strong the hotspots are)",
+    )
+    ap.add_argument(
+        "--execution",
+        choices=EXECUTION,
+        default="cv",
+        help="cv: the prototype's 1 + CV x sensitivity; fitted: measured step cost on one device; "
+        "expert_parallel: the same per rank, each layer waits for its slowest rank",
+    )
     ap.add_argument("--sensitivity", type=float, default=CVModel.sensitivity, help="CV sensitivity (--execution cv)")
     ap.add_argument("--ep-ranks", type=int, default=4, help="expert-parallel ranks (--execution expert_parallel)")
-    ap.add_argument("--placement", choices=PLACEMENTS, default="linear", help="expert placement over the ranks, as vLLM's")
-    ap.add_argument("--cost-shape", help="which fitted layer shape in caps_vllm/data/step_cost.json (default: its default)")
+    ap.add_argument(
+        "--placement", choices=PLACEMENTS, default="linear", help="expert placement over the ranks, as vLLM's"
+    )
+    ap.add_argument(
+        "--cost-shape", help="which fitted layer shape in caps_vllm/data/step_cost.json (default: its default)"
+    )
 
     ap.add_argument("--out", default="sim/results/latest", help="folder for results.json and figures")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes")
@@ -225,7 +256,9 @@ def table(doc: dict) -> str:
         cells = [doc[pattern][r] for r in doc[pattern]]
         if not cells or "_improvements" not in cells[0]:
             continue
-        lines.append(f"\n{pattern}: strategy | P99 reduction | throughput gain | imbalance reduction (range over rates)")
+        lines.append(
+            f"\n{pattern}: strategy | P99 reduction | throughput gain | imbalance reduction (range over rates)"
+        )
         rows = []
         for name in cells[0]["_improvements"]:
             rng = {k: [c["_improvements"][name][k] for c in cells] for k in cells[0]["_improvements"][name]}

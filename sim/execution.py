@@ -50,7 +50,11 @@ class CVModel:
 
     def batch_time(self, prompt_tokens: np.ndarray, output_tokens: np.ndarray, vectors: np.ndarray) -> float:
         load = vectors.sum(axis=0)
-        base = self.fixed_s + self.prefill_s_per_token * float(prompt_tokens.sum()) + self.decode_s_per_step * float(output_tokens.max())
+        base = (
+            self.fixed_s
+            + self.prefill_s_per_token * float(prompt_tokens.sum())
+            + self.decode_s_per_step * float(output_tokens.max())
+        )
         return base * (1.0 + coefficient_of_variation(load) * self.sensitivity)
 
 

@@ -43,8 +43,14 @@ from sim.step_profile import FEATURES, MeasuredStep
 from sim.step_time import VllmStepTime
 
 #: (figure, goal as a relative error)
-GOALS = (("steps", 0.05), ("throughput_rps", 0.05), ("ttft_p50", 0.10), ("ttft_p90", 0.20),
-         ("e2e_p50", 0.10), ("e2e_p90", 0.20))
+GOALS = (
+    ("steps", 0.05),
+    ("throughput_rps", 0.05),
+    ("ttft_p50", 0.10),
+    ("ttft_p90", 0.20),
+    ("e2e_p50", 0.10),
+    ("e2e_p90", 0.20),
+)
 CPU_BLOCK_SIZE = 128  # vLLM's CPU backend default (platforms/cpu.py)
 CPU_MAX_BATCHED_TOKENS = 2048  # vllm serve's CPU default (EngineArgs)
 
@@ -53,8 +59,14 @@ def figures(ttft: list[float], e2e: list[float], ends: list[float], steps: int) 
     """One run's figures; ``ends``: completion times from the schedule's start."""
     t, e = quantiles(ttft), quantiles(e2e)
     last = max(ends) if ends else 0.0
-    return {"steps": steps, "throughput_rps": len(ends) / last if last > 0 else None,
-            "ttft_p50": t["p50"], "ttft_p90": t["p90"], "e2e_p50": e["p50"], "e2e_p90": e["p90"]}
+    return {
+        "steps": steps,
+        "throughput_rps": len(ends) / last if last > 0 else None,
+        "ttft_p50": t["p50"],
+        "ttft_p90": t["p90"],
+        "e2e_p50": e["p50"],
+        "e2e_p90": e["p90"],
+    }
 
 
 def live_figures(run_dir: Path, steps: list[dict]) -> dict:
@@ -62,8 +74,12 @@ def live_figures(run_dir: Path, steps: list[dict]) -> dict:
     from loadtest.records import read_samples
 
     ok = [s for s in read_samples(run_dir / "samples.jsonl") if s.get("error") is None]
-    return figures([s["ttft_s"] for s in ok], [s["e2e_s"] for s in ok],
-                   [s["t"] + s["held_s"] + s["lag_s"] + s["e2e_s"] for s in ok], len(steps))
+    return figures(
+        [s["ttft_s"] for s in ok],
+        [s["e2e_s"] for s in ok],
+        [s["t"] + s["held_s"] + s["lag_s"] + s["e2e_s"] for s in ok],
+        len(steps),
+    )
 
 
 def own_steps(steps: list[dict], profile: MeasuredStep) -> float:
@@ -92,36 +108,60 @@ class Tokenize:
     def __call__(self, prompt: str, chat: bool) -> list[int]:
         if not chat:
             return list(self.tok(prompt)["input_ids"])
-        ids = self.tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                           tokenize=True)
+        ids = self.tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-def twin_run(args: dict, seed: int, arm: str, profile: MeasuredStep, tokenize: Tokenize, kv: int,
-             routing_for) -> dict:
+def twin_run(args: dict, seed: int, arm: str, profile: MeasuredStep, tokenize: Tokenize, kv: int, routing_for) -> dict:
     """One repetition of one arm through the twin: its figures."""
     from caps_vllm.scheduler import CapsScheduler
     from loadtest.workload import build, load_prompts
     from sim.twin import Deployment, Twin, TwinRequest, build_scheduler
 
-    arrivals = build(args["pattern"], load_prompts(args["prompts"] or None), rate=args["rate"],
-                     duration=args["duration"], max_requests=args["max_requests"], max_tokens=args["max_tokens"],
-                     burst_len=args["burst_len"], chat_share=args["chat_share"], seed=seed,
-                     trace=args["trace"] or None, speedup=args["speedup"])
-    reqs = [TwinRequest(f"r{i}", a.t + profile.front_s, tokenize(a.prompt, a.chat), a.max_tokens, a.category)
-            for i, a in enumerate(arrivals)]
-    d = Deployment(args["max_num_seqs"], CPU_MAX_BATCHED_TOKENS, max(1, kv // CPU_BLOCK_SIZE),
-                   block_size=CPU_BLOCK_SIZE, max_model_len=args["max_model_len"])
+    arrivals = build(
+        args["pattern"],
+        load_prompts(args["prompts"] or None),
+        rate=args["rate"],
+        duration=args["duration"],
+        max_requests=args["max_requests"],
+        max_tokens=args["max_tokens"],
+        burst_len=args["burst_len"],
+        chat_share=args["chat_share"],
+        seed=seed,
+        trace=args["trace"] or None,
+        speedup=args["speedup"],
+    )
+    reqs = [
+        TwinRequest(f"r{i}", a.t + profile.front_s, tokenize(a.prompt, a.chat), a.max_tokens, a.category)
+        for i, a in enumerate(arrivals)
+    ]
+    d = Deployment(
+        args["max_num_seqs"],
+        CPU_MAX_BATCHED_TOKENS,
+        max(1, kv // CPU_BLOCK_SIZE),
+        block_size=CPU_BLOCK_SIZE,
+        max_model_len=args["max_model_len"],
+    )
     caps = {**json.loads(args["caps_config"]), "strategy": arm, "metrics": False}
     sched = build_scheduler(args["model"], CapsScheduler, d, caps=caps, dtype="float32")
     routing = routing_for(args["model"])
-    res = Twin(sched, VllmStepTime(profile, routing), block_size=CPU_BLOCK_SIZE,
-               on_arrival=lambda r, req: routing.bind(r.rid, r.prompt)).run(reqs)
+    res = Twin(
+        sched,
+        VllmStepTime(profile, routing),
+        block_size=CPU_BLOCK_SIZE,
+        on_arrival=lambda r, req: routing.bind(r.rid, r.prompt),
+    ).run(reqs)
     # The twin's clock starts with the schedule; the client counts from the scheduled time.
     out, front = profile.output_s, profile.front_s
     served = list(res.served.values())
-    f = figures([s.ttft_s + front + out for s in served], [s.e2e_s + front + out for s in served],
-                [s.finished_s + out for s in served], len(res.steps))
+    f = figures(
+        [s.ttft_s + front + out for s in served],
+        [s.e2e_s + front + out for s in served],
+        [s.finished_s + out for s in served],
+        len(res.steps),
+    )
     f["out_of_order"] = sum(st.out_of_order for st in res.steps)  # admissions FCFS would not have made
     return f
 
@@ -159,20 +199,27 @@ def compare_workload(folder: Path, profile: MeasuredStep, tokenize_for, routing_
             live[r["repeat"]] = live_figures(d, steps)
             speed.setdefault(arm, []).append(own_steps(steps, profile))
             t0 = time.perf_counter()
-            twin[r["repeat"]] = twin_run(args, r["seed"], arm.removesuffix("-aa"), profile,
-                                         tokenize_for(args["model"]), kv, routing_for)
-            print(f"  {folder.name} {arm} repetition {r['repeat'] + 1}: twin in {time.perf_counter() - t0:.1f} s",
-                  file=sys.stderr, flush=True)
+            twin[r["repeat"]] = twin_run(
+                args, r["seed"], arm.removesuffix("-aa"), profile, tokenize_for(args["model"]), kv, routing_for
+            )
+            print(
+                f"  {folder.name} {arm} repetition {r['repeat'] + 1}: twin in {time.perf_counter() - t0:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
         live_of[arm] = live
         fig = {}
         for name, goal in GOALS:
             errs = [twin[k][name] / live[k][name] - 1.0 for k in live if live[k][name]]
             e = interval(errs)
-            fig[name] = {"error": e, "goal": goal,
-                         "meets_goal": e["mean"] is not None and abs(e["mean"]) <= goal,
-                         "within_live_noise": e["lo"] is not None and e["lo"] <= 0.0 <= e["hi"],
-                         "live_runs": [live[k][name] for k in sorted(live)],
-                         "twin_runs": [twin[k][name] for k in sorted(live)]}
+            fig[name] = {
+                "error": e,
+                "goal": goal,
+                "meets_goal": e["mean"] is not None and abs(e["mean"]) <= goal,
+                "within_live_noise": e["lo"] is not None and e["lo"] <= 0.0 <= e["hi"],
+                "live_runs": [live[k][name] for k in sorted(live)],
+                "twin_runs": [twin[k][name] for k in sorted(live)],
+            }
         cell["arms"][arm] = fig
         cell["twin_out_of_order"][arm] = sum(t["out_of_order"] for t in twin.values())
     cell["profile_over_own_steps"] = speed
@@ -182,48 +229,69 @@ def compare_workload(folder: Path, profile: MeasuredStep, tokenize_for, routing_
     if len(arms) >= 2:
         a, b = live_of[arms[0]], live_of[arms[1]]
         for name, _ in GOALS:
-            cell["live_noise"][name] = float(np.median([abs(b[k][name] / a[k][name] - 1.0)
-                                                        for k in a if k in b and a[k][name]]))
+            cell["live_noise"][name] = float(
+                np.median([abs(b[k][name] / a[k][name] - 1.0) for k in a if k in b and a[k][name]])
+            )
     return cell
 
 
 def report(doc: dict) -> str:
     s = doc["summary"]
-    lines = ["# Twin fidelity: the twin against live vllm serve on this CPU", "",
-             f"Command: `{doc['command']}`", "",
-             f"**{s['met']} of {s['figures']} figures within their goal; {s['within_noise']} of the other "
-             f"{s['figures'] - s['met']} within the live runs' own noise** (the 95 % interval of the twin's paired error "
-             f"includes 0); median |error| {s['median_abs_error']:.1%}.", "",
-             f"Profile `{doc['profile']}`, fitted on {doc['profile_source']} (other workloads, never these runs): "
-             + ", ".join(f"{k} {v:.3g}" for k, v in doc["profile_coefficients"].items())
-             + f"; its own steps fit to a median {doc['profile_fit']['median_abs_error']:.0%} per step.", "",
-             "Error: per repetition (the same seeded arrivals live and in the twin), twin / live − 1; shown: the mean "
-             "over repetitions [95 % t interval]. Goals: steps and throughput ±5 %, P50 ±10 %, P90 ±20 %. Live noise: "
-             "the median per-repetition |difference| between the two live arms on the same arrivals — the machine, "
-             "plus CAPS's order where it chose other than the oldest (the twin's count of such admissions is given "
-             "per workload). Throughput = "
-             "completed / last completion; quantiles by nearest rank on both sides.", ""]
+    lines = [
+        "# Twin fidelity: the twin against live vllm serve on this CPU",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        f"**{s['met']} of {s['figures']} figures within their goal; {s['within_noise']} of the other "
+        f"{s['figures'] - s['met']} within the live runs' own noise** (the 95 % interval of the twin's paired error "
+        f"includes 0); median |error| {s['median_abs_error']:.1%}.",
+        "",
+        f"Profile `{doc['profile']}`, fitted on {doc['profile_source']} (other workloads, never these runs): "
+        + ", ".join(f"{k} {v:.3g}" for k, v in doc["profile_coefficients"].items())
+        + f"; its own steps fit to a median {doc['profile_fit']['median_abs_error']:.0%} per step.",
+        "",
+        "Error: per repetition (the same seeded arrivals live and in the twin), twin / live − 1; shown: the mean "
+        "over repetitions [95 % t interval]. Goals: steps and throughput ±5 %, P50 ±10 %, P90 ±20 %. Live noise: "
+        "the median per-repetition |difference| between the two live arms on the same arrivals — the machine, "
+        "plus CAPS's order where it chose other than the oldest (the twin's count of such admissions is given "
+        "per workload). Throughput = "
+        "completed / last completion; quantiles by nearest rank on both sides.",
+        "",
+    ]
     for cell in doc["cells"]:
         noise = cell["live_noise"]
         ooo = ", ".join(f"{a} {n}" for a, n in cell["twin_out_of_order"].items())
-        lines += [f"## {cell['workload']}", "", f"Live: `{cell['command']}`", "",
-                  f"Admissions the twin's CAPS made out of FCFS order, over all repetitions: {ooo}. The profile's price "
-                  "of each live run's own steps over their measured time (1 = the machine ran as profiled): "
-                  + "; ".join(f"{a} " + " / ".join(f"{v:.2f}" for v in vs) for a, vs in cell["profile_over_own_steps"].items())
-                  + ".", "",
-                  "| arm | figure | live (per repetition) | twin (per repetition) | error | goal | met | live noise |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {cell['workload']}",
+            "",
+            f"Live: `{cell['command']}`",
+            "",
+            f"Admissions the twin's CAPS made out of FCFS order, over all repetitions: {ooo}. The profile's price "
+            "of each live run's own steps over their measured time (1 = the machine ran as profiled): "
+            + "; ".join(
+                f"{a} " + " / ".join(f"{v:.2f}" for v in vs) for a, vs in cell["profile_over_own_steps"].items()
+            )
+            + ".",
+            "",
+            "| arm | figure | live (per repetition) | twin (per repetition) | error | goal | met | live noise |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for arm, figs in cell["arms"].items():
             for name, f in figs.items():
                 e = f["error"]
                 ci = f" [{e['lo']:+.1%}, {e['hi']:+.1%}]" if e["lo"] is not None else ""
                 met = "✓" if f["meets_goal"] else ("≈ noise" if f["within_live_noise"] else "✗")
-                lines.append(f"| {arm} | {name} | {' / '.join(f'{x:.4g}' for x in f['live_runs'])} | "
-                             f"{' / '.join(f'{x:.4g}' for x in f['twin_runs'])} | {e['mean']:+.1%}{ci} | "
-                             f"±{f['goal']:.0%} | {met} | {f'{noise[name]:.1%}' if name in noise else '–'} |")
+                lines.append(
+                    f"| {arm} | {name} | {' / '.join(f'{x:.4g}' for x in f['live_runs'])} | "
+                    f"{' / '.join(f'{x:.4g}' for x in f['twin_runs'])} | {e['mean']:+.1%}{ci} | "
+                    f"±{f['goal']:.0%} | {met} | {f'{noise[name]:.1%}' if name in noise else '–'} |"
+                )
         lines.append("")
-    lines += ["What a CPU run cannot show: the tiny model's steps are Python- and overhead-bound, so this checks the "
-              "twin's scheduling, clock and measured profile against vLLM's, not the GPU roofline profiles.", ""]
+    lines += [
+        "What a CPU run cannot show: the tiny model's steps are Python- and overhead-bound, so this checks the "
+        "twin's scheduling, clock and measured profile against vLLM's, not the GPU roofline profiles.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -240,12 +308,20 @@ def main(argv: list[str] | None = None) -> int:
     errs = [abs(f["error"]["mean"]) for f in figs if f["error"]["mean"] is not None]
     coef = {f"{k}_s": float(v) for k, v in zip(FEATURES, profile.coefficients())}
     coef.update(front_s=profile.front_s, output_s=profile.output_s)
-    doc = {"command": "python -m sim.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
-           "profile": args.profile, "profile_source": profile.source, "profile_coefficients": coef,
-           "profile_fit": profile.fit, "cells": cells,
-           "summary": {"figures": len(figs), "met": sum(f["meets_goal"] for f in figs),
-                       "within_noise": sum(f["within_live_noise"] and not f["meets_goal"] for f in figs),
-                       "median_abs_error": float(np.median(errs)) if errs else None}}
+    doc = {
+        "command": "python -m sim.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
+        "profile": args.profile,
+        "profile_source": profile.source,
+        "profile_coefficients": coef,
+        "profile_fit": profile.fit,
+        "cells": cells,
+        "summary": {
+            "figures": len(figs),
+            "met": sum(f["meets_goal"] for f in figs),
+            "within_noise": sum(f["within_live_noise"] and not f["meets_goal"] for f in figs),
+            "median_abs_error": float(np.median(errs)) if errs else None,
+        },
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -63,8 +63,14 @@ def grouping(replay: EsftReplay, draws: int, seed: int) -> list[dict]:
             window = replay.sample(mix, rng)
             mixed.append((replay.row_counts(window[:b]) > 0).sum(axis=1).mean())
             best.append((replay.row_counts(greedy(replay, window, b)) > 0).sum(axis=1).mean())
-        out.append({"tokens": b, "one_domain": float(np.mean(one)), "mixed": float(np.mean(mixed)),
-                    "greedy_window_4x": float(np.mean(best))})
+        out.append(
+            {
+                "tokens": b,
+                "one_domain": float(np.mean(one)),
+                "mixed": float(np.mean(mixed)),
+                "greedy_window_4x": float(np.mean(best)),
+            }
+        )
     return out
 
 
@@ -80,8 +86,11 @@ def balance(replay: EsftReplay, draws: int, seed: int) -> list[dict]:
                 for kind in ("one_domain", "mixed"):
                     vals = []
                     for _ in range(draws):
-                        ds = [doms[int(rng.integers(len(doms)))]] * b if kind == "one_domain" else \
-                            [doms[int(i)] for i in rng.integers(len(doms), size=b)]
+                        ds = (
+                            [doms[int(rng.integers(len(doms)))]] * b
+                            if kind == "one_domain"
+                            else [doms[int(i)] for i in rng.integers(len(doms), size=b)]
+                        )
                         loads = rank_sums(replay.row_counts(replay.sample(ds, rng)).astype(np.float64), place)
                         vals.append(float((loads.max(axis=1) / loads.mean(axis=1)).mean()))
                     figs[kind] = float(np.mean(vals))
@@ -104,40 +113,70 @@ def ceiling(stats: Path) -> list[dict]:
             table = np.zeros((len(ids), experts))
             np.add.at(table, (inv, rows[:, 2]), rows[:, 3])
             best = -np.sort(-table, axis=1)[:, :k].sum()
-            out.append({"model": model, "domain": domain, "layer": [0, 7, 15][layer], "top_k": k, "experts": experts,
-                        "token_ids": int(len(ids)), "ceiling_recall": float(best / table.sum()),
-                        "chance": k / experts})
+            out.append(
+                {
+                    "model": model,
+                    "domain": domain,
+                    "layer": [0, 7, 15][layer],
+                    "top_k": k,
+                    "experts": experts,
+                    "token_ids": int(len(ids)),
+                    "ceiling_recall": float(best / table.sum()),
+                    "chance": k / experts,
+                }
+            )
     return out
 
 
 def report(doc: dict) -> str:
-    lines = ["# Real-routing headroom (shared routing files)", "", f"Command: `{doc['command']}`", "",
-             "## Grouping: distinct experts per layer of a decode batch (ESFT, DeepSeek-V2-Lite layout, 64 experts, "
-             "top-6)", "", "| tokens | one domain | mixed | greedy from a 4× window | one domain vs mixed |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "# Real-routing headroom (shared routing files)",
+        "",
+        f"Command: `{doc['command']}`",
+        "",
+        "## Grouping: distinct experts per layer of a decode batch (ESFT, DeepSeek-V2-Lite layout, 64 experts, top-6)",
+        "",
+        "| tokens | one domain | mixed | greedy from a 4× window | one domain vs mixed |",
+        "|---|---|---|---|---|",
+    ]
     for g in doc["grouping"]:
-        lines.append(f"| {g['tokens']} | {g['one_domain']:.1f} | {g['mixed']:.1f} | {g['greedy_window_4x']:.1f} | "
-                     f"{g['one_domain'] / g['mixed'] - 1:+.1%} |")
-    lines += ["", "The greedy column picks single tokens for one step; a scheduler admits requests, whose later tokens "
-              "route elsewhere, so it bounds what one step could save, loosely. Batches of recorded tokens, each a random "
-              "position of a random sequence.", "",
-              "## Balance: EP rank max/mean load (mean over layers)", "",
-              "| ranks | placement | tokens | one domain | mixed |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {g['tokens']} | {g['one_domain']:.1f} | {g['mixed']:.1f} | {g['greedy_window_4x']:.1f} | "
+            f"{g['one_domain'] / g['mixed'] - 1:+.1%} |"
+        )
+    lines += [
+        "",
+        "The greedy column picks single tokens for one step; a scheduler admits requests, whose later tokens "
+        "route elsewhere, so it bounds what one step could save, loosely. Batches of recorded tokens, each a random "
+        "position of a random sequence.",
+        "",
+        "## Balance: EP rank max/mean load (mean over layers)",
+        "",
+        "| ranks | placement | tokens | one domain | mixed |",
+        "|---|---|---|---|---|",
+    ]
     for b in doc["balance"]:
         lines.append(f"| {b['ranks']} | {b['placement']} | {b['tokens']} | {b['one_domain']:.2f} | {b['mixed']:.2f} |")
-    lines += ["", "## The token-id ceiling: top-k recall of the best token → experts table (in-sample)", "",
-              "| model | domain | layer | top-k of experts | token ids | ceiling recall | chance |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## The token-id ceiling: top-k recall of the best token → experts table (in-sample)",
+        "",
+        "| model | domain | layer | top-k of experts | token ids | ceiling recall | chance |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for c in doc["ceiling"]:
-        lines.append(f"| {c['model']} | {c['domain']} | {c['layer']} | {c['top_k']} of {c['experts']} | {c['token_ids']} | "
-                     f"{c['ceiling_recall']:.2f} | {c['chance']:.3f} |")
+        lines.append(
+            f"| {c['model']} | {c['domain']} | {c['layer']} | {c['top_k']} of {c['experts']} | {c['token_ids']} | "
+            f"{c['ceiling_recall']:.2f} | {c['chance']:.3f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sim.headroom", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--routing", default="../shared/data/routing", help="folder with esft_routing.npz and "
-                    "olmoe_routing_stats.npz")
+    ap.add_argument(
+        "--routing", default="../shared/data/routing", help="folder with esft_routing.npz and olmoe_routing_stats.npz"
+    )
     ap.add_argument("--draws", type=int, default=200, help="batches drawn per figure")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="sim/results/routing")
@@ -147,9 +186,12 @@ def main(argv: list[str] | None = None) -> int:
         if not (folder / name).exists():
             ap.error(f"--routing {folder}: no {name} (the shared routing files)")
     replay = EsftReplay(folder / "esft_routing.npz")
-    doc = {"command": "python -m sim.headroom " + " ".join(sys.argv[1:] if argv is None else argv),
-           "grouping": grouping(replay, args.draws, args.seed), "balance": balance(replay, args.draws, args.seed),
-           "ceiling": ceiling(folder / "olmoe_routing_stats.npz")}
+    doc = {
+        "command": "python -m sim.headroom " + " ".join(sys.argv[1:] if argv is None else argv),
+        "grouping": grouping(replay, args.draws, args.seed),
+        "balance": balance(replay, args.draws, args.seed),
+        "ceiling": ceiling(folder / "olmoe_routing_stats.npz"),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "headroom.json").write_text(json.dumps(doc, indent=1) + "\n")

@@ -75,7 +75,8 @@ def routing_figures(model_dir: Path, rows: list[dict], max_tokens: int) -> dict:
         "cv": (total.std(axis=1) / mean[:, 0]).round(3).tolist(),
         "topic_js_to_pool_bits": np.round(skew, 4).tolist(),
         "topic_js_pairwise_bits": np.round(pairwise, 4).tolist(),
-        "categories": cats, "tokens": int(total[0].sum() / cap.top_k),
+        "categories": cats,
+        "tokens": int(total[0].sum() / cap.top_k),
     }
 
 
@@ -98,14 +99,25 @@ def report(doc: dict) -> str:
         "| per MoE layer | " + " | ".join(f"layer {i}" for i in layers) + " |",
         "|---|" + "---:|" * len(t["cv"]),
     ]
-    for key, label in (("max_over_mean", "expert load max/mean"), ("cv", "expert load CV"),
-                       ("topic_js_to_pool_bits", "topic skew: JS(category ‖ pool), bits"),
-                       ("topic_js_pairwise_bits", "topic skew: JS between categories, bits")):
+    for key, label in (
+        ("max_over_mean", "expert load max/mean"),
+        ("cv", "expert load CV"),
+        ("topic_js_to_pool_bits", "topic skew: JS(category ‖ pool), bits"),
+        ("topic_js_pairwise_bits", "topic skew: JS between categories, bits"),
+    ):
         for name, d in (("trained", t), ("untrained", u)):
             lines.append(f"| {label}, {name} | " + " | ".join(f"{v:.3f}" for v in d[key]) + " |")
-    lines += ["", "Training curve (held-out perplexity): " + ", ".join(
-        f"step {p['step']}: {p['held_out_ppl']:.1f}" for p in tr["curve"] if "held_out_ppl" in p and
-        (p["step"] in (0, tr["steps"]) or p["step"] % 500 == 0)) + " (`model.png`).", ""]
+    lines += [
+        "",
+        "Training curve (held-out perplexity): "
+        + ", ".join(
+            f"step {p['step']}: {p['held_out_ppl']:.1f}"
+            for p in tr["curve"]
+            if "held_out_ppl" in p and (p["step"] in (0, tr["steps"]) or p["step"] % 500 == 0)
+        )
+        + " (`model.png`).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -121,12 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     trained = generate()
     _, held = split(prompt_pool(a.pool))
     record = json.loads((trained / "caps_model.json").read_text())
-    doc = {"held_out_prompts": len(held), "training": record["training"],
-           "vocab": json.loads((trained / "config.json").read_text())["vocab_size"]}
+    doc = {
+        "held_out_prompts": len(held),
+        "training": record["training"],
+        "vocab": json.loads((trained / "config.json").read_text())["vocab_size"],
+    }
     doc["trained"] = routing_figures(trained, held, a.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        doc["untrained"] = routing_figures(untrained(Path(tmp) / "untrained", seed=record["training"]["seed"]),
-                                           held, a.max_tokens)
+        doc["untrained"] = routing_figures(
+            untrained(Path(tmp) / "untrained", seed=record["training"]["seed"]), held, a.max_tokens
+        )
     write_study(a.out, "model", doc, report(doc), model_figure)
     return 0
 

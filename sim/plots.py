@@ -23,7 +23,15 @@ def write_figures(doc: dict, out: Path) -> list[Path]:
         for name in strategies:
             y = [doc[pattern][r][name]["p99_mean"] / 1000.0 for r in rates]
             err = [doc[pattern][r][name]["p99_std"] / 1000.0 for r in rates]
-            ax.errorbar([float(r) for r in rates], y, yerr=err, marker="o", capsize=2, label=name, lw=2.2 if name == "fcfs" else 1.2)
+            ax.errorbar(
+                [float(r) for r in rates],
+                y,
+                yerr=err,
+                marker="o",
+                capsize=2,
+                label=name,
+                lw=2.2 if name == "fcfs" else 1.2,
+            )
         ax.set(title=f"{pattern}: P99 latency", xlabel="arrival rate (req/s)", ylabel="P99 latency (s)")
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, ncol=2)
@@ -55,8 +63,9 @@ def model_figure(doc: dict, out: Path) -> list[Path]:
     pts = [p for p in curve if "train_loss" in p]
     a.plot([p["step"] for p in pts], [p["train_loss"] for p in pts], lw=1, label="train loss (LM)")
     ev = [p for p in curve if "held_out_ppl" in p]
-    a.plot([p["step"] for p in ev], [np.log(p["held_out_ppl"]) for p in ev], "o-", ms=3,
-           label="held-out log perplexity")
+    a.plot(
+        [p["step"] for p in ev], [np.log(p["held_out_ppl"]) for p in ev], "o-", ms=3, label="held-out log perplexity"
+    )
     a.set_xlabel("step")
     a.legend()
     a.set_title("training curve")
@@ -85,8 +94,9 @@ def predictor_figure(doc: dict, out: Path) -> list[Path]:
     a.set_ylabel("top-k recall, prompt tokens (mean over layers)")
     a.legend(fontsize=8)
     layers = np.arange(len(doc["moe_layers"]))
-    for i, (key, label) in enumerate((("dry_run", "dry run"), ("ceiling", "ceiling"),
-                                      ("learned_final_in_sample", "learned (end)"))):
+    for i, (key, label) in enumerate(
+        (("dry_run", "dry run"), ("ceiling", "ceiling"), ("learned_final_in_sample", "learned (end)"))
+    ):
         b.bar(layers + (i - 1) * 0.27, doc["token_recall"][key], width=0.27, label=label)
     b.axhline(doc["chance_recall"], color="grey", ls=":", lw=1)
     b.set_xticks(layers, [str(v) for v in doc["moe_layers"]])
@@ -120,8 +130,9 @@ def _save(fig, stem: Path, pdf: bool = True) -> list[Path]:
 def twin_study_figure(study: dict, out: Path) -> list[Path]:
     """study.png: per admission cell, P99 ITL and TTFT against load for every arm; per dispatch
     cell, ITL P50 and TTFT P99 per policy."""
-    cells = [(name, c, "admission") for name, c in study["admission"].items()] + \
-            [(name, c, "dispatch") for name, c in study["dispatch"].items()]
+    cells = [(name, c, "admission") for name, c in study["admission"].items()] + [
+        (name, c, "dispatch") for name, c in study["dispatch"].items()
+    ]
     if not cells:
         return []
     fig, axes = plt.subplots(2, len(cells), figsize=(3.4 * len(cells), 6), squeeze=False)

@@ -48,9 +48,16 @@ def serve(model: str, rows: list[dict], max_prompt: int, decode: int, seed: int,
 
     tok = AutoTokenizer.from_pretrained(model)
     caps = {"strategy": "fcfs", "learn": True, "learn_rows_per_step": 4096, "capture_decode": True, "cache_dir": cache}
-    llm = LLM(model=model, scheduler_cls="caps_vllm.CapsScheduler", max_model_len=max_prompt + decode + 8,
-              enforce_eager=True, seed=seed, enable_prefix_caching=False, gpu_memory_utilization=0.5,
-              additional_config={"caps": caps})
+    llm = LLM(
+        model=model,
+        scheduler_cls="caps_vllm.CapsScheduler",
+        max_model_len=max_prompt + decode + 8,
+        enforce_eager=True,
+        seed=seed,
+        enable_prefix_caching=False,
+        gpu_memory_utilization=0.5,
+        additional_config={"caps": caps},
+    )
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     sched.caps.learner.background = False  # learn inline: each step's recall is read after its rows are learned
     prompt_rows: dict[str, list] = {}
@@ -84,12 +91,19 @@ def serve(model: str, rows: list[dict], max_prompt: int, decode: int, seed: int,
     for o, p in zip(outs, prompts):
         chunks = sorted(prompt_rows.get(o.request_id, []), key=lambda c: c[0])
         routed = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0,), dtype=np.uint8)
-        requests.append({"ids": np.asarray(p["prompt_token_ids"]), "rows": routed,
-                         "decode": decode_counts.get(o.request_id)})
+        requests.append(
+            {"ids": np.asarray(p["prompt_token_ids"]), "rows": routed, "decode": decode_counts.get(o.request_id)}
+        )
     pred = sched.caps.predictor
-    return {"requests": requests, "curve": np.asarray(curve), "dry_table": pred.table,
-            "learned_table": sched.caps.learner.table.table.copy(), "num_experts": pred.num_experts,
-            "moe_layers": list(pred.moe_layers), "wall_s": wall}
+    return {
+        "requests": requests,
+        "curve": np.asarray(curve),
+        "dry_table": pred.table,
+        "learned_table": sched.caps.learner.table.table.copy(),
+        "num_experts": pred.num_experts,
+        "moe_layers": list(pred.moe_layers),
+        "wall_s": wall,
+    }
 
 
 def token_recall(table: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -120,21 +134,34 @@ def analyse(run: dict) -> dict:
     ids = np.concatenate([r["ids"] for r in reqs])
     rows = np.concatenate([r["rows"] for r in reqs])
     ceil_tab, ceil = ceiling_table(ids, rows, vocab, experts)
-    doc: dict = {"requests": len(reqs), "prompt_tokens": int(len(ids)), "top_k": k, "experts": experts,
-                 "moe_layers": run["moe_layers"], "chance_recall": k / experts}
-    doc["token_recall"] = {"dry_run": token_recall(run["dry_table"], ids, rows).tolist(), "ceiling": ceil.tolist(),
-                           "learned_final_in_sample": token_recall(run["learned_table"], ids, rows).tolist()}
+    doc: dict = {
+        "requests": len(reqs),
+        "prompt_tokens": int(len(ids)),
+        "top_k": k,
+        "experts": experts,
+        "moe_layers": run["moe_layers"],
+        "chance_recall": k / experts,
+    }
+    doc["token_recall"] = {
+        "dry_run": token_recall(run["dry_table"], ids, rows).tolist(),
+        "ceiling": ceil.tolist(),
+        "learned_final_in_sample": token_recall(run["learned_table"], ids, rows).tolist(),
+    }
     # The learning table, prequentially: picks scored before they were learned, over the last quarter.
     curve = run["curve"]
     n = int(curve[-1, 0])
     q = curve[np.searchsorted(curve[:, 0], int(0.75 * n)) - 1]
     last = curve[-1] - q
     doc["learned_prequential_last_quarter"] = {
-        "after_requests": int(q[0]), "recall": float(last[2] / last[1]), "dry_run_recall": float(last[3] / last[1]),
+        "after_requests": int(q[0]),
+        "recall": float(last[2] / last[1]),
+        "dry_run_recall": float(last[3] / last[1]),
         "share_of_ceiling": float(last[2] / last[1] / ceil.mean()),
     }
-    doc["learning_curve"] = [{"requests": int(c[0]), "learned": float(c[2] / c[1]), "dry_run": float(c[3] / c[1])}
-                             for c in _window_rates(curve, 20)]
+    doc["learning_curve"] = [
+        {"requests": int(c[0]), "learned": float(c[2] / c[1]), "dry_run": float(c[3] / c[1])}
+        for c in _window_rates(curve, 20)
+    ]
     # Per-request histograms: prompt and decode, per layer, means over requests; each
     # prediction is scored against the request's prompt routing and against its decode routing.
     actual = [counts_from_rows(r["rows"], experts) for r in reqs]
@@ -149,8 +176,10 @@ def analyse(run: dict) -> dict:
             if name == "actual_prompt" and target == "prompt":
                 continue
             scores = [per_layer(p, t, k) for p, t in zip(preds, truth) if t is not None]
-            sections[target][name] = {"cosine": _mean_layers([c for c, _ in scores]),
-                                      "topk_overlap": _mean_layers([o for _, o in scores])}
+            sections[target][name] = {
+                "cosine": _mean_layers([c for c, _ in scores]),
+                "topk_overlap": _mean_layers([o for _, o in scores]),
+            }
             if name == "uniform":  # no ranking to compare: a random top-k overlaps k/E on average
                 sections[target][name]["topk_overlap"] = [round(k / experts, 4)] * len(run["moe_layers"])
     doc["histograms"] = sections
@@ -191,11 +220,15 @@ def report(doc: dict) -> str:
         "| table | " + " | ".join(f"layer {li}" for li in layers) + " | mean |",
         "|---|" + "---:|" * (len(layers) + 1),
     ]
-    for name, label in (("dry_run", "router dry run"), ("ceiling", "token-id ceiling (in-sample)"),
-                        ("learned_final_in_sample", "learning table at the end (in-sample)")):
+    for name, label in (
+        ("dry_run", "router dry run"),
+        ("ceiling", "token-id ceiling (in-sample)"),
+        ("learned_final_in_sample", "learning table at the end (in-sample)"),
+    ):
         lines.append(f"| {label} | " + " | ".join(f"{v:.3f}" for v in tr[name]) + f" | {np.mean(tr[name]):.3f} |")
-    lines.append("| chance | " + " | ".join(f"{doc['chance_recall']:.3f}" for _ in layers)
-                 + f" | {doc['chance_recall']:.3f} |")
+    lines.append(
+        "| chance | " + " | ".join(f"{doc['chance_recall']:.3f}" for _ in layers) + f" | {doc['chance_recall']:.3f} |"
+    )
     lq = doc["learned_prequential_last_quarter"]
     lines += [
         "",
@@ -211,8 +244,13 @@ def report(doc: dict) -> str:
     ]
     for target in ("prompt", "decode"):
         for name, v in doc["histograms"][target].items():
-            lines.append(f"| {target} | {name} | " + " ".join(f"{x:.3f}" for x in v["cosine"]) + " | "
-                         + " ".join(f"{x:.3f}" for x in v["topk_overlap"]) + " |")
+            lines.append(
+                f"| {target} | {name} | "
+                + " ".join(f"{x:.3f}" for x in v["cosine"])
+                + " | "
+                + " ".join(f"{x:.3f}" for x in v["topk_overlap"])
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -238,8 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as cache:  # a fresh learning table
         run = serve(model, rows, a.max_prompt, a.decode, a.seed, cache)
     doc = analyse(run)
-    doc.update(requests_asked=a.requests, decode_tokens=a.decode, wall_s=round(run["wall_s"], 1), seed=a.seed,
-               held_out_prompts=sum(int(r["id"]) % HELD_OUT_EVERY == 0 for r in rows))
+    doc.update(
+        requests_asked=a.requests,
+        decode_tokens=a.decode,
+        wall_s=round(run["wall_s"], 1),
+        seed=a.seed,
+        held_out_prompts=sum(int(r["id"]) % HELD_OUT_EVERY == 0 for r in rows),
+    )
     write_study(a.out, "predictor", doc, report(doc), predictor_figure)
     return 0
 

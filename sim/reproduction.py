@@ -56,7 +56,9 @@ def report(doc: dict, label: str) -> str:
     rates = list(doc["bursty"])
     keys = ("p99_reduction_pct", "throughput_gain_pct", "imbalance_reduction_pct")
     out = [f"### {label}", "", "Bursty, improvement over FCFS, range over rates " + ", ".join(rates) + " req/s.", ""]
-    out.append("| strategy | P99 prototype | P99 ours | throughput prototype | throughput ours | imbalance prototype | imbalance ours |")
+    out.append(
+        "| strategy | P99 prototype | P99 ours | throughput prototype | throughput ours | imbalance prototype | imbalance ours |"
+    )
     out.append("|---|---|---|---|---|---|---|")
     names = [n for n in doc["strategies"] if n != "fcfs"]
     for name in sorted(names, key=lambda n: -max(improvements(doc, "bursty", rates, n, keys[0]))):
@@ -66,7 +68,13 @@ def report(doc: dict, label: str) -> str:
         out.append(f"| {name} | {pubs[0]} | {ours[0]} | {pubs[1]} | {ours[1]} | {pubs[2]} | {ours[2]} |")
     if "poisson" in doc:
         hi = [r for r in rates if float(r) >= 200]
-        out += ["", "Poisson, P99 reduction over FCFS at 200-300 req/s.", "", "| strategy | prototype | ours |", "|---|---|---|"]
+        out += [
+            "",
+            "Poisson, P99 reduction over FCFS at 200-300 req/s.",
+            "",
+            "| strategy | prototype | ours |",
+            "|---|---|---|",
+        ]
         for name, pub in PROTOTYPE_POISSON.items():
             out.append(f"| {name} | {_pub(pub)} | {_rng(improvements(doc, 'poisson', hi, name, keys[0]))} |")
         out += ["", "P99 reduction of the best strategies (" + ", ".join(TOP) + ") per rate.", ""]
@@ -77,9 +85,15 @@ def report(doc: dict, label: str) -> str:
             pub = PROTOTYPE_BY_RATE.get(r, ("-", "-"))
             out.append(f"| {r} | {pub[0]} | {_rng(b)} | {pub[1]} | {_rng(p)} |")
     fcfs = {p: {r: doc[p][r]["fcfs"] for r in rates} for p in ("bursty", "poisson") if p in doc}
-    out += ["", "FCFS baseline (means over seeds): " + "; ".join(
-        f"{p} {r}: P99 {v['p99_mean']:.0f} ms, {v['throughput_mean']:.1f} req/s, imbalance {v['imbalance_mean']:.3f}"
-        for p in fcfs for r, v in fcfs[p].items())]
+    out += [
+        "",
+        "FCFS baseline (means over seeds): "
+        + "; ".join(
+            f"{p} {r}: P99 {v['p99_mean']:.0f} ms, {v['throughput_mean']:.1f} req/s, imbalance {v['imbalance_mean']:.3f}"
+            for p in fcfs
+            for r, v in fcfs[p].items()
+        ),
+    ]
     return "\n".join(out)
 
 

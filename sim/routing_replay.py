@@ -91,8 +91,9 @@ class EsftReplay:
         mixed = distinct(lambda: [doms[int(i)] for i in rng.integers(len(doms), size=tokens)])
         return {"tokens": tokens, "one_domain": float(one), "mixed": float(mixed), "ratio": float(one / mixed)}
 
-    def prompt_vector(self, rid: str, prompt_len: int, recall: float = 1.0,
-                      rng: np.random.Generator | None = None) -> np.ndarray:
+    def prompt_vector(
+        self, rid: str, prompt_len: int, recall: float = 1.0, rng: np.random.Generator | None = None
+    ) -> np.ndarray:
         """CAPS's vector for the request: its prompt's per-layer counts, flattened (layers x
         experts); with ``recall`` < 1, the noisy oracle described above."""
         rows = self.rows(rid, 0, prompt_len).copy()
@@ -121,8 +122,16 @@ class SkewedRouting:
 
     expected = True
 
-    def __init__(self, layers: int, experts: int, top_k: int, domains: list[str], target: float = 0.87,
-                 mid_tokens: int = 32, seed: int = 0) -> None:
+    def __init__(
+        self,
+        layers: int,
+        experts: int,
+        top_k: int,
+        domains: list[str],
+        target: float = 0.87,
+        mid_tokens: int = 32,
+        seed: int = 0,
+    ) -> None:
         self.layers, self.experts, self.top_k, self.domains = layers, experts, top_k, list(domains)
         self.seed, self.target, self.mid_tokens = seed, target, mid_tokens
         self.alpha = self._fit()

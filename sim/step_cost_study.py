@@ -58,19 +58,31 @@ def main(argv: list[str] | None = None) -> int:
             model = execution_model(kind, wcfg)
             cap = capacity(model, wcfg, server, a.requests, a.seeds[0])
             rates = [round(rho * cap, 6) for rho in LOADS]
-            doc = sweep(a.requests, a.seeds, rates, ["bursty", "poisson"], list(STRATEGIES), wcfg, server, model, jobs=a.jobs)
+            doc = sweep(
+                a.requests, a.seeds, rates, ["bursty", "poisson"], list(STRATEGIES), wcfg, server, model, jobs=a.jobs
+            )
             for pattern in ("bursty", "poisson"):
                 for rho, rate in zip(LOADS, rates):
                     cell = doc[pattern][f"{rate:g}"]
-                    cells.append({"hot_share": hot, "model": kind, "pattern": pattern, "load": rho, "rate": rate,
-                                  "capacity_rps": cap, "results": {n: cell[n] for n in STRATEGIES},
-                                  "vs_fcfs": cell["_improvements"]})
+                    cells.append(
+                        {
+                            "hot_share": hot,
+                            "model": kind,
+                            "pattern": pattern,
+                            "load": rho,
+                            "rate": rate,
+                            "capacity_rps": cap,
+                            "results": {n: cell[n] for n in STRATEGIES},
+                            "vs_fcfs": cell["_improvements"],
+                        }
+                    )
             print(f"hot_share {hot} {kind}: FCFS capacity {cap:.4g} req/s", flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m sim.step_cost_study " + " ".join(sys.argv[1:] if argv is None else argv)
-    (out / "study.json").write_text(json.dumps({"command": command, "requests": a.requests, "seeds": a.seeds,
-                                                "cells": cells}, indent=2) + "\n")
+    (out / "study.json").write_text(
+        json.dumps({"command": command, "requests": a.requests, "seeds": a.seeds, "cells": cells}, indent=2) + "\n"
+    )
     text = report(cells, command, a)
     (out / "report.md").write_text(text)
     print(text)
@@ -80,17 +92,24 @@ def main(argv: list[str] | None = None) -> int:
 def report(cells: list[dict], command: str, a) -> str:
     others = [s for s in STRATEGIES if s != "fcfs"]
     lines = [
-        "# Balancing vs affinity under three execution models (simulator)", "",
-        f"Command: `{command}` ({a.requests} requests, seeds {a.seeds}, means over seeds).", "",
+        "# Balancing vs affinity under three execution models (simulator)",
+        "",
+        f"Command: `{command}` ({a.requests} requests, seeds {a.seeds}, means over seeds).",
+        "",
         "Each cell: throughput gain % / P99 latency reduction % against FCFS on the same workloads "
-        "(positive is better). Load = arrival rate / FCFS capacity of that execution model.", "",
+        "(positive is better). Load = arrival rate / FCFS capacity of that execution model.",
+        "",
         "| hotspots | execution model | pattern | load | " + " | ".join(others) + " |",
         "|---" * (4 + len(others)) + "|",
     ]
     for c in cells:
-        parts = [f"{c['vs_fcfs'][s]['throughput_gain_pct']:+.1f} / {c['vs_fcfs'][s]['p99_reduction_pct']:+.1f}"
-                 for s in others]
-        lines.append(f"| {c['hot_share']:g} | {c['model']} | {c['pattern']} | {c['load']:g} | " + " | ".join(parts) + " |")
+        parts = [
+            f"{c['vs_fcfs'][s]['throughput_gain_pct']:+.1f} / {c['vs_fcfs'][s]['p99_reduction_pct']:+.1f}"
+            for s in others
+        ]
+        lines.append(
+            f"| {c['hot_share']:g} | {c['model']} | {c['pattern']} | {c['load']:g} | " + " | ".join(parts) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -53,8 +53,16 @@ class MeasuredStep:
     fit: dict | None = None  # how well it fits its own steps
 
     def __post_init__(self) -> None:
-        for name in ("fixed_s", "token_s", "prefill_request_s", "decode_request_s", "context_s", "expert_s",
-                     "front_s", "output_s"):
+        for name in (
+            "fixed_s",
+            "token_s",
+            "prefill_request_s",
+            "decode_request_s",
+            "context_s",
+            "expert_s",
+            "front_s",
+            "output_s",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
                 raise ValueError(f"step profile {name}: {v!r}; valid: a finite number >= 0")
@@ -63,13 +71,20 @@ class MeasuredStep:
 
     def coefficients(self) -> np.ndarray:
         """The step coefficients in the order of FEATURES (what ``periods`` rows multiply)."""
-        return np.array([self.fixed_s, self.token_s, self.prefill_request_s, self.decode_request_s, self.context_s,
-                         self.expert_s])
+        return np.array(
+            [self.fixed_s, self.token_s, self.prefill_request_s, self.decode_request_s, self.context_s, self.expert_s]
+        )
 
     def seconds(self, b: StepBatch) -> float:
         moe_ms = float(self._moe.layer_ms(b.moe_counts, expected=b.expected).sum()) if b.moe_counts.size else 0.0
-        return (self.fixed_s + self.token_s * b.tokens + self.prefill_request_s * b.prefill_requests
-                + self.decode_request_s * b.decode_requests + self.context_s * b.context_tokens + moe_ms / 1e3)
+        return (
+            self.fixed_s
+            + self.token_s * b.tokens
+            + self.prefill_request_s * b.prefill_requests
+            + self.decode_request_s * b.decode_requests
+            + self.context_s * b.context_tokens
+            + moe_ms / 1e3
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> MeasuredStep:
@@ -137,16 +152,27 @@ def fit(step_logs: list[Path], client_ttft: list[list[float]] | None = None) -> 
             output.append(float(np.median(client_ttft[k]) - np.median(engine)))
     x, y = np.concatenate(xs), np.concatenate(ys)
     if len(y) < 20:
-        raise ValueError(f"{len(y)} busy steps with routing in {[str(p) for p in step_logs]}: too few to fit "
-                         "(the runs need caps.step_log and CAPS's routing capture)")
+        raise ValueError(
+            f"{len(y)} busy steps with routing in {[str(p) for p in step_logs]}: too few to fit "
+            "(the runs need caps.step_log and CAPS's routing capture)"
+        )
     coef = fit_nonnegative(x, y)
     err = np.abs(x @ coef - y) / y
-    quality = {"steps": int(len(y)), "median_abs_error": float(np.median(err)), "p90_abs_error": float(np.quantile(err, 0.9)),
-               "total_error": float((x @ coef).sum() / y.sum() - 1.0), "period_p50_s": float(np.median(y)),
-               "idle_arrivals": len(front)}
-    return MeasuredStep(*map(float, coef), front_s=float(np.median(front)) if front else 0.0,
-                        output_s=max(0.0, float(np.median(output))) if output else 0.0,
-                        source=", ".join(sorted({str(p.parent.parent.parent) for p in step_logs})), fit=quality)
+    quality = {
+        "steps": int(len(y)),
+        "median_abs_error": float(np.median(err)),
+        "p90_abs_error": float(np.quantile(err, 0.9)),
+        "total_error": float((x @ coef).sum() / y.sum() - 1.0),
+        "period_p50_s": float(np.median(y)),
+        "idle_arrivals": len(front),
+    }
+    return MeasuredStep(
+        *map(float, coef),
+        front_s=float(np.median(front)) if front else 0.0,
+        output_s=max(0.0, float(np.median(output))) if output else 0.0,
+        source=", ".join(sorted({str(p.parent.parent.parent) for p in step_logs})),
+        fit=quality,
+    )
 
 
 def comparison_logs(folder: Path) -> tuple[list[Path], list[list[float]]]:

@@ -75,8 +75,11 @@ class ModelShape:
             moe = tuple(i for i in range(layers) if i >= first_dense and i % freq == 0)
             rope, nope, v = cfg["qk_rope_head_dim"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
             lora = cfg["kv_lora_rank"]
-            q = h * heads * (rope + nope) if not cfg.get("q_lora_rank") else \
-                cfg["q_lora_rank"] * (h + heads * (rope + nope))
+            q = (
+                h * heads * (rope + nope)
+                if not cfg.get("q_lora_rank")
+                else cfg["q_lora_rank"] * (h + heads * (rope + nope))
+            )
             attn = q + h * (lora + rope) + lora * heads * (nope + v) + heads * v * h
             shared = 3 * h * cfg["moe_intermediate_size"] * cfg.get("n_shared_experts", 0)
             dense_mlp = 3 * h * cfg["intermediate_size"]
@@ -122,8 +125,12 @@ class RooflineStep:
         self._bw, self._fl = bw, fl
         # One MoE layer in the step-cost model's units (milliseconds): per expert the larger of
         # reading its weights and its tokens' arithmetic.
-        self.moe = StepCostModel(fixed_ms=0.0, weight_ms=shape.expert_bytes / bw * 1e3,
-                                 token_ms=shape.expert_flops_per_token / fl * 1e3, form="roofline")
+        self.moe = StepCostModel(
+            fixed_ms=0.0,
+            weight_ms=shape.expert_bytes / bw * 1e3,
+            token_ms=shape.expert_flops_per_token / fl * 1e3,
+            form="roofline",
+        )
 
     def dense_seconds(self, b: StepBatch) -> float:
         """The non-MoE part: dense weights read once, KV reads, their arithmetic per token."""
@@ -131,8 +138,10 @@ class RooflineStep:
         if b.tokens == 0:
             return 0.0
         weights = s.dense_params_per_token * s.dtype_bytes
-        return max((weights + b.context_tokens * s.kv_bytes_per_token) / self._bw,
-                   2.0 * s.dense_params_per_token * b.tokens / self._fl)
+        return max(
+            (weights + b.context_tokens * s.kv_bytes_per_token) / self._bw,
+            2.0 * s.dense_params_per_token * b.tokens / self._fl,
+        )
 
     def seconds(self, b: StepBatch) -> float:
         moe_ms = float(self.moe.layer_ms(b.moe_counts, expected=b.expected).sum()) if b.moe_counts.size else 0.0
@@ -173,8 +182,14 @@ class VllmStepTime:
             spans.append((rid, before, n))
             context += before + n  # its KV is read once per step (attention's arithmetic is not modelled)
             prefill += before < req.num_prompt_tokens
-        return StepBatch(sum(n for _, _, n in spans), context, self.routing.counts(spans), self.routing.expected,
-                         prefill, len(spans) - prefill)
+        return StepBatch(
+            sum(n for _, _, n in spans),
+            context,
+            self.routing.counts(spans),
+            self.routing.expected,
+            prefill,
+            len(spans) - prefill,
+        )
 
     def __call__(self, scheduler, out) -> float:
         b = self.batch(scheduler, out)

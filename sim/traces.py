@@ -84,8 +84,9 @@ def _csv(path: Path) -> tuple[str, list[tuple[float, int, int]]]:
         header = tuple(c.strip() for c in next(reader, ()))
         fmt = CSV_FORMATS.get(header)
         if fmt is None:
-            raise ValueError(f"{path}:1: expected a header of {' or '.join(map(','.join, CSV_FORMATS))}, "
-                             f"got {','.join(header)!r}")
+            raise ValueError(
+                f"{path}:1: expected a header of {' or '.join(map(','.join, CSV_FORMATS))}, got {','.join(header)!r}"
+            )
         cols = (0, 2, 3) if fmt == "burstgpt" else (0, 1, 2)
         for row in reader:
             line = reader.line_num
@@ -138,6 +139,10 @@ def load_trace(path: str | Path) -> Trace:
     t = np.array([r[0] for r in rows])
     order = np.argsort(t, kind="stable")
     t = t[order] - t[order[0]]
-    return Trace(t, np.array([r[1] for r in rows], dtype=np.int64)[order],
-                 np.array([r[2] for r in rows], dtype=np.int64)[order],
-                 [hashes[i] for i in order] if hashes is not None else None, fmt)
+    return Trace(
+        t,
+        np.array([r[1] for r in rows], dtype=np.int64)[order],
+        np.array([r[2] for r in rows], dtype=np.int64)[order],
+        [hashes[i] for i in order] if hashes is not None else None,
+        fmt,
+    )

@@ -50,8 +50,9 @@ class Deployment:
                 raise ValueError(f"deployment {name}: {v!r}; valid: an integer >= 1")
 
     @classmethod
-    def defaults(cls, hardware: str, kv_bytes: float | None = None, kv_bytes_per_token: float | None = None,
-                 **overrides) -> Deployment:
+    def defaults(
+        cls, hardware: str, kv_bytes: float | None = None, kv_bytes_per_token: float | None = None, **overrides
+    ) -> Deployment:
         """vLLM's defaults for ``hardware``; KV blocks from ``kv_bytes`` of cache memory at
         ``kv_bytes_per_token`` (both or neither; else ``num_blocks`` must be given)."""
         if hardware not in HARDWARE_DEFAULTS:
@@ -65,9 +66,17 @@ class Deployment:
         return cls(**args)
 
 
-def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | None = None, policy: str = "fcfs",
-                    async_scheduling: bool = False, dtype: str = "bfloat16", seed: int = 0,
-                    parallel: dict | None = None):
+def build_scheduler(
+    model_dir: str,
+    cls,
+    deployment: Deployment,
+    caps: dict | None = None,
+    policy: str = "fcfs",
+    async_scheduling: bool = False,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    parallel: dict | None = None,
+):
     """``cls`` built as vLLM's engine core builds it, from a ``VllmConfig`` of ``deployment``;
     ``model_dir`` needs only a ``config.json`` (no weights, no tokenizer). ``parallel``: vLLM
     ``ParallelConfig`` fields of one engine of a data/expert-parallel server (e.g.
@@ -80,19 +89,35 @@ def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | No
     from vllm.v1.structured_output import StructuredOutputManager
 
     d = deployment
-    model_config = ModelConfig(model=model_dir, dtype=dtype, seed=seed, max_model_len=d.max_model_len,
-                               skip_tokenizer_init=True)
+    model_config = ModelConfig(
+        model=model_dir, dtype=dtype, seed=seed, max_model_len=d.max_model_len, skip_tokenizer_init=True
+    )
     scheduler_config = SchedulerConfig(
-        max_num_seqs=d.max_num_seqs, max_num_batched_tokens=d.max_num_batched_tokens, max_model_len=d.max_model_len,
-        enable_chunked_prefill=True, is_encoder_decoder=False, async_scheduling=async_scheduling, policy=policy,
-        long_prefill_token_threshold=d.long_prefill_token_threshold, watermark=0.0)
-    cache_config = CacheConfig(block_size=d.block_size, gpu_memory_utilization=0.9, cache_dtype="auto",
-                               enable_prefix_caching=d.enable_prefix_caching)
-    vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config, cache_config=cache_config,
-                             parallel_config=ParallelConfig(**(parallel or {})),
-                             # no workers, so no captured routing: the twin predicts with the dry run only
-                             # (a learning table resumed from the user's cache would make runs differ)
-                             additional_config={"caps": {"learn": False, **(caps or {})}})
+        max_num_seqs=d.max_num_seqs,
+        max_num_batched_tokens=d.max_num_batched_tokens,
+        max_model_len=d.max_model_len,
+        enable_chunked_prefill=True,
+        is_encoder_decoder=False,
+        async_scheduling=async_scheduling,
+        policy=policy,
+        long_prefill_token_threshold=d.long_prefill_token_threshold,
+        watermark=0.0,
+    )
+    cache_config = CacheConfig(
+        block_size=d.block_size,
+        gpu_memory_utilization=0.9,
+        cache_dtype="auto",
+        enable_prefix_caching=d.enable_prefix_caching,
+    )
+    vllm_config = VllmConfig(
+        scheduler_config=scheduler_config,
+        model_config=model_config,
+        cache_config=cache_config,
+        parallel_config=ParallelConfig(**(parallel or {})),
+        # no workers, so no captured routing: the twin predicts with the dry run only
+        # (a learning table resumed from the user's cache would make runs differ)
+        additional_config={"caps": {"learn": False, **(caps or {})}},
+    )
     # The CPU platform forces async scheduling off, and for MLA models (DeepSeek-V2-Lite) chunked
     # prefill and prefix caching off with the token budget raised to the model length; a GPU
     # deployment's twin sets them back.
@@ -101,20 +126,37 @@ def build_scheduler(model_dir: str, cls, deployment: Deployment, caps: dict | No
     sc.enable_chunked_prefill, sc.max_num_batched_tokens = True, d.max_num_batched_tokens
     vllm_config.cache_config.enable_prefix_caching = d.enable_prefix_caching
     kv_cache_config = KVCacheConfig(
-        num_blocks=d.num_blocks, kv_cache_tensors=[],
-        kv_cache_groups=[KVCacheGroupSpec(["layer"], FullAttentionSpec(block_size=d.block_size, num_kv_heads=1,
-                                                                       head_size=1, dtype=torch.float32))])
+        num_blocks=d.num_blocks,
+        kv_cache_tensors=[],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                ["layer"], FullAttentionSpec(block_size=d.block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
+            )
+        ],
+    )
     cache_config.num_gpu_blocks = d.num_blocks
     register_all_kvcache_specs(vllm_config)
-    return cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config, block_size=d.block_size, log_stats=True,
-               structured_output_manager=StructuredOutputManager(vllm_config))
+    return cls(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        block_size=d.block_size,
+        log_stats=True,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+    )
 
 
 _HASHERS: dict[int, Callable] = {}
 
 
-def make_request(rid: str, tokens: list[int] | None, arrival: float, max_tokens: int = 4, priority: int = 0,
-                 prompt_embeds=None, block_size: int = 16):
+def make_request(
+    rid: str,
+    tokens: list[int] | None,
+    arrival: float,
+    max_tokens: int = 4,
+    priority: int = 0,
+    prompt_embeds=None,
+    block_size: int = 16,
+):
     """A vLLM ``Request`` as the engine's input processor makes it (greedy, ``ignore_eos``),
     with the block hasher prefix caching needs."""
     from vllm.sampling_params import SamplingParams
@@ -127,9 +169,16 @@ def make_request(rid: str, tokens: list[int] | None, arrival: float, max_tokens:
         _HASHERS[block_size] = get_request_block_hasher(block_size, sha256)
     sp = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     sp.update_from_generation_config({}, None)
-    return Request(request_id=rid, prompt_token_ids=tokens, sampling_params=sp, pooling_params=None,
-                   arrival_time=arrival, priority=priority, prompt_embeds=prompt_embeds,
-                   block_hasher=_HASHERS[block_size])
+    return Request(
+        request_id=rid,
+        prompt_token_ids=tokens,
+        sampling_params=sp,
+        pooling_params=None,
+        arrival_time=arrival,
+        priority=priority,
+        prompt_embeds=prompt_embeds,
+        block_hasher=_HASHERS[block_size],
+    )
 
 
 def step(scheduler, finished: list[str] | None = None, worker=None):
@@ -256,8 +305,9 @@ class Engine:
         sched, k = self.scheduler, 0
         while k < len(self.inbox) and self.inbox[k].arrival_s <= self.now:
             r = self.inbox[k]
-            req = make_request(r.rid, list(r.prompt), r.arrival_s, max_tokens=r.output_tokens,
-                               block_size=self.block_size)
+            req = make_request(
+                r.rid, list(r.prompt), r.arrival_s, max_tokens=r.output_tokens, block_size=self.block_size
+            )
             if self.on_arrival is not None:
                 self.on_arrival(r, req)
             sched.add_request(req)
@@ -320,11 +370,20 @@ class Engine:
         self.in_flight -= len(done)
         planner = getattr(getattr(sched, "caps", None), "planner", None)
         rec = StepRecord(
-            start, dt, sum(out.num_scheduled_tokens.values()), prefill, decode, running, waiting, admitted,
+            start,
+            dt,
+            sum(out.num_scheduled_tokens.values()),
+            prefill,
+            decode,
+            running,
+            waiting,
+            admitted,
             self._waiting_before,
             _out_of_order(admitted, self.served, sched.waiting) if self._waiting_before >= 2 and admitted else 0,
             planner is not None and planner.stats.plans > self._plans_before,
-            _distinct(counts, expected), sorted(out.scheduled_cached_reqs.resumed_req_ids))
+            _distinct(counts, expected),
+            sorted(out.scheduled_cached_reqs.resumed_req_ids),
+        )
         self.steps.append(rec)
         return rec
 
@@ -347,8 +406,14 @@ def _runner_output(sched, out):
 
     ids = list(out.num_scheduled_tokens)
     sampled = [[7] if sched.requests[rid].num_computed_tokens >= sched.requests[rid].num_tokens else [] for rid in ids]
-    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                             sampled_token_ids=sampled, logprobs=None, prompt_logprobs_dict={}, pooler_output=[])
+    return ModelRunnerOutput(
+        req_ids=ids,
+        req_id_to_index={r: i for i, r in enumerate(ids)},
+        sampled_token_ids=sampled,
+        logprobs=None,
+        prompt_logprobs_dict={},
+        pooler_output=[],
+    )
 
 
 class Twin:
@@ -360,8 +425,14 @@ class Twin:
     it (the step's per-expert counts) feeds the distinct-experts statistic.
     """
 
-    def __init__(self, scheduler, step_time: Callable, block_size: int = 16, max_steps: int = 10_000_000,
-                 on_arrival: Callable | None = None) -> None:
+    def __init__(
+        self,
+        scheduler,
+        step_time: Callable,
+        block_size: int = 16,
+        max_steps: int = 10_000_000,
+        on_arrival: Callable | None = None,
+    ) -> None:
         """``on_arrival(twin_request, vllm_request)`` runs as each request is added (the study
         binds its routing and gives CAPS its vector there)."""
         self.engine = Engine(scheduler, block_size, on_arrival)
@@ -382,8 +453,12 @@ class Twin:
             if out is None:
                 continue
             dt = float(self.step_time(self.scheduler, out))  # the step model: not counted as scheduler time
-            eng.finish(out, dt, getattr(self.step_time, "last_counts", None),
-                       getattr(getattr(self.step_time, "routing", None), "expected", False))
+            eng.finish(
+                out,
+                dt,
+                getattr(self.step_time, "last_counts", None),
+                getattr(getattr(self.step_time, "routing", None), "expected", False),
+            )
             if progress is not None:
                 progress(eng.now)
         return eng.result()

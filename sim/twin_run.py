@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +33,8 @@ from caps_vllm.config import CapsConfig
 from sim.metrics import quantiles
 from sim.routing_replay import EsftReplay
 from sim.step_time import HARDWARE, ModelShape, RooflineStep, UniformRouting, VllmStepTime
-from sim.workload import topic_runs
 from sim.twin import Deployment, TwinRequest, VectorSpace, build_scheduler, with_vectors
+from sim.workload import topic_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "sim" / "models"
@@ -91,8 +91,12 @@ def summarize(res, wall_s: float) -> dict:
     decode = [st.distinct_experts for st in steps if st.prefill_tokens == 0 and st.distinct_experts is not None]
     tokens = sum(len(s.token_s) for s in served)
     return {
-        "requests": len(served), "steps": len(steps), "simulated_s": res.simulated_seconds,
-        "ttft_s": quantiles(ttft), "itl_s": quantiles(itl), "e2e_s": quantiles(e2e),
+        "requests": len(served),
+        "steps": len(steps),
+        "simulated_s": res.simulated_seconds,
+        "ttft_s": quantiles(ttft),
+        "itl_s": quantiles(itl),
+        "e2e_s": quantiles(e2e),
         "throughput_rps": len(served) / span if span > 0 else None,
         "output_tok_s": tokens / span if span > 0 else None,
         "step_ms": quantiles([st.seconds * 1e3 for st in steps]),
@@ -107,20 +111,33 @@ def summarize(res, wall_s: float) -> dict:
             "share_of_contested_planned": sum(st.planned for st in contested) / len(contested) if contested else None,
             "steps_only_preempted_resumed": len(behind) - len(contested),
         },
-        "queue": {"mean_waiting": float(np.mean([st.waiting for st in steps])) if steps else 0.0,
-                  "mean_running": float(np.mean([st.running for st in steps])) if steps else 0.0,
-                  "max_waiting": max((st.waiting for st in steps), default=0)},
+        "queue": {
+            "mean_waiting": float(np.mean([st.waiting for st in steps])) if steps else 0.0,
+            "mean_running": float(np.mean([st.running for st in steps])) if steps else 0.0,
+            "max_waiting": max((st.waiting for st in steps), default=0),
+        },
         "scheduler_wall_s": res.scheduler_seconds,
-        "scheduler_share_of_simulated": res.scheduler_seconds / res.simulated_seconds if res.simulated_seconds else None,
-        "wall_s": wall_s, "simulated_s_per_wall_s": res.simulated_seconds / wall_s if wall_s > 0 else None,
+        "scheduler_share_of_simulated": res.scheduler_seconds / res.simulated_seconds
+        if res.simulated_seconds
+        else None,
+        "wall_s": wall_s,
+        "simulated_s_per_wall_s": res.simulated_seconds / wall_s if wall_s > 0 else None,
     }
 
 
 DISPATCH = ("least_loaded", "round_robin", "domain_oracle", "expert_affinity", "expert_affinity_oracle")
 
 
-def make_dispatch(name: str, domains: list[str], margin: int, snapshot_s: float, engines: int = 1,
-                  replay=None, bind: Callable | None = None, cost=None):
+def make_dispatch(
+    name: str,
+    domains: list[str],
+    margin: int,
+    snapshot_s: float,
+    engines: int = 1,
+    replay=None,
+    bind: Callable | None = None,
+    cost=None,
+):
     """``expert_affinity``: scored on the prompt's true routing per token (what CAPS's predictor
     is told); ``expert_affinity_oracle``: on the request's own decode tokens' routing."""
     from sim.cluster import DomainOracle, ExpertAffinity, LeastLoaded, RoundRobin
@@ -141,8 +158,17 @@ def make_dispatch(name: str, domains: list[str], margin: int, snapshot_s: float,
     return LeastLoaded(snapshot_s) if name == "least_loaded" else RoundRobin()
 
 
-def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: list[TwinRequest], replay,
-            caps: dict, domains: list[str], progress: bool) -> dict:
+def run_arm(
+    arm: str,
+    args,
+    shape: ModelShape,
+    deployment: Deployment,
+    reqs: list[TwinRequest],
+    replay,
+    caps: dict,
+    domains: list[str],
+    progress: bool,
+) -> dict:
     """One arm over the workload: ``args.engines`` engines of it behind ``args.dispatch``."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -157,15 +183,20 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
     else:
         from caps_vllm.scheduler import CapsScheduler
 
-        space = VectorSpace(replay.layers, replay.experts, replay.top_k) if replay is not None else \
-            VectorSpace(len(shape.moe_layers), shape.experts, shape.top_k)
+        space = (
+            VectorSpace(replay.layers, replay.experts, replay.top_k)
+            if replay is not None
+            else VectorSpace(len(shape.moe_layers), shape.experts, shape.top_k)
+        )
         # step_cost prices steps with the twin's own MoE model: what `make fit-step-cost` gives a
         # user on the serving hardware (the shipped fit is this CPU's)
         params = caps.get("strategy_params", {})
         if arm == "step_cost" and "cost" not in params and "shape" not in params:
             params = {**params, "cost": model.moe.as_dict()}
-        cls, caps_cfg = with_vectors(CapsScheduler, space), {**caps, "strategy": arm, "metrics": False,
-                                                             "strategy_params": params}
+        cls, caps_cfg = (
+            with_vectors(CapsScheduler, space),
+            {**caps, "strategy": arm, "metrics": False, "strategy_params": params},
+        )
     timing = VllmStepTime(model, replay if replay is not None else UniformRouting(shape))
     per_token = caps_cfg is not None and CapsConfig.from_dict(caps_cfg).vectors == "per_token"
     oracle_rng = np.random.default_rng(args.seed + 1)
@@ -185,16 +216,41 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
 
     # Under EP the engines are the ranks of one server, and CAPS's step_cost reads that layout;
     # replicas without EP are separate servers, each of one engine.
-    parallel = (lambda k: {"data_parallel_size": args.engines, "data_parallel_rank": k, "enable_expert_parallel": True,
-                           "expert_placement_strategy": args.placement}) if args.ep else (lambda k: None)
-    engines = [Engine(build_scheduler(str(MODELS / args.model), cls, deployment, caps=caps_cfg,
-                                      async_scheduling=args.async_scheduling, parallel=parallel(k)),
-                      deployment.block_size, on_arrival, name=str(k)) for k in range(args.engines)]
+    parallel = (
+        (
+            lambda k: {
+                "data_parallel_size": args.engines,
+                "data_parallel_rank": k,
+                "enable_expert_parallel": True,
+                "expert_placement_strategy": args.placement,
+            }
+        )
+        if args.ep
+        else (lambda k: None)
+    )
+    engines = [
+        Engine(
+            build_scheduler(
+                str(MODELS / args.model),
+                cls,
+                deployment,
+                caps=caps_cfg,
+                async_scheduling=args.async_scheduling,
+                parallel=parallel(k),
+            ),
+            deployment.block_size,
+            on_arrival,
+            name=str(k),
+        )
+        for k in range(args.engines)
+    ]
     ep = ExpertParallel(model, shape, args.engines, args.placement) if args.ep else None
-    dispatch = make_dispatch(args.dispatch, domains, args.affinity_margin, args.dp_snapshot, args.engines, replay,
-                             bind, model.moe)
-    cluster = Cluster(engines, dispatch, lambda e, out: timing.batch(e.scheduler, out),
-                      price=None if ep else model.seconds, ep=ep)
+    dispatch = make_dispatch(
+        args.dispatch, domains, args.affinity_margin, args.dp_snapshot, args.engines, replay, bind, model.moe
+    )
+    cluster = Cluster(
+        engines, dispatch, lambda e, out: timing.batch(e.scheduler, out), price=None if ep else model.seconds, ep=ep
+    )
     bar = None
     if progress:
         from tqdm import tqdm
@@ -220,9 +276,10 @@ def run_arm(arm: str, args, shape: ModelShape, deployment: Deployment, reqs: lis
         out["dispatch_load_guard_overrides"] = dispatch.overrides
     if arm != STOCK:
         stats = [e.scheduler.caps.planner.stats for e in engines]
-        out["caps"] = {k: sum(getattr(st, k) for st in stats)
-                       for k in ("engaged", "plans", "ranked", "reordered", "kept_fcfs", "pinned", "bypassed",
-                                 "fcfs_fallback")}
+        out["caps"] = {
+            k: sum(getattr(st, k) for st in stats)
+            for k in ("engaged", "plans", "ranked", "reordered", "kept_fcfs", "pinned", "bypassed", "fcfs_fallback")
+        }
         # CAPS's own time in schedule() on this CPU's wall clock, the busiest engine's (each engine
         # schedules in its own process), against the modelled time it served
         own = max(e.scheduler.caps.seconds for e in engines)
@@ -239,20 +296,35 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, help="default: vLLM's for the hardware")
     ap.add_argument("--kv-gib", type=float, default=40.0, help="KV-cache memory (GiB) the blocks come from")
     ap.add_argument("--no-prefix-caching", action="store_true")
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="vLLM's AsyncScheduler (CAPS: CapsAsyncScheduler); its overlap of scheduling with the "
-                         "model's step is not modelled, only its scheduling")
+    ap.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="vLLM's AsyncScheduler (CAPS: CapsAsyncScheduler); its overlap of scheduling with the "
+        "model's step is not modelled, only its scheduling",
+    )
     ap.add_argument("--engines", type=int, default=1, help="data-parallel engines or replicas")
     ap.add_argument("--ep", action="store_true", help="expert parallel over the engines (lockstep), one rank each")
     ap.add_argument("--placement", choices=("linear", "round_robin"), default="linear")
     ap.add_argument("--dispatch", choices=DISPATCH, default="least_loaded")
-    ap.add_argument("--affinity-margin", type=int, default=8,
-                    help="the load guard of domain_oracle and expert_affinity: in-flight requests above the least "
-                         "loaded engine they tolerate")
-    ap.add_argument("--dp-snapshot", type=float, default=0.1,
-                    help="seconds between the load snapshots vLLM's DP front end dispatches on (0: current state)")
-    ap.add_argument("--pattern", choices=("bursty", "poisson"), default="bursty",
-                    help="topics (domains) in runs or mixed; arrivals Poisson at --rate unless --trace")
+    ap.add_argument(
+        "--affinity-margin",
+        type=int,
+        default=8,
+        help="the load guard of domain_oracle and expert_affinity: in-flight requests above the least "
+        "loaded engine they tolerate",
+    )
+    ap.add_argument(
+        "--dp-snapshot",
+        type=float,
+        default=0.1,
+        help="seconds between the load snapshots vLLM's DP front end dispatches on (0: current state)",
+    )
+    ap.add_argument(
+        "--pattern",
+        choices=("bursty", "poisson"),
+        default="bursty",
+        help="topics (domains) in runs or mixed; arrivals Poisson at --rate unless --trace",
+    )
     ap.add_argument("--trace", help="arrival times and lengths from a trace (sim/traces.py formats)")
     ap.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
     ap.add_argument("--rate", type=float, default=20.0)
@@ -260,20 +332,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output-tokens", type=int, default=128, help="per request without a trace")
     ap.add_argument("--max-output", type=int, default=2048, help="cap on a trace's output lengths")
     ap.add_argument("--burst-len", type=float, default=16.0)
-    ap.add_argument("--routing", default=str(ROOT.parent / "shared" / "data" / "routing" / "esft_routing.npz"),
-                    help="ESFT routing npz to replay (DeepSeek-V2-Lite layout); 'uniform'; or 'synthetic': domain "
-                         "profiles fitted to --skew (an assumption, for shapes without recorded routing)")
-    ap.add_argument("--skew", type=float, default=0.87,
-                    help="synthetic routing: distinct experts of a mixed 32-token batch relative to uniform routing")
-    ap.add_argument("--oracle-recall", type=float, default=1.0,
-                    help="CAPS's vectors: the prompt's true routing (1.0) or a noisy oracle at this top-k recall")
+    ap.add_argument(
+        "--routing",
+        default=str(ROOT.parent / "shared" / "data" / "routing" / "esft_routing.npz"),
+        help="ESFT routing npz to replay (DeepSeek-V2-Lite layout); 'uniform'; or 'synthetic': domain "
+        "profiles fitted to --skew (an assumption, for shapes without recorded routing)",
+    )
+    ap.add_argument(
+        "--skew",
+        type=float,
+        default=0.87,
+        help="synthetic routing: distinct experts of a mixed 32-token batch relative to uniform routing",
+    )
+    ap.add_argument(
+        "--oracle-recall",
+        type=float,
+        default=1.0,
+        help="CAPS's vectors: the prompt's true routing (1.0) or a noisy oracle at this top-k recall",
+    )
     ap.add_argument("--strategies", nargs="+", default=[STOCK, "fcfs", "step_cost"])
     ap.add_argument("--caps-config", default="{}")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--capacity", action="store_true",
-                    help="per arm, the capacity at SLO (bisection over the rate, from --rate) instead of one run")
-    ap.add_argument("--capacity-seconds", type=float, default=20.0,
-                    help="--capacity: each probe sends at least this many seconds of arrivals")
+    ap.add_argument(
+        "--capacity",
+        action="store_true",
+        help="per arm, the capacity at SLO (bisection over the rate, from --rate) instead of one run",
+    )
+    ap.add_argument(
+        "--capacity-seconds",
+        type=float,
+        default=20.0,
+        help="--capacity: each probe sends at least this many seconds of arrivals",
+    )
     ap.add_argument("--slo-ttft", type=float, default=2.0, help="SLO: P99 TTFT seconds (for --capacity)")
     ap.add_argument("--slo-itl", type=float, default=0.1, help="SLO: P99 inter-token seconds (for --capacity)")
     ap.add_argument("--no-progress", action="store_true")
@@ -305,42 +395,69 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--routing {args.routing}: no such file (pass 'uniform' without ../shared)")
         replay = EsftReplay(args.routing, seed=args.seed)
         if (replay.layers, replay.experts, replay.top_k) != (len(shape.moe_layers), shape.experts, shape.top_k):
-            ap.error(f"--routing has {replay.layers} layers x {replay.experts} experts, top-{replay.top_k}; "
-                     f"--model {args.model} has {len(shape.moe_layers)} x {shape.experts}, top-{shape.top_k}")
+            ap.error(
+                f"--routing has {replay.layers} layers x {replay.experts} experts, top-{replay.top_k}; "
+                f"--model {args.model} has {len(shape.moe_layers)} x {shape.experts}, top-{shape.top_k}"
+            )
         domains = replay.domains
         seq_len = {d: [len(s) for s in replay.seqs[d]] for d in domains}
     vocab = json.loads((MODELS / args.model / "config.json").read_text())["vocab_size"]
     reqs = build_requests(args, domains, seq_len, vocab)
-    overrides = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
-                                   ("max_num_batched_tokens", args.max_num_batched_tokens)) if v}
-    deployment = Deployment.defaults(args.hardware, kv_bytes=args.kv_gib * 2**30,
-                                     kv_bytes_per_token=shape.kv_bytes_per_token, max_model_len=MAX_MODEL_LEN,
-                                     enable_prefix_caching=not args.no_prefix_caching, **overrides)
+    overrides = {
+        k: v
+        for k, v in (("max_num_seqs", args.max_num_seqs), ("max_num_batched_tokens", args.max_num_batched_tokens))
+        if v
+    }
+    deployment = Deployment.defaults(
+        args.hardware,
+        kv_bytes=args.kv_gib * 2**30,
+        kv_bytes_per_token=shape.kv_bytes_per_token,
+        max_model_len=MAX_MODEL_LEN,
+        enable_prefix_caching=not args.no_prefix_caching,
+        **overrides,
+    )
     results = {}
     for arm in args.strategies:
         if args.capacity:
+
             def at(rate: float, arm=arm) -> dict:
                 # A sustained load: the probe lasts --capacity-seconds whatever the rate (a fixed
                 # count of requests at a high rate is one burst, which a big batch absorbs).
                 n = max(args.requests, int(rate * args.capacity_seconds))
                 probe = argparse.Namespace(**{**vars(args), "rate": rate, "requests": n})
-                return run_arm(arm, probe, shape, deployment, build_requests(probe, domains, seq_len, vocab), replay,
-                               caps, domains, False)
+                return run_arm(
+                    arm,
+                    probe,
+                    shape,
+                    deployment,
+                    build_requests(probe, domains, seq_len, vocab),
+                    replay,
+                    caps,
+                    domains,
+                    False,
+                )
 
             results[arm] = capacity(at, args.slo_ttft, args.slo_itl, args.rate)
             print(f"[{arm}] capacity at SLO {results[arm]['capacity_rps']:.4g} req/s", file=sys.stderr, flush=True)
             continue
         results[arm] = run_arm(arm, args, shape, deployment, reqs, replay, caps, domains, not args.no_progress)
         r = results[arm]
-        print(f"[{arm}] {r['requests']} requests, {r['steps']} steps, TTFT p99 {r['ttft_s']['p99']:.3f} s, "
-              f"ITL p50 {r['itl_s']['p50'] * 1e3:.2f} ms, wall {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
+        print(
+            f"[{arm}] {r['requests']} requests, {r['steps']} steps, TTFT p99 {r['ttft_s']['p99']:.3f} s, "
+            f"ITL p50 {r['itl_s']['p50'] * 1e3:.2f} ms, wall {r['wall_s']:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"command": "python -m sim.twin_run " + " ".join(sys.argv[1:] if argv is None else argv),
-           "deployment": asdict(deployment),
-           "hardware": vars(HARDWARE[args.hardware]), "model": args.model,
-           "note": "step times are a roofline model (public peak figures, assumed efficiencies), not measurements",
-           "results": results}
+    doc = {
+        "command": "python -m sim.twin_run " + " ".join(sys.argv[1:] if argv is None else argv),
+        "deployment": asdict(deployment),
+        "hardware": vars(HARDWARE[args.hardware]),
+        "model": args.model,
+        "note": "step times are a roofline model (public peak figures, assumed efficiencies), not measurements",
+        "results": results,
+    }
     (out / "results.json").write_text(json.dumps(doc, indent=2, default=str))
     if args.capacity:
         print("\n".join(f"| {a} | {r['capacity_rps']:.4g} req/s |" for a, r in results.items()))
@@ -380,27 +497,37 @@ def capacity(at, slo_ttft: float, slo_itl: float, start: float, rel_tol: float =
             lo = mid
         else:
             hi = mid
-    return {"capacity_rps": lo if lo is not None else 0.0, "first_failing_rps": hi,
-            "slo": {"ttft_p99_s": slo_ttft, "itl_p99_s": slo_itl}, "probes": probes}
+    return {
+        "capacity_rps": lo if lo is not None else 0.0,
+        "first_failing_rps": hi,
+        "slo": {"ttft_p99_s": slo_ttft, "itl_p99_s": slo_itl},
+        "probes": probes,
+    }
 
 
 def table(results: dict) -> str:
-    rows = [("TTFT p50 (s)", lambda r: r["ttft_s"]["p50"]), ("TTFT p99 (s)", lambda r: r["ttft_s"]["p99"]),
-            ("ITL p50 (ms)", lambda r: r["itl_s"]["p50"] * 1e3), ("ITL p99 (ms)", lambda r: r["itl_s"]["p99"] * 1e3),
-            ("E2E p99 (s)", lambda r: r["e2e_s"]["p99"]), ("throughput (req/s)", lambda r: r["throughput_rps"]),
-            ("distinct experts/layer, decode steps", lambda r: r["decode_step_distinct_experts"]),
-            ("mean waiting", lambda r: r["queue"]["mean_waiting"]),
-            ("admission steps with ≥ 2 waiting", lambda r: r["engagement"]["admission_steps_with_2plus_waiting"]),
-            ("… of them reordered", lambda r: r["engagement"]["share_reordered"]),
-            ("… of them planned by CAPS", lambda r: r["engagement"]["share_of_those_steps_planned"]),
-            ("contested steps (a new request admitted, another left behind)",
-             lambda r: r["engagement"]["contested_steps"]),
-            ("… of them planned by CAPS ", lambda r: r["engagement"]["share_of_contested_planned"]),
-            ("steps where only preempted requests resumed (their order is vLLM's)",
-             lambda r: r["engagement"]["steps_only_preempted_resumed"]),
-            ("scheduler time / simulated time", lambda r: r["scheduler_share_of_simulated"]),
-            ("CAPS's own time / simulated time (busiest engine)", lambda r: r["caps"]["share_of_simulated"]),
-            ("simulated s per wall s", lambda r: r["simulated_s_per_wall_s"])]
+    rows = [
+        ("TTFT p50 (s)", lambda r: r["ttft_s"]["p50"]),
+        ("TTFT p99 (s)", lambda r: r["ttft_s"]["p99"]),
+        ("ITL p50 (ms)", lambda r: r["itl_s"]["p50"] * 1e3),
+        ("ITL p99 (ms)", lambda r: r["itl_s"]["p99"] * 1e3),
+        ("E2E p99 (s)", lambda r: r["e2e_s"]["p99"]),
+        ("throughput (req/s)", lambda r: r["throughput_rps"]),
+        ("distinct experts/layer, decode steps", lambda r: r["decode_step_distinct_experts"]),
+        ("mean waiting", lambda r: r["queue"]["mean_waiting"]),
+        ("admission steps with ≥ 2 waiting", lambda r: r["engagement"]["admission_steps_with_2plus_waiting"]),
+        ("… of them reordered", lambda r: r["engagement"]["share_reordered"]),
+        ("… of them planned by CAPS", lambda r: r["engagement"]["share_of_those_steps_planned"]),
+        ("contested steps (a new request admitted, another left behind)", lambda r: r["engagement"]["contested_steps"]),
+        ("… of them planned by CAPS ", lambda r: r["engagement"]["share_of_contested_planned"]),
+        (
+            "steps where only preempted requests resumed (their order is vLLM's)",
+            lambda r: r["engagement"]["steps_only_preempted_resumed"],
+        ),
+        ("scheduler time / simulated time", lambda r: r["scheduler_share_of_simulated"]),
+        ("CAPS's own time / simulated time (busiest engine)", lambda r: r["caps"]["share_of_simulated"]),
+        ("simulated s per wall s", lambda r: r["simulated_s_per_wall_s"]),
+    ]
     arms = list(results)
     lines = ["| figure | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
     for name, get in rows:

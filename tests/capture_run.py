@@ -23,9 +23,17 @@ def main() -> None:
     from caps_vllm.tiny_model import prompt_pool
 
     model, mode = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else "eager")
-    llm = LLM(model=model, scheduler_cls="caps_vllm.CapsScheduler", max_model_len=512, enforce_eager=mode == "eager",
-              seed=0, max_num_seqs=4, max_num_batched_tokens=64, dtype="float32",
-              additional_config={"caps": {"capture_decode": True, "learn_rows_per_step": 40}})
+    llm = LLM(
+        model=model,
+        scheduler_cls="caps_vllm.CapsScheduler",
+        max_model_len=512,
+        enforce_eager=mode == "eager",
+        seed=0,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        dtype="float32",
+        additional_config={"caps": {"capture_decode": True, "learn_rows_per_step": 40}},
+    )
     sched = llm.llm_engine.engine_core.engine_core.scheduler
     prompt_counts: dict[str, np.ndarray] = {}
     steps = {"records": 0, "routed": 0, "scheduled": 0, "layer_sum": 0, "max_rows": 0}
@@ -62,20 +70,25 @@ def main() -> None:
         for o in outs:
             with torch.no_grad():
                 logits = hf(torch.tensor([o.prompt_token_ids]), output_router_logits=True).router_logits
-            rows = np.stack([torch.topk(l, k, dim=-1).indices.numpy() for l in logits], axis=1)
+            rows = np.stack([torch.topk(lg, k, dim=-1).indices.numpy() for lg in logits], axis=1)
             truth = counts_from_rows(rows, e)
             rid = next(r for r in prompt_counts if r.split("-")[0] == o.request_id)
             got = prompt_counts[rid]
             shipped = rows_of.get(rid, [])
-            result["prompts"].append({
-                "tokens": len(o.prompt_token_ids), "equal": bool(np.array_equal(got, truth)), "total": int(got.sum()),
-                # the rows shipped for learning are the routed ids of exactly those prompt positions
-                # (as sets: vLLM and transformers order a top-k differently)
-                "rows_equal": all(np.array_equal(np.sort(r, -1), np.sort(rows[s : s + len(r)], -1))
-                                  for s, r in shipped),
-                "rows": sum(len(r) for _, r in shipped),
-                "decode_total": int(decode[rid].sum()) if rid in decode else 0,
-            })
+            result["prompts"].append(
+                {
+                    "tokens": len(o.prompt_token_ids),
+                    "equal": bool(np.array_equal(got, truth)),
+                    "total": int(got.sum()),
+                    # the rows shipped for learning are the routed ids of exactly those prompt positions
+                    # (as sets: vLLM and transformers order a top-k differently)
+                    "rows_equal": all(
+                        np.array_equal(np.sort(r, -1), np.sort(rows[s : s + len(r)], -1)) for s, r in shipped
+                    ),
+                    "rows": sum(len(r) for _, r in shipped),
+                    "decode_total": int(decode[rid].sum()) if rid in decode else 0,
+                }
+            )
     result["top_k"] = sched.caps.predictor.top_k if sched.caps.predictor is not None else None
     print("RESULT " + json.dumps(result), flush=True)
 

@@ -26,31 +26,52 @@ def main() -> None:
     defaults = len(sys.argv) > 4 and sys.argv[4] == "cpu-defaults"
     budgets = {} if defaults else {"max_num_seqs": 4}
     # float32: the same arithmetic as transformers' reference (tests compare greedy outputs)
-    llm = LLM(model=model, scheduler_cls=sched, max_model_len=512, enforce_eager=True, seed=0, dtype="float32",
-              additional_config={"caps": caps} if caps else {}, **budgets)
+    llm = LLM(
+        model=model,
+        scheduler_cls=sched,
+        max_model_len=512,
+        enforce_eager=True,
+        seed=0,
+        dtype="float32",
+        additional_config={"caps": caps} if caps else {},
+        **budgets,
+    )
     pool = sorted(prompt_pool(), key=lambda r: r["category"])
     # Topic bursts: runs of one category, so admission order has something to change.
     prompts = [row["prompt"] for row in pool][:48]
     if defaults:  # longer prompts, each eight neighbours (mostly of one category) joined
         prompts = [" ".join(pool[(i + j) % len(pool)]["prompt"] for j in range(8)) for i in range(96)]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
-    chats = llm.chat([[{"role": "user", "content": p}] for p in prompts[:6]], SamplingParams(temperature=0.0, max_tokens=6))
+    chats = llm.chat(
+        [[{"role": "user", "content": p}] for p in prompts[:6]], SamplingParams(temperature=0.0, max_tokens=6)
+    )
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     caps = getattr(scheduler, "caps", None)
     stats = vars(caps.planner.stats) if caps is not None else None
     learner = caps.learner if caps is not None else None
     if learner is not None:
         learner.flush()
-    print("RESULT " + json.dumps({
-        "scheduler": type(scheduler).__name__,
-        "outputs": [list(o.outputs[0].token_ids) for o in outs],
-        "chat": [list(o.outputs[0].token_ids) for o in chats],
-        "caps_stats": stats,
-        "caps_counters": dict(caps.counters) if caps is not None else {},
-        "budgets": [scheduler.max_num_running_reqs, scheduler.max_num_scheduled_tokens],
-        "learner": None if learner is None else {"rows": learner.table.rows_learned, "resumed": learner.resumed,
-                                                 "changed": int((learner.table.table != learner.table.prior).any(axis=(1, 2)).sum())},
-    }), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "scheduler": type(scheduler).__name__,
+                "outputs": [list(o.outputs[0].token_ids) for o in outs],
+                "chat": [list(o.outputs[0].token_ids) for o in chats],
+                "caps_stats": stats,
+                "caps_counters": dict(caps.counters) if caps is not None else {},
+                "budgets": [scheduler.max_num_running_reqs, scheduler.max_num_scheduled_tokens],
+                "learner": None
+                if learner is None
+                else {
+                    "rows": learner.table.rows_learned,
+                    "resumed": learner.resumed,
+                    "changed": int((learner.table.table != learner.table.prior).any(axis=(1, 2)).sum()),
+                },
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

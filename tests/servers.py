@@ -17,8 +17,9 @@ class Server(VllmServer):
     """`vllm serve` of the embedded model as the tests run it: eager, 4 sequences, 512 tokens."""
 
     def __init__(self, model, extra: list[str], log: Path, env: dict | None = None):
-        super().__init__(model, ["--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4", *extra], log,
-                         env=env, cwd=ROOT)
+        super().__init__(
+            model, ["--max-model-len", "512", "--enforce-eager", "--max-num-seqs", "4", *extra], log, env=env, cwd=ROOT
+        )
 
 
 class Monitor:
@@ -29,9 +30,22 @@ class Monitor:
         self.log = data / "monitor.log"
         data.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            ["bash", str(ROOT / "deploy" / "monitor.sh"), "--target", target, "--prometheus-port", str(self.port),
-             "--interval", interval, "--data", str(data)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
+            [
+                "bash",
+                str(ROOT / "deploy" / "monitor.sh"),
+                "--target",
+                target,
+                "--prometheus-port",
+                str(self.port),
+                "--interval",
+                interval,
+                "--data",
+                str(data),
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=ROOT,
         )
 
     def query(self, expr: str) -> list[dict]:

@@ -22,8 +22,15 @@ def waiting(*specs, now=100.0):
     out = []
     for s in specs:
         name, age = s[0], s[1]
-        out.append(Waiting(item=name, key=name, arrival=now - age, preempted=len(s) > 2 and s[2],
-                           priority=s[3] if len(s) > 3 else 0))
+        out.append(
+            Waiting(
+                item=name,
+                key=name,
+                arrival=now - age,
+                preempted=len(s) > 2 and s[2],
+                priority=s[3] if len(s) > 3 else 0,
+            )
+        )
     return out
 
 
@@ -145,8 +152,9 @@ def test_nobody_is_overtaken_in_more_than_max_passes_steps(max_passes, seed):
     for step in range(300):
         for _ in range(int(rng.integers(0, 3))):
             t += 1.0
-            queue.append(Waiting(f"{'hot' if rng.random() < 0.7 else 'bcd'[int(rng.integers(3))]}{step}_{t}",
-                                 f"r{t}", t))
+            queue.append(
+                Waiting(f"{'hot' if rng.random() < 0.7 else 'bcd'[int(rng.integers(3))]}{step}_{t}", f"r{t}", t)
+            )
         if not queue:
             continue
         order = p.plan(queue, lambda n: vec(n.split("_")[0]), np.array([50.0, 0, 0, 0]), capacity=1, now=t)
@@ -164,7 +172,9 @@ def test_nobody_is_overtaken_in_more_than_max_passes_steps(max_passes, seed):
 
 def test_config_defaults_and_errors():
     cfg = CapsConfig.from_dict(None)
-    assert cfg.strategy == "step_cost" and cfg.vectors == "per_token" and cfg.max_passes == 4 and cfg.max_wait_ms is None
+    assert (
+        cfg.strategy == "step_cost" and cfg.vectors == "per_token" and cfg.max_passes == 4 and cfg.max_wait_ms is None
+    )
     for bad, field in [
         ({"strategy": "nope"}, "caps.strategy"),
         ({"window_size": 0}, "caps.window_size"),
@@ -195,8 +205,16 @@ def test_numpy_blas_threads_are_set_in_the_library_numpy_loaded():
     if path is None:
         pytest.skip("this numpy has no OpenBLAS of its own")
     lib = ctypes.CDLL(path)
-    get = next(getattr(lib, n) for n in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                                         "openblas_get_num_threads64_", "openblas_get_num_threads") if hasattr(lib, n))
+    get = next(
+        getattr(lib, n)
+        for n in (
+            "scipy_openblas_get_num_threads64_",
+            "scipy_openblas_get_num_threads",
+            "openblas_get_num_threads64_",
+            "openblas_get_num_threads",
+        )
+        if hasattr(lib, n)
+    )
     assert get() == 2
     assert limit_threads(1) == path and get() == 1
 
@@ -317,6 +335,7 @@ def test_caps_changes_which_requests_are_admitted_not_how_many_nor_how_much():
     """Two long prompts, two short ones the strategy prefers, three slots and 1024 tokens: FCFS
     admits 2 (800 + a 224-token chunk); the short ones first would admit 3 and fill only 820,
     one short one first 3 (10 + 800 + a 214 chunk, vLLM's test_schedule_order): both kept FCFS."""
+
     def with_needs(*specs):
         return [Waiting(n, n, 100.0 - age, need=need) for n, age, need in specs]
 

@@ -14,11 +14,16 @@ pytest.importorskip("vllm")
 
 
 def _run(model, mode="eager") -> tuple[dict, str]:
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "capture_run.py"), str(model), mode],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "capture_run.py"), str(model), mode],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads(line[len("RESULT "):]), proc.stdout + proc.stderr
+    return json.loads(line[len("RESULT ") :]), proc.stdout + proc.stderr
 
 
 @pytest.mark.engine
@@ -45,8 +50,15 @@ def test_capture_switches_off_with_one_warning_for_a_dense_model(tmp_path, tiny_
     import torch
     import transformers
 
-    cfg = transformers.Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    cfg = transformers.Qwen2Config(
+        vocab_size=1024,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     for f in tiny_model.iterdir():  # the embedded tokenizer

@@ -28,16 +28,36 @@ def test_runs_are_interleaved_and_every_arm_runs_once_per_repetition():
 
 
 def _run(rng, scale=1.0, n=300, tput=8.0):
-    samples = [{"error": None, "ttft_s": float(x), "e2e_s": float(2 * x + 0.1),
-                "itl_s": list(rng.exponential(0.01, 7) * scale)} for x in rng.exponential(0.2, n) * scale]
+    samples = [
+        {
+            "error": None,
+            "ttft_s": float(x),
+            "e2e_s": float(2 * x + 0.1),
+            "itl_s": list(rng.exponential(0.01, 7) * scale),
+        }
+        for x in rng.exponential(0.2, n) * scale
+    ]
     samples.append({"error": "timeout", "ttft_s": None, "e2e_s": None, "itl_s": []})  # failures are left out
-    return RunData.from_samples(samples, {"throughput_rps": tput, "throughput_tok_s": 7 * tput, "goodput_rps": tput,
-                                          "engine_steps": 900.0, "distinct_experts": 12.0, "imbalance": None})
+    return RunData.from_samples(
+        samples,
+        {
+            "throughput_rps": tput,
+            "throughput_tok_s": 7 * tput,
+            "goodput_rps": tput,
+            "engine_steps": 900.0,
+            "distinct_experts": 12.0,
+            "imbalance": None,
+        },
+    )
 
 
 def _scaled(run: RunData, k: float, tput: float) -> RunData:
-    return RunData(run.ttft_s * k, run.e2e_s * k, [g * k for g in run.itl_s],
-                   {**run.run, "throughput_rps": tput, "throughput_tok_s": 7 * tput})
+    return RunData(
+        run.ttft_s * k,
+        run.e2e_s * k,
+        [g * k for g in run.itl_s],
+        {**run.run, "throughput_rps": tput, "throughput_tok_s": 7 * tput},
+    )
 
 
 def test_pooled_quantiles_are_nearest_rank_over_all_runs():
@@ -74,7 +94,9 @@ def test_identical_arms_show_no_difference_and_a_real_one_is_found():
     for name in ("TTFT p50", "TTFT p99", "ITL p50", "E2E p90"):
         assert iv[name].point == pytest.approx(1.5) and iv[name].lo > 1.0
         assert verdict(BY_NAME[name], iv[name]) == "worse"
-    assert iv["throughput"].point == pytest.approx(1.25) and verdict(BY_NAME["throughput"], iv["throughput"]) == "better"
+    assert (
+        iv["throughput"].point == pytest.approx(1.25) and verdict(BY_NAME["throughput"], iv["throughput"]) == "better"
+    )
     assert iv["actual imbalance max/mean"].point is None
     assert verdict(BY_NAME["actual imbalance max/mean"], iv["actual imbalance max/mean"]) == "no value"
     assert compare(base, slow, draws=400, seed=3) == compare(base, slow, draws=400, seed=3)  # seeded
@@ -91,7 +113,9 @@ def test_verdicts_are_withheld_where_the_evidence_cannot_carry_one():
     assert verdict(fig, Interval(1.4, 1.2, 1.6, 3), noisy_aa).startswith("inconclusive")
     assert verdict(fig, Interval(1.4, 1.2, 1.6, 3), Interval(1.0, 0.8, 1.2, 3)) == "worse"
     # A ratio no farther from 1 than identical arms moved in the same session is not an effect.
-    assert verdict(fig, Interval(1.15, 1.05, 1.3, 3), Interval(1.0, 0.8, 1.2, 3)).endswith("(within the A/A noise floor)")
+    assert verdict(fig, Interval(1.15, 1.05, 1.3, 3), Interval(1.0, 0.8, 1.2, 3)).endswith(
+        "(within the A/A noise floor)"
+    )
     assert verdict(BY_NAME["actual distinct experts/layer/step"], Interval(0.9, 0.85, 0.95, 3)) == "lower"
     with pytest.raises(ValueError):
         compare(base, [], draws=200)
@@ -113,33 +137,91 @@ def test_a_late_load_generator_or_a_broken_hold_disqualifies_the_run():
 
 
 def _doc(results, runs, aa=None):
-    args = {"pattern": "bursty", "model": "m", "max_num_seqs": 8, "max_tokens": 32, "rate": 8.0, "duration": 60.0,
-            "max_requests": 1000, "seed": 0, "repeats": 2, "concurrency": 64, "hold": 0.0, "caps_config": "{}",
-            "bootstrap": 1000, "max_lag": 0.5}
-    meta = {"command": "python -m loadtest.compare ...", "args": args, "arms": ["fcfs", "step_cost"] + ([aa] if aa else []),
-            "baseline": "fcfs", "aa": aa, "pinning": {"server_cpus": [0], "loadgen_cpus": [1]}}
+    args = {
+        "pattern": "bursty",
+        "model": "m",
+        "max_num_seqs": 8,
+        "max_tokens": 32,
+        "rate": 8.0,
+        "duration": 60.0,
+        "max_requests": 1000,
+        "seed": 0,
+        "repeats": 2,
+        "concurrency": 64,
+        "hold": 0.0,
+        "caps_config": "{}",
+        "bootstrap": 1000,
+        "max_lag": 0.5,
+    }
+    meta = {
+        "command": "python -m loadtest.compare ...",
+        "args": args,
+        "arms": ["fcfs", "step_cost"] + ([aa] if aa else []),
+        "baseline": "fcfs",
+        "aa": aa,
+        "pinning": {"server_cpus": [0], "loadgen_cpus": [1]},
+    }
     return {**meta, "headline": headline(results, runs, meta), "comparisons": results}
 
 
 def _record(label, rep, rng, status="ok", reason=None):
     if status == "failed":
-        return {"label": label, "repeat": rep, "seed": rep, "status": status, "reason": reason, "wall_s": 12.0,
-                "summary": None, "metrics": None, "samples": [], "timeseries": []}
-    samples = [{"error": None, "ttft_s": float(x), "e2e_s": float(2 * x), "itl_s": [0.01] * 7}
-               for x in rng.exponential(0.2, 50)]
+        return {
+            "label": label,
+            "repeat": rep,
+            "seed": rep,
+            "status": status,
+            "reason": reason,
+            "wall_s": 12.0,
+            "summary": None,
+            "metrics": None,
+            "samples": [],
+            "timeseries": [],
+        }
+    samples = [
+        {"error": None, "ttft_s": float(x), "e2e_s": float(2 * x), "itl_s": [0.01] * 7}
+        for x in rng.exponential(0.2, 50)
+    ]
     q = {"p50": 0.1, "p90": 0.2, "p99": 0.3, "max": 0.4, "mean": 0.1, "n": 50}
-    summary = {"completed": 50, "scheduled": 50, "failures": 0, "e2e_s": q, "lag_s": q, "held_share": 0.0,
-               "throughput_rps": 8.0, "throughput_tok_s": 64.0, "goodput_rps": 8.0}
-    metrics = {"engine_steps": 400.0, "vllm:caps_actual_distinct_experts": 12.0,
-               "vllm:caps_actual_load_max_over_mean": 2.0, "vllm:caps_ranked_requests_total": 5.0}
-    return {"label": label, "repeat": rep, "seed": rep, "status": status, "reason": reason, "wall_s": 40.0,
-            "summary": summary, "metrics": metrics, "samples": samples, "timeseries": []}
+    summary = {
+        "completed": 50,
+        "scheduled": 50,
+        "failures": 0,
+        "e2e_s": q,
+        "lag_s": q,
+        "held_share": 0.0,
+        "throughput_rps": 8.0,
+        "throughput_tok_s": 64.0,
+        "goodput_rps": 8.0,
+    }
+    metrics = {
+        "engine_steps": 400.0,
+        "vllm:caps_actual_distinct_experts": 12.0,
+        "vllm:caps_actual_load_max_over_mean": 2.0,
+        "vllm:caps_ranked_requests_total": 5.0,
+    }
+    return {
+        "label": label,
+        "repeat": rep,
+        "seed": rep,
+        "status": status,
+        "reason": reason,
+        "wall_s": 40.0,
+        "summary": summary,
+        "metrics": metrics,
+        "samples": samples,
+        "timeseries": [],
+    }
 
 
 def test_the_report_leads_with_the_verdict_and_lists_every_run(tmp_path):
     rng = np.random.default_rng(4)
-    runs = [_record("fcfs", 0, rng), _record("step_cost", 0, rng), _record("step_cost", 1, rng),
-            _record("fcfs", 1, rng, "failed", "vllm serve exited with 1")]
+    runs = [
+        _record("fcfs", 0, rng),
+        _record("step_cost", 0, rng),
+        _record("step_cost", 1, rng),
+        _record("fcfs", 1, rng, "failed", "vllm serve exited with 1"),
+    ]
     base, arm = (RunData.from_samples(r["samples"], {}) for r in runs[:2])
     ivs = compare([base], [arm], draws=200)
     results = {"step_cost": {f.name: {**ivs[f.name].to_json(), "verdict": verdict(f, ivs[f.name])} for f in FIGURES}}
@@ -147,8 +229,9 @@ def test_the_report_leads_with_the_verdict_and_lists_every_run(tmp_path):
     text = report(doc, runs, run_data(runs), tmp_path)
     first = text.splitlines()[0]
     assert first.startswith("step_cost vs fcfs on this machine: E2E p99 ratio ") and ", 95 % CI " in first
-    assert first.endswith(": not judged (one run per arm: run-to-run noise not sampled) "
-                          "(1 of 2 interleaved repetitions valid).")
+    assert first.endswith(
+        ": not judged (one run per arm: run-to-run noise not sampled) (1 of 2 interleaved repetitions valid)."
+    )
     assert "No A/A control" in text and "| fcfs | failed: vllm serve exited with 1 |" in text
     assert "Only 2 repetitions per arm" in text
     # ranked 5 in each step_cost run: no "served in FCFS order" note; with none ranked, the note.
@@ -160,15 +243,20 @@ def test_the_report_leads_with_the_verdict_and_lists_every_run(tmp_path):
     assert _doc({}, runs)["headline"][0].startswith("step_cost vs fcfs on this machine: no verdict")
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--repeats", "0"], "--repeats must be ≥ 1"),
-    (["--strategies", "fcfs", "fastest"], "--strategies: unknown arm 'fastest'"),
-    (["--strategies", "fcfs", "step_cost", "--baseline", "greedy_dot_product"],
-     "--baseline 'greedy_dot_product' is not one of --strategies"),
-    (["--strategies", "fcfs", "fcfs"], "named twice"),
-    (["--strategies", "fcfs"], "needs two arms"),
-    (["--caps-config", "[1]"], "--caps-config must be a JSON object"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--repeats", "0"], "--repeats must be ≥ 1"),
+        (["--strategies", "fcfs", "fastest"], "--strategies: unknown arm 'fastest'"),
+        (
+            ["--strategies", "fcfs", "step_cost", "--baseline", "greedy_dot_product"],
+            "--baseline 'greedy_dot_product' is not one of --strategies",
+        ),
+        (["--strategies", "fcfs", "fcfs"], "named twice"),
+        (["--strategies", "fcfs"], "needs two arms"),
+        (["--caps-config", "[1]"], "--caps-config must be a JSON object"),
+    ],
+)
 def test_bad_options_are_named(argv, message):
     r = subprocess.run([sys.executable, "-m", "loadtest.compare", *argv], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr, r.stderr[-600:]

@@ -22,7 +22,7 @@ def _engine(model, sched, caps=None, mode="small"):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_shipped_model_greedy_in_vllm_equals_transformers(tiny_model, fcfs_run):
         ids = torch.tensor([tok(prompt)["input_ids"]])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        assert out[0, ids.shape[1]:].tolist() == vllm_ids
+        assert out[0, ids.shape[1] :].tolist() == vllm_ids
 
 
 @pytest.mark.server
@@ -85,22 +85,41 @@ def test_vllm_serve_with_caps(tiny_model, tmp_path):
     # process that has exited. It must not leak into this server's /metrics.
     folder = tmp_path / "prom"
     folder.mkdir()
-    subprocess.run([sys.executable, "-c", "from prometheus_client import Counter; Counter('vllm:caps_steps', 'x', "
-                    "['model_name', 'engine']).labels('tiny', '0').inc(1e6)"],
-                   env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)}, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from prometheus_client import Counter; Counter('vllm:caps_steps', 'x', "
+            "['model_name', 'engine']).labels('tiny', '0').inc(1e6)",
+        ],
+        env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(folder)},
+        check=True,
+    )
     assert list(folder.glob("counter_*.db"))
-    srv = Server(tiny_model, ["--scheduler-cls", "caps_vllm.CapsScheduler", "--additional-config",
-                              json.dumps({"caps": CAPS})], tmp_path / "serve.log",
-                 env={"PROMETHEUS_MULTIPROC_DIR": str(folder)})
+    srv = Server(
+        tiny_model,
+        ["--scheduler-cls", "caps_vllm.CapsScheduler", "--additional-config", json.dumps({"caps": CAPS})],
+        tmp_path / "serve.log",
+        env={"PROMETHEUS_MULTIPROC_DIR": str(folder)},
+    )
     try:
         srv.wait_ready()
         prompts = [r["prompt"] for r in prompt_pool()][:24]
 
         def call(i: int) -> dict:
             if i % 2:
-                return srv.post("/v1/chat/completions", {"model": "tiny", "max_tokens": 8, "temperature": 0,
-                                                        "messages": [{"role": "user", "content": prompts[i]}]})
-            return srv.post("/v1/completions", {"model": "tiny", "prompt": prompts[i], "max_tokens": 8, "temperature": 0})
+                return srv.post(
+                    "/v1/chat/completions",
+                    {
+                        "model": "tiny",
+                        "max_tokens": 8,
+                        "temperature": 0,
+                        "messages": [{"role": "user", "content": prompts[i]}],
+                    },
+                )
+            return srv.post(
+                "/v1/completions", {"model": "tiny", "prompt": prompts[i], "max_tokens": 8, "temperature": 0}
+            )
 
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(call, range(len(prompts))))
@@ -119,8 +138,11 @@ def test_vllm_serve_with_caps(tiny_model, tmp_path):
 
 @pytest.mark.server
 def test_vllm_serve_refuses_an_invalid_caps_setting(tiny_model, tmp_path):
-    srv = Server(tiny_model, ["--scheduler-cls", "caps_vllm.CapsScheduler", "--additional-config",
-                              json.dumps({"caps": {"window_size": 0}})], tmp_path / "bad.log")
+    srv = Server(
+        tiny_model,
+        ["--scheduler-cls", "caps_vllm.CapsScheduler", "--additional-config", json.dumps({"caps": {"window_size": 0}})],
+        tmp_path / "bad.log",
+    )
     try:
         rc = srv.proc.wait(timeout=300)
     finally:

@@ -22,12 +22,26 @@ def _log(path, rng, coef, n=400):
         ctx = tokens + int(rng.integers(0, 500))
         experts = int(rng.integers(4, 120))
         period = float(np.dot(coef, [1, tokens, pre, dec, ctx, experts]))
-        lines.append({"t": t, "sched_s": 1e-4, "tokens": tokens, "prefill_tokens": tokens - dec, "prefill_reqs": pre,
-                      "decode_reqs": dec, "context": ctx, "new": pre, "end": t + period * 0.9,
-                      "busy": i < n - 1, "experts": experts})
+        lines.append(
+            {
+                "t": t,
+                "sched_s": 1e-4,
+                "tokens": tokens,
+                "prefill_tokens": tokens - dec,
+                "prefill_reqs": pre,
+                "decode_reqs": dec,
+                "context": ctx,
+                "new": pre,
+                "end": t + period * 0.9,
+                "busy": i < n - 1,
+                "experts": experts,
+            }
+        )
         t += period
-    reqs = [{"req": f"r{i}", "added": 100.0 + i, "front_s": 0.002, "prompt": 10, "first": 100.01 + i,
-             "done": 100.2 + i} for i in range(20)]
+    reqs = [
+        {"req": f"r{i}", "added": 100.0 + i, "front_s": 0.002, "prompt": 10, "first": 100.01 + i, "done": 100.2 + i}
+        for i in range(20)
+    ]
     path.write_text("".join(json.dumps(x) + "\n" for x in lines + reqs))
 
 
@@ -40,13 +54,15 @@ def test_the_profile_fit_recovers_known_coefficients_and_drops_negative_ones(tmp
     assert prof.front_s == pytest.approx(0.002) and prof.output_s == pytest.approx(0.015 - 0.012)
     assert prof.fit["median_abs_error"] < 1e-9
     # A feature that only makes the fit worse would get a negative weight: it is dropped instead.
-    x = np.c_[np.ones(50), np.arange(50.0), -np.arange(50.0) ** 1.5]
+    x = np.c_[np.ones(50), np.arange(50.0), -(np.arange(50.0) ** 1.5)]
     y = 1.0 + 2.0 * np.arange(50.0)
     assert fit_nonnegative(x, y) == pytest.approx([1.0, 2.0, 0.0])
     # Idle gaps are not step periods: only steps after which the engine went straight on count.
-    steps = [{"t": 0.0, "busy": False, "tokens": 1, "prefill_reqs": 0, "decode_reqs": 1, "context": 1, "experts": 4},
-             {"t": 9.0, "busy": True, "tokens": 1, "prefill_reqs": 0, "decode_reqs": 1, "context": 2, "experts": 4},
-             {"t": 9.01, "busy": False, "tokens": 1, "prefill_reqs": 0, "decode_reqs": 1, "context": 3, "experts": 4}]
+    steps = [
+        {"t": 0.0, "busy": False, "tokens": 1, "prefill_reqs": 0, "decode_reqs": 1, "context": 1, "experts": 4},
+        {"t": 9.0, "busy": True, "tokens": 1, "prefill_reqs": 0, "decode_reqs": 1, "context": 2, "experts": 4},
+        {"t": 9.01, "busy": False, "tokens": 1, "prefill_reqs": 0, "decode_reqs": 1, "context": 3, "experts": 4},
+    ]
     x, y = periods(steps)
     assert y.tolist() == pytest.approx([0.01])
     # The front end's own delay: from requests that found the engine idle (not mid-step).
@@ -101,8 +117,7 @@ def test_fidelity_figures_are_computed_alike_on_both_sides():
     from sim.fidelity import figures, interval
 
     f = figures([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 8.0], steps=77)
-    assert f == {"steps": 77, "throughput_rps": 0.5, "ttft_p50": 0.2, "ttft_p90": 0.4, "e2e_p50": 2.0,
-                 "e2e_p90": 4.0}
+    assert f == {"steps": 77, "throughput_rps": 0.5, "ttft_p50": 0.2, "ttft_p90": 0.4, "e2e_p50": 2.0, "e2e_p90": 4.0}
     iv = interval([1.0, 2.0, 3.0])
-    assert iv["mean"] == 2.0 and iv["lo"] == pytest.approx(2.0 - 4.303 / 3 ** 0.5) and iv["n"] == 3
+    assert iv["mean"] == 2.0 and iv["lo"] == pytest.approx(2.0 - 4.303 / 3**0.5) and iv["n"] == 3
     assert interval([5.0])["lo"] is None

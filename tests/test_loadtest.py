@@ -77,8 +77,10 @@ class _Faulty(BaseHTTPRequestHandler):
             self.wfile.write(b"data: {not json\n\n")
             return
         for i, tok in enumerate(("a", "b", "c")):
-            body = {"choices": [{"text": tok, "delta": {"content": tok}, "finish_reason": None}],
-                    "usage": {"completion_tokens": i + 1}}
+            body = {
+                "choices": [{"text": tok, "delta": {"content": tok}, "finish_reason": None}],
+                "usage": {"completion_tokens": i + 1},
+            }
             self.wfile.write(f"data: {json.dumps(body)}\n\n".encode())
             self.wfile.flush()
             time.sleep(0.01)
@@ -87,10 +89,30 @@ class _Faulty(BaseHTTPRequestHandler):
 
 
 def _locust(host: str, out: Path, *extra: str) -> tuple[int, dict]:
-    cmd = [sys.executable, "-m", "locust", "-f", f"{ROOT}/loadtest/locustfile.py,{ROOT}/loadtest/shapes/poisson.py",
-           "--headless", "-H", host, "--only-summary", "--loglevel", "WARNING", "--csv", str(out / "locust"),
-           "--summary", str(out / "summary.json"), "--samples", str(out / "samples.jsonl"), "--run-time", "60s",
-           "--model", "m", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        f"{ROOT}/loadtest/locustfile.py,{ROOT}/loadtest/shapes/poisson.py",
+        "--headless",
+        "-H",
+        host,
+        "--only-summary",
+        "--loglevel",
+        "WARNING",
+        "--csv",
+        str(out / "locust"),
+        "--summary",
+        str(out / "summary.json"),
+        "--samples",
+        str(out / "samples.jsonl"),
+        "--run-time",
+        "60s",
+        "--model",
+        "m",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert (out / "summary.json").exists(), proc.stderr[-3000:]
     return proc.returncode, json.loads((out / "summary.json").read_text())
@@ -100,16 +122,32 @@ def test_every_failure_is_counted_with_its_reason(tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Faulty)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        rc, s = _locust(f"http://127.0.0.1:{server.server_port}", tmp_path, "--rate", "20", "--duration", "1.5",
-                        "--max-requests", "12", "--request-timeout", "1", "--concurrency", "1")
+        rc, s = _locust(
+            f"http://127.0.0.1:{server.server_port}",
+            tmp_path,
+            "--rate",
+            "20",
+            "--duration",
+            "1.5",
+            "--max-requests",
+            "12",
+            "--request-timeout",
+            "1",
+            "--concurrency",
+            "1",
+        )
     finally:
         server.shutdown()
     assert s["sent"] == s["scheduled"] == 12
     assert s["completed"] == 2 and s["failures"] == 10 and rc == 1
     reasons = s["failure_reasons"]
-    assert reasons == {"http 500: {\"error\": \"no\"}": 2, "http 400: {\"error\": \"no\"}": 2,
-                       "broken stream: ended without [DONE]": 2, "timeout": 2,
-                       "broken stream: bad chunk (JSONDecodeError)": 2}, reasons
+    assert reasons == {
+        'http 500: {"error": "no"}': 2,
+        'http 400: {"error": "no"}': 2,
+        "broken stream: ended without [DONE]": 2,
+        "timeout": 2,
+        "broken stream: bad chunk (JSONDecodeError)": 2,
+    }, reasons
     assert s["ttft_s"]["n"] == 2 and s["itl_s"]["n"] == 4 and s["throughput_tok_s"] > 0
     # One user: the arrivals behind the 1 s time-out waited for it (held by the concurrency bound),
     # which is not the generator's own lag.
@@ -123,8 +161,9 @@ def test_every_failure_is_counted_with_its_reason(tmp_path):
 def test_a_server_that_is_down_is_a_counted_failure(tmp_path):
     from loadtest.server import free_port
 
-    rc, s = _locust(f"http://127.0.0.1:{free_port()}", tmp_path, "--rate", "10", "--duration", "1",
-                    "--max-requests", "5")
+    rc, s = _locust(
+        f"http://127.0.0.1:{free_port()}", tmp_path, "--rate", "10", "--duration", "1", "--max-requests", "5"
+    )
     assert rc == 1 and s["failures"] == s["sent"] == s["scheduled"] > 0
     assert list(s["failure_reasons"]) == ["connection: server down or refusing"]
 
@@ -135,15 +174,48 @@ def test_side_by_side_against_live_servers(tiny_model, tmp_path):
     server per run. The scheduler is held for the first 1.5 s (``--hold``), so ~60 requests wait
     for 4 sequence slots at the first step whatever the machine's speed: CAPS has a choice."""
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tiny_model), "--rate", "40", "--duration", "4",
-           "--max-requests", "150", "--max-tokens", "8", "--max-num-seqs", "4", "--poll", "1", "--hold", "1.5",
-           "--repeats", "2", "--bootstrap", "200", "--out", str(out),
-           "--caps-config", json.dumps({"max_wait_ms": 60000}), "--strategies", "fcfs", "step_cost", "--step-log"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.compare",
+        "--model",
+        str(tiny_model),
+        "--rate",
+        "40",
+        "--duration",
+        "4",
+        "--max-requests",
+        "150",
+        "--max-tokens",
+        "8",
+        "--max-num-seqs",
+        "4",
+        "--poll",
+        "1",
+        "--hold",
+        "1.5",
+        "--repeats",
+        "2",
+        "--bootstrap",
+        "200",
+        "--out",
+        str(out),
+        "--caps-config",
+        json.dumps({"max_wait_ms": 60000}),
+        "--strategies",
+        "fcfs",
+        "step_cost",
+        "--step-log",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     doc = json.loads((out / "compare.json").read_text())
-    assert [(r["repeat"], r["label"]) for r in doc["runs"]] == [(0, "fcfs"), (0, "step_cost"), (1, "step_cost"),
-                                                                (1, "fcfs")]
+    assert [(r["repeat"], r["label"]) for r in doc["runs"]] == [
+        (0, "fcfs"),
+        (0, "step_cost"),
+        (1, "step_cost"),
+        (1, "fcfs"),
+    ]
     for r in doc["runs"]:
         s, m = r["summary"], r["metrics"]
         assert r["status"] == "ok", r["reason"]
@@ -170,8 +242,13 @@ def test_side_by_side_against_live_servers(tiny_model, tmp_path):
         assert (out / name).stat().st_size > 0
     assert (out / "raw" / "r0-fcfs" / "serve.log").exists()
     # The raw files are enough to recompute everything (seeded bootstrap: the same intervals).
-    again = subprocess.run([sys.executable, "-m", "loadtest.compare", "--reanalyse", str(out), "--bootstrap", "200"],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "loadtest.compare", "--reanalyse", str(out), "--bootstrap", "200"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "compare.json").read_text())["comparisons"] == doc["comparisons"]
     _check_step_logs(doc, out, tiny_model)
@@ -192,11 +269,31 @@ def _check_step_logs(doc: dict, out, tiny_model) -> None:
         assert all("experts" in s for s in steps)  # the workers' routing capture counted each step's experts
         arrivals = build("bursty", load_prompts(), rate=40, duration=4, max_requests=150, max_tokens=8, seed=r["seed"])
         assert sorted(len(tok(a.prompt, a.chat)) for a in arrivals) == sorted(x["prompt"] for x in reqs)
-    prof = subprocess.run([sys.executable, "-m", "sim.step_profile", "--runs", str(out), "--out", str(out / "p.json")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    prof = subprocess.run(
+        [sys.executable, "-m", "sim.step_profile", "--runs", str(out), "--out", str(out / "p.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert prof.returncode == 0, prof.stderr[-3000:]
-    fid = subprocess.run([sys.executable, "-m", "sim.fidelity", "--profile", str(out / "p.json"), "--live", str(out),
-                          "--out", str(out / "fid")], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    fid = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sim.fidelity",
+            "--profile",
+            str(out / "p.json"),
+            "--live",
+            str(out),
+            "--out",
+            str(out / "fid"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert fid.returncode == 0, fid.stderr[-3000:]
     cell = json.loads((out / "fid" / "fidelity.json").read_text())["cells"][0]
     for arm in ("fcfs", "step_cost"):
@@ -207,8 +304,24 @@ def _check_step_logs(doc: dict, out, tiny_model) -> None:
 @pytest.mark.server
 def test_a_run_whose_server_does_not_start_is_reported_not_dropped(tmp_path):
     out = tmp_path / "cmp"
-    cmd = [sys.executable, "-m", "loadtest.compare", "--model", str(tmp_path / "no-such-model"), "--duration", "2",
-           "--strategies", "fcfs", "--aa", "--repeats", "1", "--startup-timeout", "300", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.compare",
+        "--model",
+        str(tmp_path / "no-such-model"),
+        "--duration",
+        "2",
+        "--strategies",
+        "fcfs",
+        "--aa",
+        "--repeats",
+        "1",
+        "--startup-timeout",
+        "300",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     doc = json.loads((out / "compare.json").read_text())

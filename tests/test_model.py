@@ -23,8 +23,9 @@ def small_pool(tmp_path_factory):
 def _weights(seed: int, pool) -> dict:
     threads = torch.get_num_threads()
     try:
-        model, _, report = train(pool, None, steps=3, seed=seed, batch=2, seq_len=32, eval_every=100, eval_blocks=2,
-                                 log=lambda *_: None)
+        model, _, report = train(
+            pool, None, steps=3, seed=seed, batch=2, seq_len=32, eval_every=100, eval_blocks=2, log=lambda *_: None
+        )
     finally:
         torch.set_num_threads(threads)
     assert report["steps"] == 3 and report["held_out_ppl"] < report["held_out_ppl_untrained"] * 2

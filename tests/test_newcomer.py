@@ -21,8 +21,9 @@ SAMPLE = {"HEAD_IP": "10.0.0.1", "START_RANK": "8"}  # what a user exports for t
 
 
 def test_readme_quick_start_is_two_make_targets():
-    out = subprocess.run(["bash", str(ROOT / ".ci" / "fresh_clone_check.sh"), "--list"], capture_output=True, text=True,
-                         check=True).stdout.split("\n")
+    out = subprocess.run(
+        ["bash", str(ROOT / ".ci" / "fresh_clone_check.sh"), "--list"], capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     commands = [c for c in out if c]
     assert commands == ["make demo", "make test"]
     makefile = (ROOT / "Makefile").read_text()
@@ -46,10 +47,16 @@ def _launches() -> list[tuple[str, dict[str, str]]]:
     for path in sorted((ROOT / "deploy" / "k8s").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             spec = doc["spec"]
-            templates = ([("leader", spec["leaderWorkerTemplate"]["leaderTemplate"]),
-                          ("worker", spec["leaderWorkerTemplate"]["workerTemplate"])]
-                         if doc["kind"] == "LeaderWorkerSet" else
-                         [("pod", spec["template"])] if doc["kind"] == "Deployment" else [])
+            templates = (
+                [
+                    ("leader", spec["leaderWorkerTemplate"]["leaderTemplate"]),
+                    ("worker", spec["leaderWorkerTemplate"]["workerTemplate"]),
+                ]
+                if doc["kind"] == "LeaderWorkerSet"
+                else [("pod", spec["template"])]
+                if doc["kind"] == "Deployment"
+                else []
+            )
             for role, tpl in templates:
                 for c in tpl["spec"]["containers"]:
                     assert c["command"] == ["caps-serve"]
@@ -64,9 +71,12 @@ def _launches() -> list[tuple[str, dict[str, str]]]:
 
 
 def _serve_argv(env: dict[str, str]) -> list[str]:
-    out = subprocess.run(["bash", str(ROOT / "deploy" / "serve.sh")], env={"PATH": os.environ["PATH"], **env,
-                                                                           "DRY_RUN": "1"},
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "serve.sh")],
+        env={"PATH": os.environ["PATH"], **env, "DRY_RUN": "1"},
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     return shlex.split(out.stdout)
 
@@ -86,7 +96,9 @@ def test_every_deployment_runs_a_command_vllm_accepts_with_caps():
     for where, env in launches:
         argv = _serve_argv(env)
         if env["ROLE"] == "ray-worker":
-            assert argv[:2] == ["ray", "start"] and argv[2] == f"--address={env['HEAD_IP']}:6379" and "--block" in argv, where
+            assert (
+                argv[:2] == ["ray", "start"] and argv[2] == f"--address={env['HEAD_IP']}:6379" and "--block" in argv
+            ), where
             continue
         assert argv[:2] == ["vllm", "serve"], where
         a = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", argv[2], *argv[3:]])
@@ -107,8 +119,12 @@ def test_every_deployment_runs_a_command_vllm_accepts_with_caps():
 
 def test_launcher_names_what_is_missing():
     def run(**env):
-        return subprocess.run(["bash", str(ROOT / "deploy" / "serve.sh")], env={"PATH": os.environ["PATH"], "DRY_RUN": "1", **env},
-                              capture_output=True, text=True)
+        return subprocess.run(
+            ["bash", str(ROOT / "deploy" / "serve.sh")],
+            env={"PATH": os.environ["PATH"], "DRY_RUN": "1", **env},
+            capture_output=True,
+            text=True,
+        )
 
     r = run(ROLE="head")
     assert r.returncode == 2 and "needs HEAD_IP" in r.stderr
@@ -134,8 +150,12 @@ def test_gpu_only_option_without_a_gpu_says_so():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    r = subprocess.run([sys.executable, "-m", "caps_vllm.cli", "profile-moe", "--device", "cuda", "--out",
-                        "/dev/null"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "caps_vllm.cli", "profile-moe", "--device", "cuda", "--out", "/dev/null"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 1
     assert "--device cuda needs a CUDA GPU" in r.stderr and "leave out --device" in r.stderr
 
@@ -159,8 +179,18 @@ def test_gpu_reference_moe_matches_vllms_cpu_op():
     ids = torch.from_numpy(routing(tokens, e, k, 0, "dirichlet-0.5", np.random.default_rng(1)).astype(np.int32))
     weights = torch.rand(tokens, k, dtype=torch.float32)
     ref = torch.empty_like(x)
-    ops.cpu_fused_moe(ref, x, ops.cpu_prepack_moe_weight(w13, "vec"), ops.cpu_prepack_moe_weight(w2, "vec"), None, None,
-                      weights, ids, "silu", "vec")
+    ops.cpu_fused_moe(
+        ref,
+        x,
+        ops.cpu_prepack_moe_weight(w13, "vec"),
+        ops.cpu_prepack_moe_weight(w2, "vec"),
+        None,
+        None,
+        weights,
+        ids,
+        "silu",
+        "vec",
+    )
     got = torch_moe(x.float(), w13.float(), w2.float(), ids.long(), weights)
     torch.testing.assert_close(got, ref.float(), rtol=0.05, atol=0.05 * float(ref.float().abs().max()))
 
@@ -191,8 +221,15 @@ def test_unset_metrics_folder_and_dense_model_warnings_say_what_to_do(tiny_model
     logging.getLogger("caps_vllm").propagate = True
     make_scheduler(str(tiny_model), CapsScheduler, caps={})
     assert "export PROMETHEUS_MULTIPROC_DIR=$(mktemp -d)" in caplog.text
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    cfg = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     caplog.clear()
@@ -208,7 +245,9 @@ def test_unknown_strategy_lists_the_valid_ones_everywhere(tiny_model):
 
     with pytest.raises(ValueError, match="'fastest' is not a strategy; valid: fcfs, .*step_cost"):
         make_scheduler(str(tiny_model), CapsScheduler, caps={"strategy": "fastest"})
-    for cli in (["-m", "sim.evaluate", "--strategies", "fastest", "--no-figures"],
-                ["-m", "loadtest.compare", "--strategies", "fcfs", "fastest"]):
+    for cli in (
+        ["-m", "sim.evaluate", "--strategies", "fastest", "--no-figures"],
+        ["-m", "loadtest.compare", "--strategies", "fcfs", "fastest"],
+    ):
         r = subprocess.run([sys.executable, *cli], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 2 and "fastest" in r.stderr and "step_cost" in r.stderr, r.stderr[-500:]

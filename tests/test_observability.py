@@ -48,11 +48,17 @@ def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, 
     from caps_vllm.tiny_model import prompt_pool
 
     _need_prometheus()
-    srv = Server(tiny_model, ["--scheduler-cls", "caps_vllm.CapsScheduler", "--no-enable-prefix-caching",
-                              "--additional-config",
-                              json.dumps({"caps": {"min_batch_trigger": 2, "capture_decode": True,
-                                                   "learn_rows_per_step": 4096}})],
-                 tmp_path / "serve.log")
+    srv = Server(
+        tiny_model,
+        [
+            "--scheduler-cls",
+            "caps_vllm.CapsScheduler",
+            "--no-enable-prefix-caching",
+            "--additional-config",
+            json.dumps({"caps": {"min_batch_trigger": 2, "capture_decode": True, "learn_rows_per_step": 4096}}),
+        ],
+        tmp_path / "serve.log",
+    )
     mon = Monitor(f"127.0.0.1:{srv.port}", tmp_path / "monitor")
     try:
         srv.wait_ready()
@@ -87,8 +93,11 @@ def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, 
         assert served["vllm:prompt_tokens_total"] == prompt_tokens
         assert served["vllm:generation_tokens_total"] == gen_tokens == 6 * n
         # The last sampled token of each request is never fed through the model.
-        assert prom("sum(vllm:caps_routed_tokens_total)") == prom("sum(vllm:caps_scheduled_tokens_total)") \
+        assert (
+            prom("sum(vllm:caps_routed_tokens_total)")
+            == prom("sum(vllm:caps_scheduled_tokens_total)")
             == prompt_tokens + gen_tokens - n
+        )
         steps = prom("sum(vllm:caps_steps_total)")
         assert steps == served["vllm:caps_steps_total"] == served["vllm:iteration_tokens_total_count"]
         assert prom("sum(vllm:caps_actual_load_cv_count)") == steps

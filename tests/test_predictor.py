@@ -19,19 +19,41 @@ from caps_vllm.predictor import (  # noqa: E402
     router_spec,
 )
 
-COMMON = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128, tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
 
 
 def _qwen2(tf):
-    return tf.Qwen2MoeConfig(**COMMON, num_hidden_layers=4, num_experts=12, num_experts_per_tok=3,
-                             moe_intermediate_size=16, shared_expert_intermediate_size=16,
-                             decoder_sparse_step=1, mlp_only_layers=[1])
+    return tf.Qwen2MoeConfig(
+        **COMMON,
+        num_hidden_layers=4,
+        num_experts=12,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        decoder_sparse_step=1,
+        mlp_only_layers=[1],
+    )
 
 
 def _qwen3(tf):
-    return tf.Qwen3MoeConfig(**COMMON, num_hidden_layers=3, num_experts=10, num_experts_per_tok=2,
-                             moe_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[], head_dim=8)
+    return tf.Qwen3MoeConfig(
+        **COMMON,
+        num_hidden_layers=3,
+        num_experts=10,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        head_dim=8,
+    )
 
 
 def _mixtral(tf):
@@ -39,17 +61,42 @@ def _mixtral(tf):
 
 
 def _deepseek_v2(tf):
-    return tf.DeepseekV2Config(**COMMON, num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=3,
-                               moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
-                               topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                               kv_lora_rank=8, q_lora_rank=None, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
+    return tf.DeepseekV2Config(
+        **COMMON,
+        num_hidden_layers=3,
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        kv_lora_rank=8,
+        q_lora_rank=None,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+    )
 
 
 def _deepseek_v3(tf):
-    return tf.DeepseekV3Config(**COMMON, num_hidden_layers=3, n_routed_experts=16, num_experts_per_tok=3,
-                               moe_intermediate_size=16, n_shared_experts=1, first_k_dense_replace=1,
-                               n_group=4, topk_group=2, kv_lora_rank=8, q_lora_rank=16, qk_rope_head_dim=4,
-                               qk_nope_head_dim=4, v_head_dim=8)
+    return tf.DeepseekV3Config(
+        **COMMON,
+        num_hidden_layers=3,
+        n_routed_experts=16,
+        num_experts_per_tok=3,
+        moe_intermediate_size=16,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=4,
+        topk_group=2,
+        kv_lora_rank=8,
+        q_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=4,
+        v_head_dim=8,
+    )
 
 
 FAMILIES = {
@@ -93,11 +140,18 @@ def test_table_matches_transformers_router(family, tmp_path):
     model = _save(family, tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     spec = router_spec(config)
-    expect_layers = {"qwen2_moe": (0, 2, 3), "qwen3_moe": (0, 1, 2), "mixtral": (0, 1),
-                     "deepseek_v2": (1, 2), "deepseek_v3": (1, 2)}[family]
+    expect_layers = {
+        "qwen2_moe": (0, 2, 3),
+        "qwen3_moe": (0, 1, 2),
+        "mixtral": (0, 1),
+        "deepseek_v2": (1, 2),
+        "deepseek_v3": (1, 2),
+    }[family]
     assert spec.moe_layers == expect_layers
     table = build_table(tmp_path, spec, chunk=64)
-    np.testing.assert_array_equal(np.sort(table.astype(np.int64), axis=-1), _reference(model, spec, config["vocab_size"]))
+    np.testing.assert_array_equal(
+        np.sort(table.astype(np.int64), axis=-1), _reference(model, spec, config["vocab_size"])
+    )
 
 
 def test_request_vector_is_per_layer_expert_counts(tmp_path, caplog):

@@ -82,8 +82,11 @@ def test_budgets_and_no_request_lost(model, tokens):
             rid = f"r{t}-{k}"
             ids.append(rid)
             tok = hot if rng.random() < 0.5 else cold[int(rng.integers(len(cold)))]
-            s.add_request(make_request(rid, [int(tok)] * int(rng.integers(4, 40)), arrival=1000.0 + t,
-                                       max_tokens=int(rng.integers(1, 6))))
+            s.add_request(
+                make_request(
+                    rid, [int(tok)] * int(rng.integers(4, 40)), arrival=1000.0 + t, max_tokens=int(rng.integers(1, 6))
+                )
+            )
         out = step(s, finished=finished)
         assert out.total_num_scheduled_tokens <= 64
         assert len(s.running) <= 4
@@ -95,8 +98,12 @@ def test_budgets_and_no_request_lost(model, tokens):
 
 def test_max_wait_admits_old_requests_ahead(model, tokens):
     hot, cold = tokens
-    s = make_scheduler(model, CapsScheduler, caps={"min_batch_trigger": 2, "max_wait_ms": 50,
-                                                   "strategy": "greedy_dot_product"}, max_num_seqs=3)
+    s = make_scheduler(
+        model,
+        CapsScheduler,
+        caps={"min_batch_trigger": 2, "max_wait_ms": 50, "strategy": "greedy_dot_product"},
+        max_num_seqs=3,
+    )
     fill(s, [("run", [hot] * 8)], t0=0.0)
     step(s)
     # hot2 has waited for ages (arrival 1.0 s after the epoch), the complement is fresh.
@@ -165,8 +172,15 @@ def test_model_without_moe_layers_falls_back_to_fcfs(tmp_path, caplog):
     import torch
     import transformers
 
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    cfg = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=4096,
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
     s = make_scheduler(str(tmp_path), CapsScheduler, caps=CAPS)
@@ -196,8 +210,14 @@ def test_multimodal_placeholders_are_not_predicted(model, tokens):
     hot, cold = tokens
     s = make_scheduler(model, CapsScheduler, caps=CAPS)
     req = make_request("mm", [cold[0]] * 3 + [hot] * 5, arrival=1.0)
-    req.mm_features = [MultiModalFeatureSpec(data=MultiModalKwargsItem.dummy(), modality="image", identifier="img0",
-                                             mm_position=PlaceholderRange(offset=3, length=5))]
+    req.mm_features = [
+        MultiModalFeatureSpec(
+            data=MultiModalKwargsItem.dummy(),
+            modality="image",
+            identifier="img0",
+            mm_position=PlaceholderRange(offset=3, length=5),
+        )
+    ]
     plain = make_request("plain", [cold[0]] * 3, arrival=2.0)
     np.testing.assert_allclose(s.caps.vector(req), s.caps.vector(plain))
 
@@ -211,8 +231,12 @@ def _routed_rows(pred, ids) -> np.ndarray:
 def _metric(name: str, model: str) -> float:
     from prometheus_client import REGISTRY
 
-    return sum(s.value for fam in REGISTRY.collect() for s in fam.samples
-               if s.name == name and s.labels.get("model_name") == model)
+    return sum(
+        s.value
+        for fam in REGISTRY.collect()
+        for s in fam.samples
+        if s.name == name and s.labels.get("model_name") == model
+    )
 
 
 @pytest.mark.parametrize("path", ["capture", "routed_experts_rows"])
@@ -225,6 +249,7 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
 
     model = str(tmp_path / f"m-{path}")  # its own model_name label
     import shutil
+
     shutil.copytree(tiny_model, model)
     sched = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_batched_tokens=16)
     pred = sched.caps.predictor
@@ -252,8 +277,9 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
                     rec.prompt_start[rid] = start
             mro.caps_routing = rec
         else:
-            mro.aux_output_connector_output = {rid: AuxRequestOutput(start, rows.astype(np.uint8))
-                                               for rid, (start, rows) in per_req.items()}
+            mro.aux_output_connector_output = {
+                rid: AuxRequestOutput(start, rows.astype(np.uint8)) for rid, (start, rows) in per_req.items()
+            }
 
     done: list[str] = []
     for _ in range(30):
@@ -263,8 +289,11 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
     assert _metric("vllm:caps_predictor_cosine_count", model) == 3
     assert _metric("vllm:caps_predictor_cosine_sum", model) == pytest.approx(3.0)
     assert _metric("vllm:caps_predictor_topk_overlap_sum", model) == pytest.approx(3.0)
-    assert _metric("vllm:caps_routed_tokens_total", model) == _metric("vllm:caps_scheduled_tokens_total", model) \
-        == 12 + 20 + 10 + 3 * 3  # prompts, then 3 of each 4 output tokens are fed back
+    assert (
+        _metric("vllm:caps_routed_tokens_total", model)
+        == _metric("vllm:caps_scheduled_tokens_total", model)
+        == 12 + 20 + 10 + 3 * 3
+    )  # prompts, then 3 of each 4 output tokens are fed back
     assert _metric("vllm:caps_admitted_requests_total", model) == 3
     assert _metric("vllm:caps_actual_load_cv_count", model) == _metric("vllm:caps_steps_total", model)
     assert sched.caps.counters["errors"] == 0

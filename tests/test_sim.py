@@ -18,7 +18,8 @@ from sim.workload import Workload, WorkloadConfig, bursty, expert_vectors, load_
 SHARED_TRACE = Path(__file__).resolve().parents[1].parent / "shared/data/traces/azure_llm_2023_conv.csv"
 
 
-def _workload(pattern, rate=250.0, n=400, seed=5, cfg=WorkloadConfig()):
+def _workload(pattern, rate=250.0, n=400, seed=5, cfg=None):
+    cfg = cfg or WorkloadConfig()
     rng = np.random.default_rng(seed)
     wl = pattern(rate, n, cfg, rng)
     return wl, expert_vectors(wl, cfg, rng)
@@ -66,7 +67,13 @@ def test_tiny_case_by_hand():
     """
     wl = Workload(np.array([0.0, 0.5, 0.6, 3.0]), np.full(4, 10), np.full(4, 5), np.zeros(4, dtype=int))
     vecs = np.ones((4, 3))
-    run = simulate(wl, vecs, make_strategy("fcfs"), ServerConfig(max_batch=2, window=4, min_batch_trigger=2, flush_ms=100), FixedTime())
+    run = simulate(
+        wl,
+        vecs,
+        make_strategy("fcfs"),
+        ServerConfig(max_batch=2, window=4, min_batch_trigger=2, flush_ms=100),
+        FixedTime(),
+    )
     np.testing.assert_allclose(run.completion, [1.1, 2.1, 2.1, 4.0])
     np.testing.assert_allclose(run.latency, [1.1, 1.6, 1.5, 1.0])
     m = summarize(run)
@@ -137,8 +144,25 @@ def test_azure_trace_replay():
 def test_small_sweep_end_to_end(tmp_path):
     out = tmp_path / "sweep"
     rc = evaluate.main(
-        ["--requests", "200", "--seeds", "1", "2", "--rates", "150", "300", "--strategies", "fcfs", "greedy_dot_product", "random",
-         "--out", str(out), "--jobs", "2", "--no-progress"]
+        [
+            "--requests",
+            "200",
+            "--seeds",
+            "1",
+            "2",
+            "--rates",
+            "150",
+            "300",
+            "--strategies",
+            "fcfs",
+            "greedy_dot_product",
+            "random",
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--no-progress",
+        ]
     )
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
@@ -147,7 +171,9 @@ def test_small_sweep_end_to_end(tmp_path):
         for rate in ("150", "300"):
             cell = doc[pattern][rate]
             for name in doc["strategies"]:
-                assert set(cell[name]) == {f"{m}_{s}" for m in ("p50", "p90", "p99", "throughput", "imbalance") for s in ("mean", "std")}
+                assert set(cell[name]) == {
+                    f"{m}_{s}" for m in ("p50", "p90", "p99", "throughput", "imbalance") for s in ("mean", "std")
+                }
                 assert cell[name]["p50_mean"] <= cell[name]["p90_mean"] <= cell[name]["p99_mean"]
             imp = cell["_improvements"]["random"]
             expect = 100 * (cell["fcfs"]["p99_mean"] - cell["random"]["p99_mean"]) / cell["fcfs"]["p99_mean"]

@@ -7,13 +7,13 @@ import json
 import numpy as np
 import pytest
 
+from caps_vllm.profiling import fit_step_cost
 from caps_vllm.step_cost import DEFAULT_FIT, StepCostModel, check_placement, expert_placement
 from caps_vllm.strategies import make_strategy
-from sim.evaluate import execution_model, sweep
 from sim.engine import ServerConfig
+from sim.evaluate import execution_model, sweep
 from sim.execution import StepModel
 from sim.workload import WorkloadConfig
-from caps_vllm.profiling import fit_step_cost
 
 ROOF = StepCostModel(fixed_ms=1.0, weight_ms=2.0, token_ms=0.5, form="roofline")
 LIN = StepCostModel(fixed_ms=1.0, weight_ms=2.0, token_ms=0.5, form="linear")
@@ -178,7 +178,9 @@ def test_sweep_under_each_execution_model():
     wcfg = WorkloadConfig()
     for kind in ("fitted", "expert_parallel"):
         model = execution_model(kind, wcfg, ranks=4)
-        doc = sweep(120, [1], [0.5], ["bursty"], ["fcfs", "step_cost", "greedy_dot_product"], wcfg, ServerConfig(), model)
+        doc = sweep(
+            120, [1], [0.5], ["bursty"], ["fcfs", "step_cost", "greedy_dot_product"], wcfg, ServerConfig(), model
+        )
         assert doc["config"]["execution"]["model"] == "StepModel"
         assert doc["config"]["deployment"]["ranks"] == (4 if kind == "expert_parallel" else 1)
         assert set(doc["bursty"]["0.5"]["_improvements"]) == {"step_cost", "greedy_dot_product"}
@@ -186,6 +188,7 @@ def test_sweep_under_each_execution_model():
 
 def _naive_step_cost(model, running, cands, b, placement=None):
     """Greedy by recomputing the whole cost for every candidate at every pick."""
+
     def cost(load):
         if placement is None:
             return model.expert_ms(load, expected=True).sum()
@@ -221,6 +224,8 @@ def test_study_runs_end_to_end(tmp_path):
     assert step_cost_study.main(["--requests", "60", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "study.json").read_text())
     assert len(doc["cells"]) == 2 * 3 * 2 * 3  # hotspots x models x patterns x loads
-    assert all(c["capacity_rps"] > 0 and set(c["vs_fcfs"]) == {"greedy_dot_product", "greedy_variance", "step_cost"}
-               for c in doc["cells"])
+    assert all(
+        c["capacity_rps"] > 0 and set(c["vs_fcfs"]) == {"greedy_dot_product", "greedy_variance", "step_cost"}
+        for c in doc["cells"]
+    )
     assert "| 0.5 | expert_parallel | poisson | 1.2 |" in (tmp_path / "report.md").read_text()

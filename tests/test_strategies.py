@@ -57,7 +57,9 @@ def _naive_objective(name, load, v, target):
     }[name]
 
 
-@pytest.mark.parametrize("name", ["greedy_variance", "greedy_dot_product", "norm_minimizing", "best_fit", "differencing"])
+@pytest.mark.parametrize(
+    "name", ["greedy_variance", "greedy_dot_product", "norm_minimizing", "best_fit", "differencing"]
+)
 @pytest.mark.parametrize("use_gram", [False, True])
 @settings(max_examples=40, deadline=None)
 @given(problem=problems(max_w=16, max_d=8))
@@ -85,7 +87,10 @@ def test_variance_norm_and_dot_agree_on_equal_mass_equal_norm_vectors():
     for _ in range(50):
         cands = np.array([rng.permutation(base) for _ in range(24)])
         running = rng.integers(0, 4, base.size).astype(float)
-        got = {n: make_strategy(n).select(running, cands, 8) for n in ("greedy_variance", "norm_minimizing", "greedy_dot_product")}
+        got = {
+            n: make_strategy(n).select(running, cands, 8)
+            for n in ("greedy_variance", "norm_minimizing", "greedy_dot_product")
+        }
         assert got["greedy_variance"] == got["norm_minimizing"] == got["greedy_dot_product"]
 
 
@@ -94,7 +99,9 @@ def test_variance_and_norm_agree_on_equal_mass_but_dot_need_not():
     for _ in range(50):
         cands = rng.dirichlet(np.ones(10), size=20) * 40  # every row has mass 40
         running = rng.random(10) * 20
-        assert make_strategy("greedy_variance").select(running, cands, 6) == make_strategy("norm_minimizing").select(running, cands, 6)
+        assert make_strategy("greedy_variance").select(running, cands, 6) == make_strategy("norm_minimizing").select(
+            running, cands, 6
+        )
     # Equal mass, unequal norm: dot product prefers the concentrated vector, L2 norm the spread one.
     running = np.array([1.0, 1.0, 1.0, 1.0])
     cands = np.array([[1.0, 1, 1, 1], [4.0, 0, 0, 0], [1.0, 1, 1, 1]])

@@ -17,17 +17,23 @@ MODELS = ROOT / "sim" / "models"
 
 def test_trace_formats_and_malformed_rows(tmp_path):
     azure = tmp_path / "azure.csv"
-    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:47.5,20,4\n2023-11-16 18:15:46.5,10,3\n")
+    azure.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:47.5,20,4\n2023-11-16 18:15:46.5,10,3\n"
+    )
     t = load_trace(azure)
     assert t.format == "azure" and list(t.arrival_s) == [0.0, 1.0] and list(t.prompt_tokens) == [10, 20]
     burst = tmp_path / "burst.csv"
-    burst.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
-                     "5,ChatGPT,100,20,120,Conversation log\n7.5,GPT-4,50,0,50,API log\n")
+    burst.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,100,20,120,Conversation log\n7.5,GPT-4,50,0,50,API log\n"
+    )
     t = load_trace(burst)
     assert t.format == "burstgpt" and list(t.arrival_s) == [0.0, 2.5] and list(t.output_tokens) == [20, 0]
     moon = tmp_path / "moon.jsonl"
-    moon.write_text('{"timestamp": 1000, "input_length": 700, "output_length": 5, "hash_ids": [1, 2]}\n'
-                    '{"timestamp": 0, "input_length": 600, "output_length": 9, "hash_ids": [1, 3]}\n')
+    moon.write_text(
+        '{"timestamp": 1000, "input_length": 700, "output_length": 5, "hash_ids": [1, 2]}\n'
+        '{"timestamp": 0, "input_length": 600, "output_length": 9, "hash_ids": [1, 3]}\n'
+    )
     t = load_trace(moon)
     assert t.format == "mooncake" and list(t.arrival_s) == [0.0, 1.0] and t.hash_ids == [[1, 3], [1, 2]]
     a, b = t.prompt_ids(0, vocab=1000), t.prompt_ids(1, vocab=1000)
@@ -37,8 +43,11 @@ def test_trace_formats_and_malformed_rows(tmp_path):
     assert load_trace(plain).format == "plain"
     for name, text, where in [
         ("b.csv", "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n1,m,ten,1,1,x\n", "b.csv:2"),
-        ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:47,1,2\n2023-11-16 18:15:48,1\n",
-         "a.csv:3"),
+        (
+            "a.csv",
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:47,1,2\n2023-11-16 18:15:48,1\n",
+            "a.csv:3",
+        ),
         ("m.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 1}\n{"timestamp": 1}\n', "m.jsonl:2"),
         ("h.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 1, "hash_ids": ["x"]}\n', "h.jsonl:1"),
         ("x.csv", "when,what\n", "x.csv:1"),
@@ -72,8 +81,9 @@ def test_roofline_decode_pays_for_distinct_experts_and_prefill_for_tokens():
     assert t_spread > t_one  # memory-bound decode: every touched expert's weights are read
     # 8192 prefill tokens touch every expert either way: the arithmetic sets the time.
     u = UniformRouting(shape)
-    assert step.seconds(StepBatch(8192, 8192, u.counts([("r", 0, 8192)]), True)) > \
-        4 * step.seconds(StepBatch(8, 8000, spread))
+    assert step.seconds(StepBatch(8192, 8192, u.counts([("r", 0, 8192)]), True)) > 4 * step.seconds(
+        StepBatch(8, 8000, spread)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +119,12 @@ def _poisson(n: int, rate: float, vocab: int, seed: int = 0):
 
     rng = np.random.default_rng(seed)
     t = np.cumsum(rng.exponential(1 / rate, n))
-    return [TwinRequest(f"r{i}", float(t[i]), rng.integers(1, vocab, int(rng.integers(8, 200))).tolist(),
-                        int(rng.integers(1, 40))) for i in range(n)]
+    return [
+        TwinRequest(
+            f"r{i}", float(t[i]), rng.integers(1, vocab, int(rng.integers(8, 200))).tolist(), int(rng.integers(1, 40))
+        )
+        for i in range(n)
+    ]
 
 
 def _tiny_workload(tiny_model, n: int, seed: int, **deployment):
@@ -118,8 +132,9 @@ def _tiny_workload(tiny_model, n: int, seed: int, **deployment):
     from sim.twin import Deployment
 
     vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
-    return _poisson(n, 300.0, vocab, seed=seed), Deployment(max_num_seqs=8, max_num_batched_tokens=128,
-                                                             num_blocks=300, max_model_len=2048, **deployment)
+    return _poisson(n, 300.0, vocab, seed=seed), Deployment(
+        max_num_seqs=8, max_num_batched_tokens=128, num_blocks=300, max_model_len=2048, **deployment
+    )
 
 
 def _step_time(sched, out):
@@ -155,8 +170,10 @@ def test_stock_and_caps_with_fcfs_schedule_identically(vllm_twin, tiny_model):
     from caps_vllm.scheduler import CapsScheduler
 
     reqs, d = _tiny_workload(tiny_model, 200, seed=1)
-    runs = [Twin(build(str(tiny_model), cls, d, caps=caps), _step_time).run(reqs)
-            for cls, caps in ((Scheduler, None), (CapsScheduler, {"strategy": "fcfs", "min_batch_trigger": 2}))]
+    runs = [
+        Twin(build(str(tiny_model), cls, d, caps=caps), _step_time).run(reqs)
+        for cls, caps in ((Scheduler, None), (CapsScheduler, {"strategy": "fcfs", "min_batch_trigger": 2}))
+    ]
     a, b = ([(s.tokens, s.admitted) for s in r.steps] for r in runs)
     assert a == b and len(a) > 100
     assert runs[0].finished_order == runs[1].finished_order
@@ -180,8 +197,13 @@ def test_preempted_requests_resume_from_the_waiting_queue_and_count_as_admitted(
         seen |= set(st.admitted)
     assert sum(map(len, (st.resumed for st in res.steps))) > 0
     e = summarize(res, 1.0)["engagement"]
-    behind = [st for st in res.steps if (st.admitted or st.resumed) and st.waiting_before >= 2
-              and len(st.admitted) + len(st.resumed) < st.waiting_before]
+    behind = [
+        st
+        for st in res.steps
+        if (st.admitted or st.resumed)
+        and st.waiting_before >= 2
+        and len(st.admitted) + len(st.resumed) < st.waiting_before
+    ]
     assert e["contested_steps"] + e["steps_only_preempted_resumed"] == len(behind)
     assert e["contested_steps"] == sum(bool(st.admitted) for st in behind)
 
@@ -207,7 +229,9 @@ def test_the_budget_read_from_the_requests_not_in_plain_decode_matches_a_full_pa
         walk, _ = vllm_state.capacity_walk(sched, free)
         if running is None:
             seen["fast"] += 1
-            seen["wrong"] += not (cap.tokens == walk.tokens and cap.kv_tokens <= walk.kv_tokens and cap.slots == walk.slots)
+            seen["wrong"] += not (
+                cap.tokens == walk.tokens and cap.kv_tokens <= walk.kv_tokens and cap.slots == walk.slots
+            )
             seen["budget_left"] += cap.tokens > 0
         else:
             seen["walked"] += 1
@@ -289,8 +313,9 @@ def _fake_esft(path, rng, layers=4, experts=16, top_k=3):
     arrays = {}
     for d in ("alpha", "beta"):
         lens = rng.integers(20, 60, size=5)
-        ids = np.stack([np.stack([rng.choice(experts, top_k, replace=False) for _ in range(layers)])
-                        for _ in range(lens.sum())])
+        ids = np.stack(
+            [np.stack([rng.choice(experts, top_k, replace=False) for _ in range(layers)]) for _ in range(lens.sum())]
+        )
         arrays[f"{d}_experts"], arrays[f"{d}_seq_lens"] = ids.astype(np.uint8), lens
     np.savez(path, **arrays)
 
@@ -355,8 +380,10 @@ def test_caps_given_vectors_reorders_and_the_twin_counts_it(vllm_twin):
     from sim.twin import VectorSpace, with_vectors
 
     rng = np.random.default_rng(3)
-    reqs = [TwinRequest(f"r{i}", 0.001 * i, rng.integers(1, 1000, 32).tolist(), 8, domain=str(i // 10 % 2))
-            for i in range(120)]
+    reqs = [
+        TwinRequest(f"r{i}", 0.001 * i, rng.integers(1, 1000, 32).tolist(), 8, domain=str(i // 10 % 2))
+        for i in range(120)
+    ]
     # Two kinds of request on disjoint experts, arriving in runs of ten: FCFS admits one kind at
     # a time, a balancing strategy mixes them, so it must reach past the oldest.
     vec = {r.rid: np.eye(2)[int(r.domain)].repeat(8) * 32 for r in reqs}
@@ -456,8 +483,13 @@ def test_a_cluster_serves_every_request_once(vllm_twin, lockstep):
     engines = [Engine(build(str(MODELS / "deepseek-v2-lite"), Scheduler, d), name=str(k)) for k in range(3)]
     reqs = _poisson(150, 800.0, 1000, seed=2)
     ep = ExpertParallel(model, shape, ranks=3) if lockstep else None
-    cluster = Cluster(engines, LeastLoaded(), lambda e, out: timing.batch(e.scheduler, out),
-                      price=None if lockstep else model.seconds, ep=ep)
+    cluster = Cluster(
+        engines,
+        LeastLoaded(),
+        lambda e, out: timing.batch(e.scheduler, out),
+        price=None if lockstep else model.seconds,
+        ep=ep,
+    )
     cluster.run(reqs)
     done = [rid for e in engines for rid in e.finished]
     assert sorted(done) == sorted(r.rid for r in reqs) and len(set(done)) == len(reqs)
@@ -477,8 +509,26 @@ def test_twin_run_writes_every_arm_and_refuses_a_mismatched_routing_file(tmp_pat
     from sim import twin_run
 
     out = tmp_path / "tw"
-    argv = ["--model", "qwen1.5-moe-a2.7b", "--requests", "40", "--rate", "50", "--output-tokens", "8",
-            "--routing", "uniform", "--strategies", "stock", "fcfs", "--engines", "2", "--no-progress", "--out", str(out)]
+    argv = [
+        "--model",
+        "qwen1.5-moe-a2.7b",
+        "--requests",
+        "40",
+        "--rate",
+        "50",
+        "--output-tokens",
+        "8",
+        "--routing",
+        "uniform",
+        "--strategies",
+        "stock",
+        "fcfs",
+        "--engines",
+        "2",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
     assert twin_run.main(argv) == 0
     doc = json.loads((out / "results.json").read_text())
     stock, fcfs = doc["results"]["stock"], doc["results"]["fcfs"]
@@ -489,8 +539,10 @@ def test_twin_run_writes_every_arm_and_refuses_a_mismatched_routing_file(tmp_pat
     capsys.readouterr()
     with pytest.raises(SystemExit):
         twin_run.main(["--routing", str(tmp_path / "r.npz"), "--out", str(out)])
-    assert "--routing has 4 layers x 16 experts, top-3; --model deepseek-v2-lite has 26 x 64, top-6" in \
-        capsys.readouterr().err
+    assert (
+        "--routing has 4 layers x 16 experts, top-3; --model deepseek-v2-lite has 26 x 64, top-6"
+        in capsys.readouterr().err
+    )
     with pytest.raises(SystemExit):
         twin_run.main(["--strategies", "fastest", "--out", str(out)])
     assert "unknown arm 'fastest'" in capsys.readouterr().err
@@ -503,9 +555,34 @@ def test_expert_affinity_dispatch_serves_every_request_once(tmp_path, vllm_twin,
 
     _fake_esft(tmp_path / "r.npz", np.random.default_rng(0), layers=26, experts=64, top_k=6)
     out = tmp_path / policy
-    assert twin_run.main(["--model", "deepseek-v2-lite", "--requests", "60", "--rate", "200", "--output-tokens", "8",
-                          "--routing", str(tmp_path / "r.npz"), "--strategies", "stock", "--engines", "2",
-                          "--dispatch", policy, "--affinity-margin", "3", "--no-progress", "--out", str(out)]) == 0
+    assert (
+        twin_run.main(
+            [
+                "--model",
+                "deepseek-v2-lite",
+                "--requests",
+                "60",
+                "--rate",
+                "200",
+                "--output-tokens",
+                "8",
+                "--routing",
+                str(tmp_path / "r.npz"),
+                "--strategies",
+                "stock",
+                "--engines",
+                "2",
+                "--dispatch",
+                policy,
+                "--affinity-margin",
+                "3",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     r = json.loads((out / "results.json").read_text())["results"]["stock"]
     assert r["requests"] == 60 and sum(r["per_engine_requests"]) == 60
     assert "dispatch_load_guard_overrides" in r
@@ -544,32 +621,89 @@ def test_synthetic_routing_is_fitted_to_the_stated_skew():
 def test_the_study_report_gathers_parts_written_by_separate_processes(tmp_path):
     from sim.twin_study import collect, report
 
-    arm = {"itl_p50_ms": 10.0, "itl_p99_ms": 20.0, "ttft_p99_s": 1.0, "decode_distinct_experts": 60.0,
-           "ep_rank_max_over_mean": None, "share_reordered": 0.0, "scheduler_share_of_simulated": 0.3,
-           "per_engine_requests": [10], "ttft_max_s": 2.0, "contested_steps": 10, "share_contested_planned": 0.95,
-           "scheduler_wall_s": 3.0, "simulated_s": 10.0, "itl_mean_ms": 12.0}
+    arm = {
+        "itl_p50_ms": 10.0,
+        "itl_p99_ms": 20.0,
+        "ttft_p99_s": 1.0,
+        "decode_distinct_experts": 60.0,
+        "ep_rank_max_over_mean": None,
+        "share_reordered": 0.0,
+        "scheduler_share_of_simulated": 0.3,
+        "per_engine_requests": [10],
+        "ttft_max_s": 2.0,
+        "contested_steps": 10,
+        "share_contested_planned": 0.95,
+        "scheduler_wall_s": 3.0,
+        "simulated_s": 10.0,
+        "itl_mean_ms": 12.0,
+    }
     bound = {"tokens": 32, "one_domain": 50.0, "mixed": 55.0, "ratio": 50 / 55}
     parts = tmp_path / "parts"
     parts.mkdir()
     for part, name, entry, command in (
-            ("admission", "one-engine-bursty", {"capacity_rps": 250.0, "loads": {"1.0": {
-                "arms": {"stock": arm, "step_cost": {**arm, "itl_p50_ms": 9.0, "caps_share_of_simulated": 0.0123},
-                         "step_cost_oracle_headroom": {**arm, "itl_p50_ms": 8.0, "itl_mean_ms": 9.6}},
-                "static_bound": bound}}}, "A"),
-            ("admission", "dp8-ep8-bursty", {"capacity_rps": 1200.0, "loads": {"0.5": {
-                "arms": {"stock": arm, "step_cost": {**arm, "ttft_p99_s": 1.05, "share_contested_planned": 0.5}},
-                "static_bound": None}}}, "B"),
-            ("dispatch", "4-replicas-poisson", {"capacity_rps": 1000.0, "loads": {"0.3": {
-                "arms": {"least_loaded": arm, "domain_oracle": {**arm, "itl_p50_ms": 9.5},
-                         "expert_affinity_oracle": {**arm, "itl_mean_ms": 11.4}, "expert_affinity": {**arm, "itl_mean_ms": 11.76}},
-                "static_bound": bound}}},
-             "A")):
+        (
+            "admission",
+            "one-engine-bursty",
+            {
+                "capacity_rps": 250.0,
+                "loads": {
+                    "1.0": {
+                        "arms": {
+                            "stock": arm,
+                            "step_cost": {**arm, "itl_p50_ms": 9.0, "caps_share_of_simulated": 0.0123},
+                            "step_cost_oracle_headroom": {**arm, "itl_p50_ms": 8.0, "itl_mean_ms": 9.6},
+                        },
+                        "static_bound": bound,
+                    }
+                },
+            },
+            "A",
+        ),
+        (
+            "admission",
+            "dp8-ep8-bursty",
+            {
+                "capacity_rps": 1200.0,
+                "loads": {
+                    "0.5": {
+                        "arms": {
+                            "stock": arm,
+                            "step_cost": {**arm, "ttft_p99_s": 1.05, "share_contested_planned": 0.5},
+                        },
+                        "static_bound": None,
+                    }
+                },
+            },
+            "B",
+        ),
+        (
+            "dispatch",
+            "4-replicas-poisson",
+            {
+                "capacity_rps": 1000.0,
+                "loads": {
+                    "0.3": {
+                        "arms": {
+                            "least_loaded": arm,
+                            "domain_oracle": {**arm, "itl_p50_ms": 9.5},
+                            "expert_affinity_oracle": {**arm, "itl_mean_ms": 11.4},
+                            "expert_affinity": {**arm, "itl_mean_ms": 11.76},
+                        },
+                        "static_bound": bound,
+                    }
+                },
+            },
+            "A",
+        ),
+    ):
         (parts / f"{part}--{name}.json").write_text(json.dumps({**entry, "study_command": command, "wall_s": 60.0}))
     study = collect(tmp_path)
     assert list(study["admission"]) == ["one-engine-bursty", "dp8-ep8-bursty"] and study["commands"] == ["A", "B"]
     text = report(study)
-    assert "| one-engine-bursty | 250 | 1.0× | 10 / 20 | 1 / 2 | 60 | – | step_cost | -10.0% | +0.0% | +0.0% | " \
-           "+0.0% | 0.95 of 10 | 0 | 1.23% | -9.1% at 32 |" in text
+    assert (
+        "| one-engine-bursty | 250 | 1.0× | 10 / 20 | 1 / 2 | 60 | – | step_cost | -10.0% | +0.0% | +0.0% | "
+        "+0.0% | 0.95 of 10 | 0 | 1.23% | -9.1% at 32 |" in text
+    )
     assert "| one-engine-bursty | 1.0× | +20.0% | +0.0% | 0% | no | yes | – |" in text  # the goals: TPOT = mean ITL
     assert "| dp8-ep8-bursty | 0.5× | – | +0.0% | – | TTFT p99 +5.0% | NO (50%) | – |" in text
     assert "| 4-replicas-poisson | 1000 | 0.3× | domain_oracle | 1 | 9.5 (-5.0%) |" in text
@@ -585,9 +719,18 @@ def test_expert_parallel_engines_tell_caps_their_layout(vllm_twin):
 
     cls = with_vectors(CapsScheduler, VectorSpace(26, 64, 6))
     d = Deployment(max_num_seqs=8, max_num_batched_tokens=256, num_blocks=100)
-    ep = build(str(MODELS / "deepseek-v2-lite"), cls, d, caps={"strategy": "step_cost"},
-               parallel={"data_parallel_size": 4, "data_parallel_rank": 2, "enable_expert_parallel": True,
-                         "expert_placement_strategy": "round_robin"})
+    ep = build(
+        str(MODELS / "deepseek-v2-lite"),
+        cls,
+        d,
+        caps={"strategy": "step_cost"},
+        parallel={
+            "data_parallel_size": 4,
+            "data_parallel_rank": 2,
+            "enable_expert_parallel": True,
+            "expert_placement_strategy": "round_robin",
+        },
+    )
     assert ep.caps._deployment(ep.vllm_config) == {"experts": 64, "ranks": 4, "placement": "round_robin"}
     one = build(str(MODELS / "deepseek-v2-lite"), cls, d, caps={"strategy": "step_cost"})
     assert one.caps._deployment(one.vllm_config)["ranks"] == 1
@@ -598,8 +741,9 @@ def test_an_mla_model_keeps_the_deployments_budgets_in_the_twin(vllm_twin):
     """vLLM's CPU platform turns chunked prefill and prefix caching off for MLA models and raises
     the token budget to the model length; the twin of a GPU deployment must not inherit that."""
     Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
-    d = Deployment(max_num_seqs=256, max_num_batched_tokens=2048, num_blocks=1000, max_model_len=8192,
-                   enable_prefix_caching=True)
+    d = Deployment(
+        max_num_seqs=256, max_num_batched_tokens=2048, num_blocks=1000, max_model_len=8192, enable_prefix_caching=True
+    )
     s = build(str(MODELS / "deepseek-v2-lite"), Scheduler, d)
     assert s.scheduler_config.enable_chunked_prefill and s.cache_config.enable_prefix_caching
     assert s.max_num_scheduled_tokens == 2048 and s.max_num_running_reqs == 256

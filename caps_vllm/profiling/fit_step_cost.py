@@ -38,7 +38,12 @@ def read(path: Path) -> dict[str, list[dict]]:
                 raise ValueError(f"{path}: rows without per-expert counts; re-measure with caps-vllm profile-moe")
             counts = np.array(row["counts"].split(), dtype=np.int64)
             shapes.setdefault(row["shape"], []).append(
-                {"pattern": row["pattern"], "tokens": int(row["tokens"]), "counts": counts, "ms": float(row["median_ms"])}
+                {
+                    "pattern": row["pattern"],
+                    "tokens": int(row["tokens"]),
+                    "counts": counts,
+                    "ms": float(row["median_ms"]),
+                }
             )
     return shapes
 
@@ -139,8 +144,14 @@ def report(results: dict, csv_path: Path) -> str:
 def spread_penalty(shapes: dict[str, list[dict]]) -> list[str]:
     """Measured regime: per token count, time with the most distinct experts over the fastest
     equal-load spread (> 1: spreading tokens over more experts costs)."""
-    lines = ["", "Measured spread penalty (equal loads): time at the most distinct experts / the fastest spread.", "",
-             "| shape | " + " | ".join(f"{t} tok" for t in sorted({r["tokens"] for rows in shapes.values() for r in rows})) + " |"]
+    lines = [
+        "",
+        "Measured spread penalty (equal loads): time at the most distinct experts / the fastest spread.",
+        "",
+        "| shape | "
+        + " | ".join(f"{t} tok" for t in sorted({r["tokens"] for rows in shapes.values() for r in rows}))
+        + " |",
+    ]
     lines.append("|---" * (len(lines[-1].split("|")) - 2) + "|")
     for name, rows in shapes.items():
         cells = []
@@ -167,7 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = {}
         for form in FORMS:
             model = fit(train, form)
-            results[name][form] = {"model": model.as_dict(), "fitted": errors(model, train), "held_out": errors(model, held)}
+            results[name][form] = {
+                "model": model.as_dict(),
+                "fitted": errors(model, train),
+                "held_out": errors(model, held),
+            }
     # The product uses the form with the lower held-out error on the default shape.
     best = {name: min(FORMS, key=lambda f: results[name][f]["held_out"]["mape"]) for name in results}
     doc = {

@@ -93,17 +93,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--budget-s", type=float, default=1800.0)
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tokens", nargs="+", type=int, default=list(TOKENS))
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                    help="cpu: vLLM's CPU fused-MoE op; cuda: per-expert torch matmuls on the GPU")
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: vLLM's CPU fused-MoE op; cuda: per-expert torch matmuls on the GPU",
+    )
     args = ap.parse_args(argv)
 
     import torch
 
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
-        sys.exit(f"--device cuda needs a CUDA GPU, and torch {torch.__version__} sees none here "
-                 "(torch.cuda.is_available() is False). Run it on a GPU host with a CUDA build of torch "
-                 "(pip install -e '.[gpu]'), or leave out --device to time vLLM's CPU op.")
+        sys.exit(
+            f"--device cuda needs a CUDA GPU, and torch {torch.__version__} sees none here "
+            "(torch.cuda.is_available() is False). Run it on a GPU host with a CUDA build of torch "
+            "(pip install -e '.[gpu]'), or leave out --device to time vLLM's CPU op."
+        )
     if not gpu:
         from vllm import _custom_ops as ops
         from vllm.platforms import current_platform
@@ -118,8 +124,25 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     with out.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["shape", "hidden", "intermediate", "experts", "top_k", "tokens", "pattern", "distinct",
-                    "max_load", "cv", "median_ms", "min_ms", "max_ms", "reps", "counts"])
+        w.writerow(
+            [
+                "shape",
+                "hidden",
+                "intermediate",
+                "experts",
+                "top_k",
+                "tokens",
+                "pattern",
+                "distinct",
+                "max_load",
+                "cv",
+                "median_ms",
+                "min_ms",
+                "max_ms",
+                "reps",
+                "counts",
+            ]
+        )
         for name in args.shapes:
             hidden, inter, experts, top_k = SHAPES[name]
             torch.manual_seed(0)
@@ -157,13 +180,31 @@ def main(argv: list[str] | None = None) -> None:
                     call()  # warm-up
                     times = [call() for _ in range(args.reps)]
                     live = counts[counts > 0]
-                    w.writerow([name, hidden, inter, experts, top_k, tokens, pattern, int((counts > 0).sum()),
-                                int(counts.max()), round(float(counts.std() / counts.mean()), 4),
-                                round(statistics.median(times), 3), round(min(times), 3), round(max(times), 3),
-                                args.reps, " ".join(map(str, counts.tolist()))])
+                    w.writerow(
+                        [
+                            name,
+                            hidden,
+                            inter,
+                            experts,
+                            top_k,
+                            tokens,
+                            pattern,
+                            int((counts > 0).sum()),
+                            int(counts.max()),
+                            round(float(counts.std() / counts.mean()), 4),
+                            round(statistics.median(times), 3),
+                            round(min(times), 3),
+                            round(max(times), 3),
+                            args.reps,
+                            " ".join(map(str, counts.tolist())),
+                        ]
+                    )
                     f.flush()
-                    print(f"{name} tokens={tokens:4d} {pattern:13s} distinct={len(live):2d} "
-                          f"max={counts.max():4d}: {statistics.median(times):8.2f} ms", flush=True)
+                    print(
+                        f"{name} tokens={tokens:4d} {pattern:13s} distinct={len(live):2d} "
+                        f"max={counts.max():4d}: {statistics.median(times):8.2f} ms",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ class Window:
     terms: np.ndarray | None = None  # (W, d) the strategy's row_terms of the candidates, if the caller keeps them
 
     @classmethod
-    def build(cls, running: np.ndarray, vecs: np.ndarray, gram: np.ndarray | None, stats: bool) -> "Window":
+    def build(cls, running: np.ndarray, vecs: np.ndarray, gram: np.ndarray | None, stats: bool) -> Window:
         w = cls(vecs=vecs, dots=vecs @ running, gram=gram, running=running)
         if stats:
             w.norms = gram.diagonal().copy() if gram is not None else np.einsum("ij,ij->i", vecs, vecs)

@@ -73,7 +73,9 @@ class StepCost(Strategy):
     def _pick(self, vecs: np.ndarray, window: Window | None, b: int) -> list[int]:
         assert window is not None
         if self.placement is not None and vecs.shape[1] % self.placement.shape[0]:
-            raise ValueError(f"load vectors of length {vecs.shape[1]} do not split into layers of {self.placement.shape[0]} experts")
+            raise ValueError(
+                f"load vectors of length {vecs.shape[1]} do not split into layers of {self.placement.shape[0]} experts"
+            )
         load = window.running + vecs[0]
         mass = vecs.sum(axis=1)
         inv = np.where(mass > 0, 1.0 / np.maximum(mass, 1e-12), 0.0)  # per token; a massless candidate scores 0

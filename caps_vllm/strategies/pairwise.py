@@ -48,7 +48,9 @@ class PairwiseCache:
             raise ValueError(f"duplicate keys in {list(keys)!r}")
         block = np.asarray(vecs, dtype=np.float64)
         if block.shape != (len(keys), self.d):
-            raise ValueError(f"load vectors for {list(keys)!r} have shape {block.shape}, expected ({len(keys)}, {self.d})")
+            raise ValueError(
+                f"load vectors for {list(keys)!r} have shape {block.shape}, expected ({len(keys)}, {self.d})"
+            )
         check_loads(block, f"load vectors for {list(keys)!r}")
         for key in keys:
             self.remove(key)

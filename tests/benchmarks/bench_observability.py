@@ -30,8 +30,15 @@ def child(model: str, caps: dict) -> None:
 
     from caps_vllm.tiny_model import prompt_pool
 
-    llm = LLM(model=model, scheduler_cls="caps_vllm.CapsScheduler", max_model_len=512, enforce_eager=True, seed=0,
-              max_num_seqs=8, additional_config={"caps": caps})
+    llm = LLM(
+        model=model,
+        scheduler_cls="caps_vllm.CapsScheduler",
+        max_model_len=512,
+        enforce_eager=True,
+        seed=0,
+        max_num_seqs=8,
+        additional_config={"caps": caps},
+    )
     prompts = [r["prompt"] for r in sorted(prompt_pool(), key=lambda r: r["category"])][:PROMPTS]
     sp = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True)
     llm.generate(prompts, sp, use_tqdm=False)  # warm-up
@@ -64,12 +71,15 @@ def observer_step_cost(layers: int = 24, experts: int = 60, top_k: int = 4, runn
         obs.on_schedule(sched, vecs.get)
         obs.on_output(rec, lambda rid: None)
         samples.append(time.perf_counter() - t0)
-    print(f"observer per decode step, {running} running, {layers}x{experts} experts: "
-          f"median {statistics.median(samples) * 1e3:.3f} ms")
+    print(
+        f"observer per decode step, {running} running, {layers}x{experts} experts: "
+        f"median {statistics.median(samples) * 1e3:.3f} ms"
+    )
 
 
-def learner_step_cost(vocab: int = 151936, layers: int = 24, experts: int = 60, top_k: int = 4,
-                      rows: int = 256, max_tokens: int = 8192) -> None:
+def learner_step_cost(
+    vocab: int = 151936, layers: int = 24, experts: int = 60, top_k: int = 4, rows: int = 256, max_tokens: int = 8192
+) -> None:
     """The learning table's work per step at Qwen1.5-MoE shape: ``rows`` prompt tokens learned
     (the default ``learn_rows_per_step``) with the table full, tokens drawn Zipf-like."""
     import numpy as np
@@ -89,10 +99,12 @@ def learner_step_cost(vocab: int = 151936, layers: int = 24, experts: int = 60, 
         lt.observe(ids, routed)
         if i >= 100:  # the table is warm (and evicting) by then
             samples.append(time.perf_counter() - t0)
-    print(f"learning table (its own thread; the step only queues rows) per step, {rows} prompt tokens, "
-          f"{layers}x{experts} experts, {max_tokens} tokens tracked "
-          f"({lt.bytes / 2**20:.0f} MB): median {statistics.median(samples) * 1e3:.2f} ms, "
-          f"p99 {np.percentile(samples, 99) * 1e3:.2f} ms")
+    print(
+        f"learning table (its own thread; the step only queues rows) per step, {rows} prompt tokens, "
+        f"{layers}x{experts} experts, {max_tokens} tokens tracked "
+        f"({lt.bytes / 2**20:.0f} MB): median {statistics.median(samples) * 1e3:.2f} ms, "
+        f"p99 {np.percentile(samples, 99) * 1e3:.2f} ms"
+    )
 
 
 def main() -> None:
@@ -102,24 +114,40 @@ def main() -> None:
     observer_step_cost()
     learner_step_cost()
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)}
-    model = subprocess.run([sys.executable, "-m", "caps_vllm.tiny_model"], capture_output=True, text=True,
-                           check=True, env=env).stdout.strip().splitlines()[-1]
+    env = {
+        **os.environ,
+        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(root),
+    }
+    model = (
+        subprocess.run(
+            [sys.executable, "-m", "caps_vllm.tiny_model"], capture_output=True, text=True, check=True, env=env
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     configs = {"on": {}, "off": {"capture": False, "metrics": False}}
     times: dict[str, list[float]] = {k: [] for k in configs}
     for _ in range(args.repeats):
         for name, caps in configs.items():
-            out = subprocess.run([sys.executable, __file__, "--child", model, json.dumps(caps)], capture_output=True,
-                                 text=True, env=env, timeout=900)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", model, json.dumps(caps)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=900,
+            )
             line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"{name} run failed:\n{out.stderr[-3000:]}")
             times[name] += json.loads(line[7:])
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     n = PROMPTS * TOKENS
-    print(f"routing capture + metrics + learning, tiny model, {PROMPTS} prompts x {TOKENS} tokens, "
-          f"{len(times['on'])} timed generate() calls each")
+    print(
+        f"routing capture + metrics + learning, tiny model, {PROMPTS} prompts x {TOKENS} tokens, "
+        f"{len(times['on'])} timed generate() calls each"
+    )
     print(f"  off: {off:.3f} s ({n / off:.0f} tok/s)   on: {on:.3f} s ({n / on:.0f} tok/s)   on/off = {on / off:.3f}")
 
 

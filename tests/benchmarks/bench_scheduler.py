@@ -50,17 +50,34 @@ def qwen15_predictor(seed: int = 0) -> ExpertPredictor:
     return ExpertPredictor(table.astype(np.uint8), 60)
 
 
-def build(model: str, cls, vocab: int, rng, predictor: ExpertPredictor | None, window: int, warm: bool = False,
-          budgets: tuple[int, int] = (320, 16384), waiting: int = 256):
+def build(
+    model: str,
+    cls,
+    vocab: int,
+    rng,
+    predictor: ExpertPredictor | None,
+    window: int,
+    warm: bool = False,
+    budgets: tuple[int, int] = (320, 16384),
+    waiting: int = 256,
+):
     seqs, tokens = budgets
-    s = make_scheduler(model, cls, caps={"window_size": window, "max_wait_ms": None}, max_num_seqs=seqs,
-                       max_num_batched_tokens=tokens, num_blocks=20000)
+    s = make_scheduler(
+        model,
+        cls,
+        caps={"window_size": window, "max_wait_ms": None},
+        max_num_seqs=seqs,
+        max_num_batched_tokens=tokens,
+        num_blocks=20000,
+    )
     if predictor is not None and hasattr(s, "caps"):
         s.caps.predictor = predictor
         s.caps.planner = AdmissionPlanner(s.caps.config, predictor.d)
         s.caps.running = RunningLoad(predictor.d, seqs)
     for i in range(RUNNING):
-        s.add_request(make_request(f"run{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1.0 + i, max_tokens=1000))
+        s.add_request(
+            make_request(f"run{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1.0 + i, max_tokens=1000)
+        )
     while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
         step(s)
     step(s)  # all running and decoding
@@ -92,12 +109,14 @@ def main() -> None:
     tiny = ExpertPredictor.from_model(model)
     big = qwen15_predictor()
     slots, h100, small = (320, 16384), (1024, 8192), (256, 2048)
-    cases = [("tiny d=240, W=32", None, tiny.vocab, 32, slots, 256, (True, False)),
-             ("Qwen1.5-shaped d=1440, W=32", big, big.vocab, 32, slots, 256, (True, False)),
-             ("Qwen1.5-shaped d=1440, W=256", big, big.vocab, 256, slots, 256, (True, False)),
-             ("Qwen1.5 W=32, 1024/8192", big, big.vocab, 32, h100, 256, (False,)),
-             ("Qwen1.5 W=32, 256/2048 (full)", big, big.vocab, 32, small, 256, (False,)),
-             ("Qwen1.5 W=32, 1024/8192, 16 wait", big, big.vocab, 32, h100, 16, (False,))]
+    cases = [
+        ("tiny d=240, W=32", None, tiny.vocab, 32, slots, 256, (True, False)),
+        ("Qwen1.5-shaped d=1440, W=32", big, big.vocab, 32, slots, 256, (True, False)),
+        ("Qwen1.5-shaped d=1440, W=256", big, big.vocab, 256, slots, 256, (True, False)),
+        ("Qwen1.5 W=32, 1024/8192", big, big.vocab, 32, h100, 256, (False,)),
+        ("Qwen1.5 W=32, 256/2048 (full)", big, big.vocab, 32, small, 256, (False,)),
+        ("Qwen1.5 W=32, 1024/8192, 16 wait", big, big.vocab, 32, h100, 16, (False,)),
+    ]
     print(f"schedule() with {RUNNING} running (median of {a.samples}); budgets: sequences / tokens")
     for label, pred, vocab, window, budgets, queue, warms in cases:
         for warm in warms:
@@ -110,9 +129,11 @@ def main() -> None:
                 caps_t.append(timed_schedule(caps))
                 sel.append(caps.caps.planner.stats.last_selection_s if caps.caps.planner.stats.plans > plans else 0.0)
             s_ms, c_ms = statistics.median(stock_t) * 1e3, statistics.median(caps_t) * 1e3
-            print(f"  {label:34s} {'warm' if warm else 'cold'} {queue:3d} waiting  stock {s_ms:7.3f} ms  CAPS {c_ms:7.3f} ms  "
-                  f"ratio {c_ms / s_ms:5.2f} (target <= 1.05: {'met' if c_ms <= 1.05 * s_ms else 'NOT met'})  "
-                  f"of which plan {statistics.median(sel) * 1e3:.3f} ms")
+            print(
+                f"  {label:34s} {'warm' if warm else 'cold'} {queue:3d} waiting  stock {s_ms:7.3f} ms  CAPS {c_ms:7.3f} ms  "
+                f"ratio {c_ms / s_ms:5.2f} (target <= 1.05: {'met' if c_ms <= 1.05 * s_ms else 'NOT met'})  "
+                f"of which plan {statistics.median(sel) * 1e3:.3f} ms"
+            )
 
     print("predictor: one request's vector (gather + bincount), median of 200")
     for label, pred in (("tiny (4 layers)", tiny), ("Qwen1.5-shaped (24 layers)", big)):
@@ -124,9 +145,11 @@ def main() -> None:
                 pred.vector(ids, per_token=True)
                 ts.append(time.perf_counter() - t0)
             ms = statistics.median(ts) * 1e3
-            print(f"  {label:28s} {n:5d} tokens: {ms:.3f} ms = {ms / n * 1000:.3f} ms per 1k tokens (target <= 0.1: "
-                  f"{'met' if ms / n * 1000 <= 0.1 else 'NOT met'}); table {pred._bins.nbytes / 2**20:.1f} MiB "
-                  f"({pred.vocab} ids x {pred.layers} layers x top-{pred.top_k}, {pred._bins.dtype})")
+            print(
+                f"  {label:28s} {n:5d} tokens: {ms:.3f} ms = {ms / n * 1000:.3f} ms per 1k tokens (target <= 0.1: "
+                f"{'met' if ms / n * 1000 <= 0.1 else 'NOT met'}); table {pred._bins.nbytes / 2**20:.1f} MiB "
+                f"({pred.vocab} ids x {pred.layers} layers x top-{pred.top_k}, {pred._bins.dtype})"
+            )
 
 
 if __name__ == "__main__":

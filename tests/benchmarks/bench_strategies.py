@@ -56,8 +56,10 @@ def main() -> None:
     _, gram = cache.window(list(range(len(cands))))
     window_ms = median_ms(lambda: cache.window(list(range(len(cands)))), a.repeat)
 
-    print(f"{'strategy':20s} {'(32,8,60)':>12s} {'(32,8,1440) cached':>19s} {'(256,64,1440) checked':>22s} {'trusted':>10s} "
-          f"{'cached':>10s}   (ms, median)")
+    print(
+        f"{'strategy':20s} {'(32,8,60)':>12s} {'(32,8,1440) cached':>19s} {'(256,64,1440) checked':>22s} {'trusted':>10s} "
+        f"{'cached':>10s}   (ms, median)"
+    )
     rows = {}
     for name in STRATEGIES:
         row = []
@@ -66,8 +68,11 @@ def main() -> None:
         s = make_strategy(name)
         terms = s.row_terms(cands) if s.row_terms is not None else None
         small = None if terms is None else terms[:32]
-        row.append(median_ms(lambda: s.select(running, cands[:32], 8, gram=gram[:32, :32], checked=True, terms=small),
-                             a.repeat))
+        row.append(
+            median_ms(
+                lambda: s.select(running, cands[:32], 8, gram=gram[:32, :32], checked=True, terms=small), a.repeat
+            )
+        )
         row.append(median_ms(lambda: s.select(running, cands, 64), max(10, a.repeat // 10)))
         row.append(median_ms(lambda: s.select(running, cands, 64, checked=True), max(10, a.repeat // 10)))
         row.append(median_ms(lambda: s.select(running, cands, 64, gram=gram, checked=True, terms=terms), a.repeat))
@@ -75,13 +80,19 @@ def main() -> None:
         print(f"{name:20s} {row[0]:12.3f} {row[1]:19.3f} {row[2]:22.3f} {row[3]:10.3f} {row[4]:10.3f}")
     g = make_strategy("greedy_dot_product")
     small_gdp = median_ms(lambda: g.select(running, cands[:32], 8, checked=True), a.repeat)
-    for size, caps, base in (("(256, 64, 1440)", rows["step_cost"][4], rows["greedy_dot_product"][3]),
-                             ("(32, 8, 1440)", rows["step_cost"][1], small_gdp)):
-        print(f"target step_cost (live path) <= 1.5x one uncached greedy_dot_product selection at {size}: "
-              f"{caps:.3f} ms / {base:.3f} ms = {caps / base:.2f}x -> {'met' if caps <= 1.5 * base else 'NOT met'}")
+    for size, caps, base in (
+        ("(256, 64, 1440)", rows["step_cost"][4], rows["greedy_dot_product"][3]),
+        ("(32, 8, 1440)", rows["step_cost"][1], small_gdp),
+    ):
+        print(
+            f"target step_cost (live path) <= 1.5x one uncached greedy_dot_product selection at {size}: "
+            f"{caps:.3f} ms / {base:.3f} ms = {caps / base:.2f}x -> {'met' if caps <= 1.5 * base else 'NOT met'}"
+        )
     print(f"PairwiseCache.add per arrival at n<=256, d=1440: {add_ms:.3f} ms; window(256) gather: {window_ms:.3f} ms")
     cached = median_ms(lambda: g.select(running, cands, 64, gram=gram, checked=True), a.repeat)
-    print(f"target greedy_dot_product <= 0.2 ms at (256, 64, 1440), cached path: {cached:.3f} ms -> {'met' if cached <= 0.2 else 'NOT met'}")
+    print(
+        f"target greedy_dot_product <= 0.2 ms at (256, 64, 1440), cached path: {cached:.3f} ms -> {'met' if cached <= 0.2 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

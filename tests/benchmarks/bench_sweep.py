@@ -20,12 +20,23 @@ from sim.workload import WorkloadConfig
 def main() -> None:
     jobs = os.cpu_count() or 1
     t0 = time.perf_counter()
-    sweep(3000, [42, 123, 456, 789], [150.0, 200.0, 250.0, 300.0], ["bursty", "poisson"], list(STRATEGIES),
-          WorkloadConfig(), ServerConfig(), CVModel(), jobs=jobs)
+    sweep(
+        3000,
+        [42, 123, 456, 789],
+        [150.0, 200.0, 250.0, 300.0],
+        ["bursty", "poisson"],
+        list(STRATEGIES),
+        WorkloadConfig(),
+        ServerConfig(),
+        CVModel(),
+        jobs=jobs,
+    )
     wall = time.perf_counter() - t0
     runs = 2 * 4 * 4 * len(STRATEGIES)
-    print(f"full sweep: {runs} runs x 3000 requests on {jobs} processes: {wall:.1f} s wall "
-          f"({wall / runs * 1e3:.0f} ms per run); target <= 30 s -> {'met' if wall <= 30 else 'NOT met'}")
+    print(
+        f"full sweep: {runs} runs x 3000 requests on {jobs} processes: {wall:.1f} s wall "
+        f"({wall / runs * 1e3:.0f} ms per run); target <= 30 s -> {'met' if wall <= 30 else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -31,14 +31,33 @@ def main() -> None:
 
     n = 20000 if args.full else args.requests
     with tempfile.TemporaryDirectory() as out:
-        twin_run.main(["--trace", str(TRACE), "--requests", str(n), "--routing", "uniform", "--strategies", "stock",
-                       "--no-progress", "--out", out])
+        twin_run.main(
+            [
+                "--trace",
+                str(TRACE),
+                "--requests",
+                str(n),
+                "--routing",
+                "uniform",
+                "--strategies",
+                "stock",
+                "--no-progress",
+                "--out",
+                out,
+            ]
+        )
         r = json.loads((Path(out) / "results.json").read_text())["results"]["stock"]
-    print(f"twin speed: {r['requests']} requests of the Azure trace, {r['simulated_s']:.0f} simulated s in "
-          f"{r['wall_s']:.1f} wall s: {r['simulated_s_per_wall_s']:.1f} simulated s per wall s; vLLM's scheduler "
-          f"itself {r['scheduler_wall_s']:.1f} s of it" + ("" if args.full else
-          f"; the hour (19,366 requests) extrapolates to {3600 / r['simulated_s_per_wall_s'] / 60:.1f} min "
-          "(target ≤ 10)"))
+    print(
+        f"twin speed: {r['requests']} requests of the Azure trace, {r['simulated_s']:.0f} simulated s in "
+        f"{r['wall_s']:.1f} wall s: {r['simulated_s_per_wall_s']:.1f} simulated s per wall s; vLLM's scheduler "
+        f"itself {r['scheduler_wall_s']:.1f} s of it"
+        + (
+            ""
+            if args.full
+            else f"; the hour (19,366 requests) extrapolates to {3600 / r['simulated_s_per_wall_s'] / 60:.1f} min "
+            "(target ≤ 10)"
+        )
+    )
 
 
 if __name__ == "__main__":

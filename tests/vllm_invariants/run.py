@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.metadata as md
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -82,8 +82,19 @@ def stand_in_model(work: Path) -> Path:
 
 
 def run_pytest(tree: Path, tests: str, junit: Path, env: dict, caps: bool, extra: list[str]) -> int:
-    cmd = [sys.executable, "-m", "pytest", tests, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-           "-o", "junit_family=xunit1", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        tests,
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        f"--junitxml={junit}",
+        "-o",
+        "junit_family=xunit1",
+        *extra,
+    ]
     if caps:
         cmd[3:3] = ["-p", "caps_plugin"]
     print(("CAPS: " if caps else "stock: ") + " ".join(cmd), flush=True)
@@ -108,19 +119,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workdir", default=str(ROOT / ".cache" / "vllm-tests"))
     ap.add_argument("--tests", default="tests/v1/core", help="path inside vLLM's source tree")
-    ap.add_argument("--caps-config", default="", help='CAPS settings for the CAPS run (JSON), e.g. '
-                    '\'{"min_batch_trigger": 1, "max_wait_ms": null}\'; default: CAPS\'s own defaults')
+    ap.add_argument(
+        "--caps-config",
+        default="",
+        help="CAPS settings for the CAPS run (JSON), e.g. "
+        '\'{"min_batch_trigger": 1, "max_wait_ms": null}\'; default: CAPS\'s own defaults',
+    )
     ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     a = ap.parse_args()
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    missing = [d for d in TEST_DEPS if subprocess.run([sys.executable, "-c", f"import {d}"], capture_output=True).returncode]
+    missing = [
+        d for d in TEST_DEPS if subprocess.run([sys.executable, "-c", f"import {d}"], capture_output=True).returncode
+    ]
     if missing:
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
     tree = fetch_tests(vllm_version(), work)
-    env = dict(os.environ, HF_HOME=str(stand_in_model(work)), HF_HUB_OFFLINE="1", CAPS_VLLM_CACHE=str(work / "caps"),
-               CAPS_INVARIANTS_CONFIG=a.caps_config,
-               PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        HF_HOME=str(stand_in_model(work)),
+        HF_HUB_OFFLINE="1",
+        CAPS_VLLM_CACHE=str(work / "caps"),
+        CAPS_INVARIANTS_CONFIG=a.caps_config,
+        PYTHONPATH=os.pathsep.join([str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     results = {}
     for caps in (False, True):
         junit = work / f"junit-{'caps' if caps else 'stock'}.xml"
@@ -133,8 +155,10 @@ def main() -> int:
     count = lambda res, s: sum(1 for v in res.values() if v[0] == s)  # noqa: E731
     print(f"\nvLLM {vllm_version()} {a.tests}: {len(stock)} tests; CAPS settings: {a.caps_config or 'defaults'}")
     for label, res in (("stock", stock), ("CAPS ", caps)):
-        print(f"  {label}: {count(res, 'passed')} passed, {count(res, 'failed')} failed, "
-              f"{count(res, 'error')} errors, {count(res, 'skipped')} skipped")
+        print(
+            f"  {label}: {count(res, 'passed')} passed, {count(res, 'failed')} failed, "
+            f"{count(res, 'error')} errors, {count(res, 'skipped')} skipped"
+        )
     print(f"  CAPS reordered the waiting queue in {engaged} of the {len(passed_stock)} tests that pass with stock")
     if not passed_stock:
         print("  no test passed with the stock classes: nothing was checked")
