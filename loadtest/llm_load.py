@@ -40,8 +40,8 @@ import gevent
 import requests
 from locust import LoadTestShape, User, events, task
 
+from loadtest.stats import quantiles
 from loadtest.workload import PATTERNS, Arrival, add_load_options, build, load_prompts
-from sim.metrics import quantiles
 
 
 @events.init_command_line_parser.add_listener

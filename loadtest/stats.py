@@ -86,6 +86,19 @@ def small_sample_factor(n: int) -> float:
     return t975(n - 1) / _Z975 * math.sqrt(n / (n - 1))
 
 
+def quantiles(xs: list[float]) -> dict:
+    """P50/P90/P99 by nearest rank (a value some request saw), max, mean and count: the one
+    definition the live load generator, the twin and their fidelity comparison share."""
+    if not xs:
+        return {"p50": None, "p90": None, "p99": None, "max": None, "mean": None, "n": 0}
+    a = sorted(xs)
+
+    def q(p: float) -> float:
+        return a[min(len(a) - 1, max(0, math.ceil(p * len(a)) - 1))]
+
+    return {"p50": q(0.5), "p90": q(0.9), "p99": q(0.99), "max": a[-1], "mean": sum(a) / len(a), "n": len(a)}
+
+
 @dataclass(frozen=True)
 class Figure:
     name: str

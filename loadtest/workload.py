@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.workload import load_trace, topic_runs  # the simulator's bursty pattern and trace reader
+from loadtest.traces import load_trace
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "caps_vllm" / "data" / "topic_prompts.jsonl"
 PATTERNS = ("bursty", "poisson", "trace")
@@ -91,6 +91,20 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     return rows
 
 
+def topic_runs(n: int, topics: int, mean_len: float, rng: np.random.Generator) -> np.ndarray:
+    """Topics in runs of geometric length (mean ``mean_len``, at least 1), each run a different topic
+    (the simulator's and the load test's bursty pattern)."""
+    out = np.empty(n, dtype=np.int64)
+    pos, cur = 0, int(rng.integers(topics))
+    while pos < n:
+        run = int(rng.geometric(1.0 / max(mean_len, 1.0)))
+        out[pos : pos + run] = cur
+        pos += run
+        if topics > 1:
+            cur = (cur + 1 + int(rng.integers(topics - 1))) % topics
+    return out
+
+
 def build(
     pattern: str,
     prompts: list[dict],
@@ -116,7 +130,8 @@ def build(
     if pattern == "trace":
         if trace is None:
             raise ValueError("pattern 'trace' needs a trace CSV")
-        times, prompt_tokens, output_tokens = load_trace(trace)
+        t = load_trace(trace)
+        times, prompt_tokens, output_tokens = t.arrival_s, t.prompt_tokens, t.output_tokens
         keep = times / speedup <= duration
         times, prompt_tokens, output_tokens = times[keep] / speedup, prompt_tokens[keep], output_tokens[keep]
         n = min(len(times), max_requests)

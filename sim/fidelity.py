@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from caps_vllm.step_log import read
+from loadtest.stats import quantiles
 from sim.captured_routing import CapturedRouting
-from sim.metrics import quantiles
 from sim.step_profile import FEATURES, MeasuredStep
 from sim.step_time import VllmStepTime
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from caps_vllm.config import CapsConfig
-from sim.metrics import quantiles
+from loadtest.stats import quantiles
+from loadtest.workload import topic_runs
 from sim.routing_replay import EsftReplay
 from sim.step_time import HARDWARE, ModelShape, RooflineStep, UniformRouting, VllmStepTime
 from sim.twin import Deployment, TwinRequest, VectorSpace, build_scheduler, with_vectors
-from sim.workload import topic_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "sim" / "models"
@@ -46,7 +46,7 @@ def build_requests(args, domains: list[str], seq_len: dict[str, list[int]], voca
     """The workload: arrivals, prompts, output lengths and a domain per request (seeded)."""
     rng = np.random.default_rng(args.seed)
     if args.trace:
-        from sim.traces import load_trace
+        from loadtest.traces import load_trace
 
         tr = load_trace(args.trace)
         n = min(len(tr), args.requests)
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         default="bursty",
         help="topics (domains) in runs or mixed; arrivals Poisson at --rate unless --trace",
     )
-    ap.add_argument("--trace", help="arrival times and lengths from a trace (sim/traces.py formats)")
+    ap.add_argument("--trace", help="arrival times and lengths from a trace (loadtest/traces.py formats)")
     ap.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
     ap.add_argument("--rate", type=float, default=20.0)
     ap.add_argument("--requests", type=int, default=1000)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sim import traces
+from loadtest import traces
+from loadtest.workload import topic_runs  # the load test's bursty pattern, replayed
 
 
 @dataclass(frozen=True)
@@ -53,20 +54,6 @@ def _sizes(n: int, cfg: WorkloadConfig, rng: np.random.Generator) -> tuple[np.nd
     return draw(cfg.prompt_tokens_mean, 4, 4096), draw(cfg.output_tokens_mean, 1, 1024)
 
 
-def topic_runs(n: int, topics: int, mean_len: float, rng: np.random.Generator) -> np.ndarray:
-    """Topics in runs of geometric length (mean ``mean_len``, at least 1), each run a different topic
-    (the simulator's and the load test's bursty pattern)."""
-    out = np.empty(n, dtype=np.int64)
-    pos, cur = 0, int(rng.integers(topics))
-    while pos < n:
-        run = int(rng.geometric(1.0 / max(mean_len, 1.0)))
-        out[pos : pos + run] = cur
-        pos += run
-        if topics > 1:
-            cur = (cur + 1 + int(rng.integers(topics - 1))) % topics
-    return out
-
-
 def poisson(rate: float, n: int, cfg: WorkloadConfig, rng: np.random.Generator) -> Workload:
     """Poisson arrivals at ``rate`` req/s, topics drawn independently (uniform traffic)."""
     arrival = np.cumsum(rng.exponential(1.0 / rate, n))
@@ -84,7 +71,7 @@ def bursty(rate: float, n: int, cfg: WorkloadConfig, rng: np.random.Generator) -
 
 def load_trace(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Arrival seconds (from the first), prompt and output tokens of a trace in any format
-    ``sim.traces`` reads (Azure, BurstGPT, Mooncake, plain); a malformed row raises ValueError
+    ``loadtest.traces`` reads (Azure, BurstGPT, Mooncake, plain); a malformed row raises ValueError
     naming the file and line."""
     t = traces.load_trace(path)
     return t.arrival_s, t.prompt_tokens, t.output_tokens

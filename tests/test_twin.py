@@ -1,5 +1,5 @@
 """The vLLM twin: vLLM's real scheduler on a virtual clock (sim/twin.py), its step-time model
-(sim/step_time.py) and the trace formats (sim/traces.py)."""
+(sim/step_time.py) and the trace formats (loadtest/traces.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
+from loadtest.traces import load_trace
 from sim.step_time import HARDWARE, ModelShape, RooflineStep, StepBatch, UniformRouting
-from sim.traces import load_trace
 from tests.servers import ROOT
 
 MODELS = ROOT / "sim" / "models"
