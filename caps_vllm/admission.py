@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -122,6 +122,11 @@ class AdmissionStats:
     no_vector: int = 0  # window requests kept in FCFS position for lack of a prediction
     guard_fallback: int = 0  # planned steps left FCFS because the live guard tripped (caps_vllm.guard)
     last_selection_s: float = 0.0  # wall time of the last plan that ranked a window
+
+    def since(self, earlier: AdmissionStats) -> AdmissionStats:
+        """What happened after ``earlier`` (a copy taken then): the counts' differences, the last selection time."""
+        diff = {f.name: getattr(self, f.name) - getattr(earlier, f.name) for f in fields(self)}
+        return AdmissionStats(**{**diff, "last_selection_s": self.last_selection_s})
 
 
 class AdmissionPlanner:

@@ -27,7 +27,7 @@ import numpy as np
 from vllm.v1.request import Request
 
 from caps_vllm import vllm_state as vs
-from caps_vllm.admission import AdmissionPlanner, Capacity, Waiting, fcfs_admissions
+from caps_vllm.admission import AdmissionPlanner, AdmissionStats, Capacity, Waiting, fcfs_admissions
 from caps_vllm.blas import limit_threads
 from caps_vllm.config import CapsConfig
 from caps_vllm.guard import FcfsGuard
@@ -73,8 +73,7 @@ class Caps:
         # (sim/twin.py) replaces it with its virtual clock.
         self.clock = time.time
         self.step_log = self._make_step_log(vllm_config)
-        self._ranked_step: int | None = None
-        self._before: tuple = ()
+        self._before: tuple[AdmissionStats, int] = (AdmissionStats(), 0)
 
     # --- construction -------------------------------------------------------------------------
 
@@ -182,18 +181,8 @@ class Caps:
 
     def before_schedule(self, holds_prefills: bool) -> None:
         """Reorder the waiting queue for this step (``holds_prefills``: vLLM admits nothing new)."""
-        st = self.planner.stats
-        self._before = (
-            st.ranked,
-            st.bypassed,
-            self.counters["predictor_fallback"],
-            st.engaged,
-            st.reordered,
-            st.pinned,
-            st.kept_fcfs,
-            st.guard_fallback,
-        )
-        self._ranked_step = None
+        if self.observer is not None:  # what this step does is told the observer as the change from here
+            self._before = (dataclasses.replace(self.planner.stats), self.counters["predictor_fallback"])
         self.step += 1 + vs.spec_tokens(self.sched)  # the most tokens a request takes a step
         if self.step_log is not None:
             self.step_log.begin()
@@ -334,7 +323,6 @@ class Caps:
             admits = fcfs_admissions(map(need, waiting), cap)
         if not self.planner.engaged(len(waiting), admits):
             return
-        plans = self.planner.stats.plans
         # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue).
         head = vs.head(s, admits + self.config.window_size, need)
         order = self.planner.plan(
@@ -350,8 +338,6 @@ class Caps:
         if order is not None:
             assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
             vs.reorder_head(s, order)
-        if self.planner.stats.plans > plans:
-            self._ranked_step = self.planner.stats.ranked
 
     def track_admitted(self, out) -> None:
         """Requests that joined the running batch this step (new or resumed) are not yet in plain
@@ -387,22 +373,22 @@ class Caps:
                         self.observer.metrics.observe("vllm:caps_guard_realized_gain_ms", g)
 
     def _observe_schedule(self, out) -> None:
-        st, obs, before = self.planner.stats, self.observer, self._before
-        ranked = None if self._ranked_step is None else st.ranked - before[0]
-        obs.on_admission(
+        d = self.planner.stats.since(self._before[0])
+        ranked = d.ranked if d.plans else None
+        self.observer.on_admission(
             len(out.scheduled_new_reqs),
             ranked,
-            st.bypassed - before[1],
-            self.counters["predictor_fallback"] - before[2],
-            st.last_selection_s if ranked is not None else None,
-            st.engaged - before[3],
-            st.reordered - before[4],
-            st.pinned - before[5],
-            st.kept_fcfs - before[6],
-            st.guard_fallback - before[7],
+            d.bypassed,
+            self.counters["predictor_fallback"] - self._before[1],
+            d.last_selection_s if ranked is not None else None,
+            d.engaged,
+            d.reordered,
+            d.pinned,
+            d.kept_fcfs,
+            d.guard_fallback,
         )
         reqs, predicted = self.sched.requests, self.predictor is not None
-        obs.on_schedule(
+        self.observer.on_schedule(
             out.num_scheduled_tokens, lambda rid: self.vector(reqs[rid]) if predicted and rid in reqs else None
         )
 

@@ -358,3 +358,16 @@ def test_step_cost_skips_the_choice_when_fcfs_adds_less_than_min_gain(monkeypatc
     w = waiting(("b", 5), ("c", 4), ("hot1", 3))
     assert p.plan(w, vec, np.array([50.0, 50.0, 50.0, 50.0]), capacity=1, now=100.0) is None
     assert p.stats.kept_fcfs == 1 and p.stats.plans == 1
+
+
+def test_a_steps_admission_counts_are_the_change_since_its_start():
+    from dataclasses import replace
+
+    from caps_vllm.admission import AdmissionStats
+
+    st = AdmissionStats(engaged=3, plans=2, ranked=7, last_selection_s=0.5)
+    before = replace(st)
+    st.engaged, st.plans, st.ranked, st.kept_fcfs, st.last_selection_s = 4, 2, 7, 1, 0.25
+    d = st.since(before)
+    assert (d.engaged, d.plans, d.ranked, d.kept_fcfs, d.reordered) == (1, 0, 0, 1, 0)
+    assert d.last_selection_s == 0.25 and before.engaged == 3  # the copy is untouched
