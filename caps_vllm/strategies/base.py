@@ -50,7 +50,7 @@ class Window:
     """
 
     vecs: np.ndarray  # (W, d)
-    dots: np.ndarray  # (W,) v_i . L, updated per pick
+    dots: np.ndarray | None  # (W,) v_i . L, updated per pick (None: the strategy does not score by it)
     gram: np.ndarray | None  # (W, W) v_i . v_j, if the caller keeps one
     norms: np.ndarray | None = None  # (W,) ||v_i||^2
     mass: np.ndarray | None = None  # (W,) sum of v_i
@@ -60,8 +60,10 @@ class Window:
     terms: np.ndarray | None = None  # (W, d) the strategy's row_terms of the candidates, if the caller keeps them
 
     @classmethod
-    def build(cls, running: np.ndarray, vecs: np.ndarray, gram: np.ndarray | None, stats: bool) -> Window:
-        w = cls(vecs=vecs, dots=vecs @ running, gram=gram, running=running)
+    def build(
+        cls, running: np.ndarray, vecs: np.ndarray, gram: np.ndarray | None, stats: bool, dots: bool = True
+    ) -> Window:
+        w = cls(vecs=vecs, dots=vecs @ running if dots else None, gram=gram, running=running)
         if stats:
             w.norms = gram.diagonal().copy() if gram is not None else np.einsum("ij,ij->i", vecs, vecs)
             w.mass = vecs @ np.ones(vecs.shape[1])
@@ -94,6 +96,8 @@ class Strategy:
     uses_window: bool = True
     #: whether the scores need norms, masses and load statistics besides the dot products
     uses_stats: bool = True
+    #: whether the scores start from the candidates' dot products with the load (Window.dots)
+    uses_dots: bool = True
     #: parameters the live scheduler fills in from the deployment (see make_strategy)
     deployment_params: tuple[str, ...] = ()
     #: a row-wise transform of the candidates' vectors the scores start from, which a caller
@@ -142,7 +146,7 @@ class Strategy:
             raise ValueError(f"gram must be ({w}, {w}), got {gram.shape}")
         if terms is not None and terms.shape != vecs.shape:
             raise ValueError(f"terms must be {vecs.shape}, got {terms.shape}")
-        window = Window.build(running, vecs, gram, self.uses_stats) if self.uses_window else None
+        window = Window.build(running, vecs, gram, self.uses_stats, self.uses_dots) if self.uses_window else None
         if window is not None:
             window.terms = terms
         rest = self._pick(vecs, window, b)

@@ -20,6 +20,7 @@ from caps_vllm.strategies.base import Strategy, Window
 class StepCost(Strategy):
     name = "step_cost"
     uses_stats = False
+    uses_dots = False  # it prices the load itself
     #: settings the live scheduler reads from vLLM (the user's strategy_params win)
     deployment_params = ("experts", "ranks", "placement")
 
@@ -77,7 +78,7 @@ class StepCost(Strategy):
                 f"load vectors of length {vecs.shape[1]} do not split into layers of {self.placement.shape[0]} experts"
             )
         load = window.running + vecs[0]
-        mass = vecs.sum(axis=1)
+        mass = vecs @ np.ones(vecs.shape[1])  # (BLAS: half the time of a row sum here)
         inv = np.where(mass > 0, 1.0 / np.maximum(mass, 1e-12), 0.0)  # per token; a massless candidate scores 0
         blocked = np.zeros(vecs.shape[0])  # +inf once picked
         blocked[0] = np.inf
