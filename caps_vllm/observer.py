@@ -10,7 +10,7 @@ were routed (prefix-cache hits are never routed) with what was routed for them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -42,38 +42,62 @@ class RoutingObserver:
         self._decodes: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}  # req -> (prediction, decode counts)
         self._warn_once = WarnOnce(logger)
 
-    def on_schedule(self, scheduled: Mapping[str, int], vector_of: Callable[[str], np.ndarray | None]) -> None:
-        """A step was scheduled: ``scheduled`` maps request id -> tokens this step.
+    def on_schedule(
+        self,
+        scheduled: Mapping[str, int],
+        vector_of: Callable[[str], np.ndarray | None],
+        total: int | None = None,
+        changes: tuple[Iterable[str], Iterable[str]] | None = None,
+        multi: Iterable[str] | None = None,
+    ) -> None:
+        """A step was scheduled: ``scheduled`` maps request id -> tokens this step (``total`` of them).
 
         The predicted load is kept as a running sum of the scheduled requests' per-token
-        vectors, updated by set difference (a decode step costs O(changes x d), not O(R x d)),
-        plus (n - 1) x vector for the few requests with more than one token (prefill chunks).
+        vectors, updated by the changes since the last step (a decode step costs O(changes x d),
+        not O(R x d)), plus (n - 1) x vector for the few requests with more than one token
+        (prefill chunks). A caller that knows them passes ``changes`` (ids that joined, ids that
+        left: new and resumed, finished and preempted) and ``multi`` (the only ids that may have
+        more than one token); otherwise, or when the ids do not add up (a running request the
+        budget left out), both come from passes over every id.
         """
-        total = sum(scheduled.values())
+        total = sum(scheduled.values()) if total is None else total
         if total == 0:
             return
         m = self.metrics
         m.inc("vllm:caps_steps")
         m.inc("vllm:caps_scheduled_tokens", total)
         units = self._units
-        for rid in sorted(units.keys() - scheduled.keys()):  # set differences: C speed, a few ids a step
-            u = units.pop(rid)
-            if u is not None:
-                self._sum -= u
-        for rid in sorted(scheduled.keys() - units.keys()):
-            u = units[rid] = self._unit(vector_of(rid))
-            if u is not None:
-                self._sum += u
+        if changes is not None:
+            joined, left = changes
+            self._drop(sorted(rid for rid in left if rid not in scheduled))
+            self._add([rid for rid in joined if rid in scheduled and rid not in units], vector_of)
+        if changes is None or len(units) != len(scheduled):  # set differences: C speed, O(R)
+            self._drop(sorted(units.keys() - scheduled.keys()))
+            self._add(sorted(scheduled.keys() - units.keys()), vector_of)
+            multi = None
         extra = None
         if total != len(scheduled):  # some request has more than one token (every one has at least one)
-            for rid, n in scheduled.items():
+            ids = scheduled.keys() if multi is None else multi
+            for rid, n in [(rid, scheduled.get(rid, 0)) for rid in ids if scheduled.get(rid, 0) > 1]:
                 u = units[rid]
-                if u is not None and n != 1:
+                if u is not None:
                     extra = (n - 1) * u if extra is None else extra + (n - 1) * u
         np.maximum(self._sum, 0.0, out=self._sum)  # float drift of the running sum
         shape = load_shape((self._sum if extra is None else self._sum + extra).reshape(self.shape))
         if shape is not None:
             m.observe_load("predicted", shape)
+
+    def _drop(self, ids: Iterable[str]) -> None:
+        for rid in ids:
+            u = self._units.pop(rid, None)
+            if u is not None:
+                self._sum -= u
+
+    def _add(self, ids: Iterable[str], vector_of: Callable[[str], np.ndarray | None]) -> None:
+        for rid in ids:
+            u = self._units[rid] = self._unit(vector_of(rid))
+            if u is not None:
+                self._sum += u
 
     def _unit(self, v: np.ndarray | None) -> np.ndarray | None:
         """A prediction as routing per token (sums to layers x top_k), or None."""

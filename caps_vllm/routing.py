@@ -52,15 +52,25 @@ def load_shape(load: np.ndarray, distinct_threshold: float = 1.0) -> LoadShape |
     Layers without load are left out of the averages (they carry no information).
     """
     load = np.asarray(load, dtype=np.float64)
-    mean = load.mean(axis=1)
-    live = mean > 0
-    if not live.any():
-        return None
-    per_layer = np.zeros(load.shape[0])
-    per_layer[live] = load[live].max(axis=1) / mean[live]
-    cv = load[live].std(axis=1) / mean[live]
-    distinct = (load[live] >= distinct_threshold).sum(axis=1)
-    return LoadShape(float(cv.mean()), float(per_layer[live].mean()), float(distinct.mean()), per_layer)
+    layers, experts = load.shape
+    mean = np.add.reduce(load, axis=1) / experts
+    every = mean.min() > 0  # the common case (the observer calls this every step): no copies, few calls
+    if not every:
+        live = mean > 0
+        if not live.any():
+            return None
+        load, mean = load[live], mean[live]
+    top = np.maximum.reduce(load, axis=1) / mean
+    dev = load - mean[:, None]
+    cv = np.sqrt(np.einsum("ij,ij->i", dev, dev) / experts) / mean  # np.std's two passes
+    n = len(mean)
+    distinct = np.count_nonzero(load >= distinct_threshold) / n
+    if every:
+        per_layer = top
+    else:
+        per_layer = np.zeros(layers)
+        per_layer[live] = top
+    return LoadShape(float(np.add.reduce(cv)) / n, float(np.add.reduce(top)) / n, float(distinct), per_layer)
 
 
 def counts_from_rows(rows: np.ndarray, num_experts: int) -> np.ndarray:

@@ -42,6 +42,20 @@ logger = logging.getLogger("caps_vllm.scheduler")
 _NO_VECTOR = object()
 
 
+def _timed(hook):
+    """A hook whose wall time counts into ``Caps.seconds`` (CAPS's own time on the engine's busy loop)."""
+
+    @functools.wraps(hook)
+    def timed(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return hook(self, *args)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+    return timed
+
+
 class Caps:
     """CAPS's state for one vLLM scheduler (``sched``), built when the scheduler is."""
 
@@ -68,7 +82,7 @@ class Caps:
         self.busy: dict[str, Request] = {}  # running requests not (yet) known to be in plain decode
         self.observer = self._make_observer(vllm_config) if self.config.metrics else None
         self.step = 0  # schedule() calls, in tokens a running request may take (the rows' end steps)
-        self.seconds = 0.0  # wall time of CAPS's own work in schedule() (the reordering), summed
+        self.seconds = 0.0  # wall time of CAPS's own work around schedule() and update_from_output(), summed
         # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
         # (sim/twin.py) replaces it with its virtual clock.
         self.clock = time.time
@@ -179,6 +193,7 @@ class Caps:
         if self.learner is not None:
             self.learner.close()
 
+    @_timed
     def before_schedule(self, holds_prefills: bool) -> None:
         """Reorder the waiting queue for this step (``holds_prefills``: vLLM admits nothing new)."""
         if self.observer is not None:  # what this step does is told the observer as the change from here
@@ -187,7 +202,6 @@ class Caps:
         if self.step_log is not None:
             self.step_log.begin()
         if self.predictor is not None and self.sched.waiting and not holds_prefills:
-            t0 = time.perf_counter()
             try:
                 self.reorder()
             except Exception:  # never let the policy take the engine down
@@ -199,18 +213,17 @@ class Caps:
                     "CAPS admission failed; this step stays FCFS (further errors are only counted)",
                     log=logger.exception,
                 )
-            self.seconds += time.perf_counter() - t0
 
+    @_timed
     def after_schedule(self, out) -> None:
         if self.predictor is not None:  # what reorder's budget estimate reads
-            t0 = time.perf_counter()
             self.guarded(self.track_admitted, out)
-            self.seconds += time.perf_counter() - t0
         if self.observer is not None:
             self.guarded(self._observe_schedule, out)
         if self.step_log is not None:
             self.guarded(self.step_log.scheduled, out, self.sched.requests)
 
+    @_timed
     def on_output(self, model_runner_output) -> RoutingRecord | None:
         """A step's model output, before vLLM frees the requests that finished: its routing to
         the observer (scored before the table learns these rows), the learner and the guard."""
@@ -236,6 +249,7 @@ class Caps:
                 self.guarded(self.judge, record)
         return record
 
+    @_timed
     def after_output(self, outputs, record: RoutingRecord | None) -> None:
         if self.observer is not None and self.config.capture_decode:
             self.guarded(self.observer.on_finished, vs.finished_ids(outputs))
@@ -388,8 +402,14 @@ class Caps:
             d.guard_fallback,
         )
         reqs, predicted = self.sched.requests, self.predictor is not None
+        # the requests that may take more than one token this step are the busy ones (not with speculation)
+        exact = not predicted or vs.spec_tokens(self.sched)
         self.observer.on_schedule(
-            out.num_scheduled_tokens, lambda rid: self.vector(reqs[rid]) if predicted and rid in reqs else None
+            out.num_scheduled_tokens,
+            lambda rid: self.vector(reqs[rid]) if predicted and rid in reqs else None,
+            out.total_num_scheduled_tokens,
+            (vs.admitted_ids(out), vs.left_ids(out)),
+            None if exact else self.busy.keys(),
         )
 
     def _observe_output(self, record: RoutingRecord) -> None:

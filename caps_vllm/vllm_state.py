@@ -151,6 +151,11 @@ def admitted_ids(out) -> Iterable[str]:
     return itertools.chain((r.req_id for r in out.scheduled_new_reqs), out.scheduled_cached_reqs.resumed_req_ids)
 
 
+def left_ids(out) -> Iterable[str]:
+    """Requests that left the running batch since the last SchedulerOutput: finished (or aborted), preempted."""
+    return itertools.chain(out.finished_req_ids, out.preempted_req_ids or ())
+
+
 def is_running(r: Request) -> bool:
     return r.status == RequestStatus.RUNNING
 

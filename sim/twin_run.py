@@ -195,7 +195,7 @@ def run_arm(
             params = {**params, "cost": model.moe.as_dict()}
         cls, caps_cfg = (
             with_vectors(CapsScheduler, space),
-            {**caps, "strategy": arm, "metrics": False, "strategy_params": params},
+            {"metrics": False, **caps, "strategy": arm, "strategy_params": params},
         )
     timing = VllmStepTime(model, replay if replay is not None else UniformRouting(shape))
     per_token = caps_cfg is not None and CapsConfig.from_dict(caps_cfg).vectors == "per_token"

@@ -309,3 +309,34 @@ def test_deploy_files_agree():
     uids = {p["datasource"]["uid"] for p in dash["panels"]}
     assert uids == {ds["datasources"][0]["uid"]}
     assert (deploy / compose["services"]["vllm"]["build"]["dockerfile"].removeprefix("deploy/")).exists()
+
+
+def test_the_predicted_load_from_step_changes_equals_the_full_set_difference():
+    """Told what joined and left (and which ids may take several tokens), the observer keeps the
+    same predicted load as by passes over every id; when the ids do not add up (a running
+    request the budget left out, a change it was not told) it falls back to those passes."""
+    rng = np.random.default_rng(0)
+    vecs = {f"r{i}": rng.random(8) for i in range(40)}
+    full, told = (_observer(f"t-chg-{k}") for k in ("full", "told"))
+    drops, drop = [], told._drop
+    told._drop = lambda ids: drops.append(1) or drop(ids)  # one call a step on the told path, two on the passes
+    prev: dict[str, int] = {}
+    for step in range(60):
+        running = (
+            {rid: 1 for rid in sorted(rng.choice(list(vecs), size=12, replace=False))}
+            if step % 7 == 0
+            else {rid: 1 for rid in prev if rng.random() > 0.1}
+        )
+        for rid in rng.choice(list(vecs), size=2):
+            running.setdefault(str(rid), 5)  # a newcomer's prompt chunk
+        if step % 11 == 5 and len(running) > 3:
+            running.pop(next(iter(running)))  # left out this step, not told
+        joined = [rid for rid in running if rid not in prev]
+        left = [rid for rid in prev if rid not in running] if step % 13 else []  # sometimes not told
+        multi = [rid for rid, n in running.items() if n > 1]
+        full.on_schedule(running, vecs.get)
+        told.on_schedule(running, vecs.get, sum(running.values()), (joined, left), multi)
+        np.testing.assert_allclose(told._sum, full._sum, atol=1e-9)
+        assert told._units.keys() == full._units.keys() == running.keys()
+        prev = running
+    assert 60 < len(drops) < 60 + 15  # the passes ran only where the ids did not add up
