@@ -16,7 +16,7 @@ import numpy as np
 
 from caps_vllm.logs import WarnOnce
 from caps_vllm.metrics import CapsMetrics
-from caps_vllm.routing import RoutingRecord, cosine, load_shape, topk_overlap
+from caps_vllm.routing import RoutingRecord, cosine, load_shape, load_shapes, topk_overlap
 
 logger = logging.getLogger("caps_vllm.observer")
 
@@ -31,8 +31,13 @@ class RoutingObserver:
         layers: int,
         num_experts: int,
         top_k: int,
+        batch_steps: int = 16,
     ) -> None:
+        """``batch_steps``: the predicted load's figures are computed and exported for this many
+        steps at once (they lag by at most that many steps; :meth:`flush` exports the rest)."""
         self.metrics = metrics
+        self.batch_steps = max(int(batch_steps), 1)
+        self._pending: list[np.ndarray] = []  # predicted loads of steps not yet exported
         self.predict = predict  # prompt ids -> flat [layers * experts] counts, or None
         self.shape = (layers, num_experts)
         self.top_k = top_k
@@ -83,9 +88,18 @@ class RoutingObserver:
                 if u is not None:
                     extra = (n - 1) * u if extra is None else extra + (n - 1) * u
         np.maximum(self._sum, 0.0, out=self._sum)  # float drift of the running sum
-        shape = load_shape((self._sum if extra is None else self._sum + extra).reshape(self.shape))
-        if shape is not None:
-            m.observe_load("predicted", shape)
+        self._pending.append(self._sum.copy() if extra is None else self._sum + extra)
+        if len(self._pending) >= self.batch_steps:
+            self.flush()
+
+    def flush(self) -> None:
+        """Export the predicted-load figures of the steps batched so far."""
+        if self._pending:
+            loads = np.stack(self._pending).reshape(len(self._pending), *self.shape)
+            self._pending.clear()
+            for shape in load_shapes(loads):
+                if shape is not None:
+                    self.metrics.observe_load("predicted", shape)
 
     def _drop(self, ids: Iterable[str]) -> None:
         for rid in ids:

@@ -51,26 +51,29 @@ def load_shape(load: np.ndarray, distinct_threshold: float = 1.0) -> LoadShape |
 
     Layers without load are left out of the averages (they carry no information).
     """
-    load = np.asarray(load, dtype=np.float64)
-    layers, experts = load.shape
-    mean = np.add.reduce(load, axis=1) / experts
-    every = mean.min() > 0  # the common case (the observer calls this every step): no copies, few calls
-    if not every:
-        live = mean > 0
-        if not live.any():
-            return None
-        load, mean = load[live], mean[live]
-    top = np.maximum.reduce(load, axis=1) / mean
-    dev = load - mean[:, None]
-    cv = np.sqrt(np.einsum("ij,ij->i", dev, dev) / experts) / mean  # np.std's two passes
-    n = len(mean)
-    distinct = np.count_nonzero(load >= distinct_threshold) / n
-    if every:
-        per_layer = top
-    else:
-        per_layer = np.zeros(layers)
-        per_layer[live] = top
-    return LoadShape(float(np.add.reduce(cv)) / n, float(np.add.reduce(top)) / n, float(distinct), per_layer)
+    return load_shapes(np.asarray(load, dtype=np.float64)[None], distinct_threshold)[0]
+
+
+def load_shapes(loads: np.ndarray, distinct_threshold: float = 1.0) -> list[LoadShape | None]:
+    """:func:`load_shape` of each of ``loads`` [steps, layers, experts], in one pass of array
+    operations (the observer batches its steps: the per-call overhead, not the arithmetic, is
+    what a step's figures cost)."""
+    loads = np.asarray(loads, dtype=np.float64)
+    experts = loads.shape[2]
+    mean = np.add.reduce(loads, axis=2) / experts
+    live = mean > 0
+    safe = np.where(live, mean, 1.0)
+    top = np.where(live, np.maximum.reduce(loads, axis=2) / safe, 0.0)
+    dev = loads - mean[..., None]
+    cv = np.where(live, np.sqrt(np.einsum("kij,kij->ki", dev, dev) / experts) / safe, 0.0)  # np.std's two passes
+    distinct = np.where(live, np.count_nonzero(loads >= distinct_threshold, axis=2), 0)
+    n = np.count_nonzero(live, axis=1)
+    return [
+        LoadShape(float(cv[i].sum()) / n[i], float(top[i].sum()) / n[i], float(distinct[i].sum()) / n[i], top[i])
+        if n[i]
+        else None
+        for i in range(len(loads))
+    ]
 
 
 def counts_from_rows(rows: np.ndarray, num_experts: int) -> np.ndarray:

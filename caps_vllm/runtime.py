@@ -190,6 +190,8 @@ class Caps:
             self.step_log.dropped(r.request_id for r in requests)
 
     def shutdown(self) -> None:
+        if self.observer is not None:
+            self.guarded(self.observer.flush)
         if self.learner is not None:
             self.learner.close()
 
@@ -253,13 +255,11 @@ class Caps:
     def after_output(self, outputs, record: RoutingRecord | None) -> None:
         if self.observer is not None and self.config.capture_decode:
             self.guarded(self.observer.on_finished, vs.finished_ids(outputs))
+        busy = self.sched.has_unfinished_requests()
+        if self.observer is not None and not busy:
+            self.guarded(self.observer.flush)  # the batched figures are all out whenever the engine idles
         if self.step_log is not None:
-            self.guarded(
-                self.step_log.updated,
-                outputs,
-                self.sched.has_unfinished_requests(),
-                None if record is None else record.layer_counts,
-            )
+            self.guarded(self.step_log.updated, outputs, busy, None if record is None else record.layer_counts)
 
     def guarded(self, fn, *args) -> None:
         try:

@@ -62,7 +62,7 @@ def _value(name: str, model: str) -> float:
 
 
 def _observer(model: str, predict=None) -> RoutingObserver:
-    return RoutingObserver(CapsMetrics(model, "0"), predict, layers=2, num_experts=4, top_k=2)
+    return RoutingObserver(CapsMetrics(model, "0"), predict, layers=2, num_experts=4, top_k=2, batch_steps=1)
 
 
 def test_predicted_step_load_weights_each_request_by_its_scheduled_tokens():
@@ -340,3 +340,22 @@ def test_the_predicted_load_from_step_changes_equals_the_full_set_difference():
         assert told._units.keys() == full._units.keys() == running.keys()
         prev = running
     assert 60 < len(drops) < 60 + 15  # the passes ran only where the ids did not add up
+
+
+def test_batched_predicted_load_figures_equal_the_per_step_ones_once_flushed():
+    rng = np.random.default_rng(1)
+    vecs = {f"r{i}": rng.random(8) * (i % 3) for i in range(30)}  # some without load: skipped steps
+    per_step, batched = _observer("t-batch-1"), _observer("t-batch-16")
+    batched.batch_steps = 16
+    for step in range(40):
+        scheduled = {f"r{i}": 1 + (i == step % 30) * 3 for i in rng.choice(30, size=5, replace=False)}
+        for obs in (per_step, batched):
+            obs.on_schedule(scheduled, vecs.get)
+    name = "vllm:caps_predicted_load_cv_count"
+    assert _value(name, "t-batch-16") == 32 < _value(name, "t-batch-1")  # two batches out, 8 steps held
+    batched.flush()
+    for fig in ("load_cv", "load_max_over_mean", "distinct_experts"):
+        for part in ("count", "sum"):
+            assert _value(f"vllm:caps_predicted_{fig}_{part}", "t-batch-16") == pytest.approx(
+                _value(f"vllm:caps_predicted_{fig}_{part}", "t-batch-1"), rel=1e-12
+            )
