@@ -17,6 +17,7 @@ import numpy as np
 from caps_vllm.logs import WarnOnce
 from caps_vllm.metrics import CapsMetrics
 from caps_vllm.routing import RoutingRecord, cosine, load_shape, load_shapes, topk_overlap
+from caps_vllm.running_load import RunningLoad
 
 logger = logging.getLogger("caps_vllm.observer")
 
@@ -42,8 +43,8 @@ class RoutingObserver:
         self.shape = (layers, num_experts)
         self.top_k = top_k
         self._prompts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (first routed position, counts)
-        self._units: dict[str, np.ndarray | None] = {}  # scheduled last step -> per-token prediction
-        self._sum = np.zeros(layers * num_experts)
+        # the requests scheduled last step -> per-token prediction, and their sum
+        self._units = RunningLoad(layers * num_experts, dtype=np.float64)
         self._decodes: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}  # req -> (prediction, decode counts)
         self._warn_once = WarnOnce(logger)
 
@@ -84,11 +85,10 @@ class RoutingObserver:
         if total != len(scheduled):  # some request has more than one token (every one has at least one)
             ids = scheduled.keys() if multi is None else multi
             for rid, n in [(rid, scheduled.get(rid, 0)) for rid in ids if scheduled.get(rid, 0) > 1]:
-                u = units[rid]
-                if u is not None:
-                    extra = (n - 1) * u if extra is None else extra + (n - 1) * u
-        np.maximum(self._sum, 0.0, out=self._sum)  # float drift of the running sum
-        self._pending.append(self._sum.copy() if extra is None else self._sum + extra)
+                u = units.vector(rid)
+                extra = (n - 1) * u if extra is None else extra + (n - 1) * u
+        total_load = units.total
+        self._pending.append(total_load.copy() if extra is None else total_load + extra)
         if len(self._pending) >= self.batch_steps:
             self.flush()
 
@@ -103,19 +103,15 @@ class RoutingObserver:
 
     def _drop(self, ids: Iterable[str]) -> None:
         for rid in ids:
-            u = self._units.pop(rid, None)
-            if u is not None:
-                self._sum -= u
+            self._units.remove(rid)
 
     def _add(self, ids: Iterable[str], vector_of: Callable[[str], np.ndarray | None]) -> None:
         for rid in ids:
-            u = self._units[rid] = self._unit(vector_of(rid))
-            if u is not None:
-                self._sum += u
+            self._units.add(rid, self._unit(vector_of(rid)))
 
     def _unit(self, v: np.ndarray | None) -> np.ndarray | None:
         """A prediction as routing per token (sums to layers x top_k), or None."""
-        if v is None or v.shape != self._sum.shape:
+        if v is None or v.shape != (self._units.d,):
             return None
         mass = v.sum()
         return v * (self.shape[0] * self.top_k / mass) if mass > 0 else None

@@ -29,11 +29,12 @@ import numpy as np
 class RunningLoad:
     """Per-request load vectors of the running batch, with their sum kept up to date."""
 
-    def __init__(self, d: int, slots: int = 16) -> None:
-        """``slots``: rows allocated up front (vLLM's max_num_seqs); more are added as needed."""
+    def __init__(self, d: int, slots: int = 16, dtype: type = np.float32) -> None:
+        """``slots``: rows allocated up front (vLLM's max_num_seqs); more are added as needed.
+        ``dtype``: the rows' (float32 for the scheduler's products; the observer keeps float64)."""
         self.d = d
         self.total = np.zeros(d)
-        self._rows = np.zeros((max(int(slots), 1), d), dtype=np.float32)
+        self._rows = np.zeros((max(int(slots), 1), d), dtype=dtype)
         self._end = np.zeros(self._rows.shape[0])  # the step each row's request ends on (see refresh)
         self._row: dict[Hashable, int] = {}
         self._free: list[int] = list(range(self._rows.shape[0] - 1, -1, -1))
@@ -53,7 +54,7 @@ class RunningLoad:
             return
         if not self._free:
             n = self._rows.shape[0]
-            self._rows = np.vstack([self._rows, np.zeros((n, self.d), dtype=np.float32)])
+            self._rows = np.vstack([self._rows, np.zeros((n, self.d), dtype=self._rows.dtype)])
             self._end = np.concatenate([self._end, np.zeros(n)])
             self._free = list(range(2 * n - 1, n - 1, -1))
         i = self._free.pop()
@@ -62,6 +63,10 @@ class RunningLoad:
         if vec is not None:
             self._rows[i] = vec
             self.total += vec
+
+    def vector(self, key: Hashable) -> np.ndarray:
+        """``key``'s row (zeros for a request added without a prediction)."""
+        return self._rows[self._row[key]]
 
     def remove(self, key: Hashable) -> None:
         i = self._row.pop(key, None)

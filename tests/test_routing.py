@@ -336,7 +336,7 @@ def test_the_predicted_load_from_step_changes_equals_the_full_set_difference():
         multi = [rid for rid, n in running.items() if n > 1]
         full.on_schedule(running, vecs.get)
         told.on_schedule(running, vecs.get, sum(running.values()), (joined, left), multi)
-        np.testing.assert_allclose(told._sum, full._sum, atol=1e-9)
+        np.testing.assert_allclose(told._units.total, full._units.total, atol=1e-9)
         assert told._units.keys() == full._units.keys() == running.keys()
         prev = running
     assert 60 < len(drops) < 60 + 15  # the passes ran only where the ids did not add up
