@@ -83,10 +83,11 @@ class RoutingObserver:
             multi = None
         extra = None
         if total != len(scheduled):  # some request has more than one token (every one has at least one)
-            ids = scheduled.keys() if multi is None else multi
-            for rid, n in [(rid, scheduled.get(rid, 0)) for rid in ids if scheduled.get(rid, 0) > 1]:
-                u = units.vector(rid)
-                extra = (n - 1) * u if extra is None else extra + (n - 1) * u
+            for rid in scheduled.keys() if multi is None else multi:
+                n = scheduled.get(rid, 0)
+                if n > 1:
+                    u = units.vector(rid)
+                    extra = (n - 1) * u if extra is None else extra + (n - 1) * u
         total_load = units.total
         self._pending.append(total_load.copy() if extra is None else total_load + extra)
         if len(self._pending) >= self.batch_steps:

@@ -255,6 +255,8 @@ class Caps:
     def after_output(self, outputs, record: RoutingRecord | None) -> None:
         if self.observer is not None and self.config.capture_decode:
             self.guarded(self.observer.on_finished, vs.finished_ids(outputs))
+        if self.observer is None and self.step_log is None:
+            return
         busy = self.sched.has_unfinished_requests()
         if self.observer is not None and not busy:
             self.guarded(self.observer.flush)  # the batched figures are all out whenever the engine idles

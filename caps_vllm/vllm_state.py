@@ -35,10 +35,24 @@ def steps_left(r: Request) -> int:
     return r.max_tokens - r.num_output_tokens
 
 
+def _capped(n: int, thr: int) -> int:
+    """``n`` tokens as vLLM caps a request's tokens in a step (long_prefill_token_threshold ``thr``)."""
+    return thr if 0 < thr < n else n
+
+
+def _next_tokens(r: Request) -> int:
+    """A running request's tokens this step before any cap (1 in plain decode)."""
+    return r.num_tokens_with_spec + r.num_output_placeholders - r.num_computed_tokens
+
+
+def _blocks_opened(c: int, n: int, bs: int) -> int:
+    """KV blocks that ``n`` more tokens after ``c`` computed ones start: ceil((c + n) / bs) - ceil(c / bs)."""
+    return (c + n - 1) // bs - (c - 1) // bs
+
+
 def need(s, r: Request) -> int:
     """A waiting request's tokens this step as vLLM caps them (long_prefill_token_threshold)."""
-    n, thr = r.num_tokens - r.num_computed_tokens, s.scheduler_config.long_prefill_token_threshold
-    return thr if 0 < thr < n else n
+    return _capped(r.num_tokens - r.num_computed_tokens, s.scheduler_config.long_prefill_token_threshold)
 
 
 def free_slots(s) -> int:
@@ -84,15 +98,10 @@ def capacity_walk(s, free: int) -> tuple[Capacity, RunningPass]:
     keys: list[str] = []
     remaining: list[int] = []
     for r in s.running:
-        c = r.num_computed_tokens
-        n = r.num_tokens_with_spec + r.num_output_placeholders - c
-        if 0 < thr < n:
-            n = thr
-        if n > tokens:
-            n = tokens
+        n = min(_capped(_next_tokens(r), thr), tokens)
         if n > 0:
             tokens -= n
-            opened += (c + n - 1) // bs - (c - 1) // bs  # ceil((c + n) / bs) - ceil(c / bs)
+            opened += _blocks_opened(r.num_computed_tokens, n, bs)
         keys.append(r.request_id)
         remaining.append(steps_left(r))
     return left(s, free, tokens, opened), RunningPass(keys, remaining)
@@ -111,17 +120,16 @@ def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[s
         if r.status != RequestStatus.RUNNING:
             del busy[rid]  # finished or preempted (a resumed request comes back through schedule())
             continue
-        c = r.num_computed_tokens
-        n = r.num_tokens_with_spec + r.num_output_placeholders - c
+        n = _next_tokens(r)
         if n == 1:
             del busy[rid]  # plain decode from now on: counted below with the others
             on_decode(rid, r)
             continue
         counted += 1
-        n = thr if 0 < thr < n else n
+        n = _capped(n, thr)
         if n > 0:
             tokens -= n
-            opened += (c + n - 1) // bs - (c - 1) // bs
+            opened += _blocks_opened(r.num_computed_tokens, n, bs)
     decoding = len(s.running) - counted
     return left(s, free, max(tokens - decoding, 0), opened + decoding)
 

@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     def n(rate: float, seconds: float) -> str:
         return str(max(500, int(rate * seconds)))
 
+    def traffic(pattern: str, rate: float, seconds: float = args.seconds) -> list[str]:
+        """A cell's arrivals: its pattern and rate, as many requests as ``seconds`` of them (at least 500)."""
+        return ["--pattern", pattern, "--rate", f"{rate:.6g}", "--requests", n(rate, seconds)]
+
     def capacity(extra: list[str], pattern: str, name: str, start: float, model: list[str] = base) -> float:
         """Stock vLLM's capacity at SLO; a capacity cell in --out written by the same command is
         read, not rerun (stock's schedule depends on nothing the CAPS arms change)."""
@@ -206,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                     run = [
                         *model,
                         *extra,
-                        "--pattern",
-                        pattern,
-                        "--rate",
-                        f"{rate:.6g}",
-                        "--requests",
-                        n(rate, args.seconds),
+                        *traffic(pattern, rate),
                     ]
                     doc = cell([*run, "--strategies", *ARMS], out / "cells" / f"admission-{name}-{load}", args.reuse)
                     arms = {a: brief(r) for a, r in doc["results"].items()}
@@ -260,12 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         run = [
             *base,
             *extra,
-            "--pattern",
-            pattern,
-            "--rate",
-            f"{rate:.6g}",
-            "--requests",
-            str(max(500, int(rate * args.capacity_seconds))),
+            *traffic(pattern, rate, args.capacity_seconds),
         ]
         arms = {}
         for label, argv in (
@@ -292,12 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 *base,
                 *extra,
-                "--pattern",
-                pattern,
-                "--rate",
-                f"{rate:.6g}",
-                "--requests",
-                n(rate, args.seconds),
+                *traffic(pattern, rate),
                 "--strategies",
                 "stock",
                 "step_cost",
@@ -332,12 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = cell(
             [
                 *base,
-                "--pattern",
-                "bursty",
-                "--rate",
-                f"{rate:.6g}",
-                "--requests",
-                n(rate, args.seconds),
+                *traffic("bursty", rate),
                 "--strategies",
                 "stock",
                 *STRATEGIES,
@@ -362,12 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                 doc = cell(
                     [
                         *base,
-                        "--pattern",
-                        pattern,
-                        "--rate",
-                        f"{rate:.6g}",
-                        "--requests",
-                        n(rate, args.seconds),
+                        *traffic(pattern, rate),
                         "--strategies",
                         "stock",
                         "--engines",
