@@ -111,7 +111,10 @@ def test_the_installed_command_fits_a_machines_timings_into_strategy_params(tmp_
     r = subprocess.run([*cmd, "fit-step-cost", "--csv", str(csv)], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     fitted = json.loads((tmp_path / "step_cost.json").read_text())
-    assert fitted["fits"] == json.loads(DEFAULT_FIT.read_text())["fits"]
+    shipped = json.loads(DEFAULT_FIT.read_text())["fits"]
+    assert fitted["fits"].keys() == shipped.keys()
+    for name, fit in shipped.items():  # the same least squares, to its rounding (numpy/BLAS builds differ)
+        assert fitted["fits"][name] == {k: pytest.approx(v, rel=1e-9) if k != "form" else v for k, v in fit.items()}
     params = json.loads(r.stdout.split("strategy_params for this machine: ")[1].splitlines()[0])
     assert StepCostModel(**params["cost"]).as_dict() == fitted["fits"][fitted["default"]]
     bad = subprocess.run([*cmd, "no-such-command"], capture_output=True, text=True)
