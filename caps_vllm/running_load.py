@@ -9,11 +9,13 @@ step it is admitted in. Remaining steps are ``max_tokens`` minus the tokens gene
 bound: a request may stop early at EOS).
 
 Rows live in one float32 matrix sized for vLLM's sequence slots (half the memory a product
-reads; the twin's decisions came out the same as in float64), and the scheduler hands over
-the running requests' ids: bringing the rows up to date is a dict lookup per request, the
-weighted sum one matrix-vector product, on the steps that make a choice. The steps left need
-not be read off every running request either (with hundreds running, those reads cost more
-than the product): each row keeps the step its request would end on, set when the scheduler
+reads; the twin's decisions came out the same as in float64). The scheduler keeps them in step
+with the running batch by its changes (rows added as requests join, their vectors filled in
+when a choice needs them, removed as they leave), or, where it has walked the running batch
+anyway, hands over its ids (:meth:`sync`); the weighted sum is one matrix-vector product, on
+the steps that make a choice (no plain sum is kept: each change is just its row). The steps
+left need not be read off every running request either (with hundreds running, those reads
+cost more than the product): each row keeps the step its request would end on, set when the scheduler
 last read it (``now + remaining``), and a request in plain decode takes one token a step, so
 ``end - now`` is its steps left; the scheduler reads a request again when it starts plain
 decode (prefill steps make no output). Pure numpy, no vLLM.
@@ -27,13 +29,12 @@ import numpy as np
 
 
 class RunningLoad:
-    """Per-request load vectors of the running batch, with their sum kept up to date."""
+    """Per-request load vectors of the running batch, summed with weights when a choice needs it."""
 
     def __init__(self, d: int, slots: int = 16, dtype: type = np.float32) -> None:
         """``slots``: rows allocated up front (vLLM's max_num_seqs); more are added as needed.
-        ``dtype``: the rows' (float32 for the scheduler's products; the observer keeps float64)."""
+        ``dtype``: the rows' (float32: half the memory the products read)."""
         self.d = d
-        self.total = np.zeros(d)
         self._rows = np.zeros((max(int(slots), 1), d), dtype=dtype)
         self._end = np.zeros(self._rows.shape[0])  # the step each row's request ends on (see refresh)
         self._row: dict[Hashable, int] = {}
@@ -62,7 +63,14 @@ class RunningLoad:
         self._end[i] = 0.0
         if vec is not None:
             self._rows[i] = vec
-            self.total += vec
+
+    def fill(self, key: Hashable, vec: np.ndarray | None) -> None:
+        """Give ``key``'s row (added without a prediction, or with another) the load ``vec``."""
+        self._rows[self._row[key]] = 0.0 if vec is None else vec
+
+    def rows(self) -> np.ndarray:
+        """The row numbers in use (in no particular order)."""
+        return np.fromiter(self._row.values(), dtype=np.intp, count=len(self._row))
 
     def vector(self, key: Hashable) -> np.ndarray:
         """``key``'s row (zeros for a request added without a prediction)."""
@@ -72,10 +80,8 @@ class RunningLoad:
         i = self._row.pop(key, None)
         if i is None:
             return
-        self.total -= self._rows[i]
         self._rows[i] = 0.0
         self._free.append(i)
-        np.maximum(self.total, 0.0, out=self.total)  # float drift
 
     def sync(
         self,
@@ -114,11 +120,12 @@ class RunningLoad:
     def shared(self, rows: np.ndarray, remaining: Sequence[int], horizon: float) -> np.ndarray:
         """The mean load over the next ``horizon`` decode steps: row ``rows[i]`` weighted by
         ``min(remaining[i], horizon) / horizon`` (rows not named: weight 0)."""
-        if horizon <= 0:
-            return self.total.copy()
         if not len(rows):
             return np.zeros(self.d)
         hi = int(rows.max()) + 1  # rows are handed out lowest first: the rest are empty
         w = np.zeros(hi, dtype=np.float32)
-        w[rows] = np.clip(np.asarray(remaining, dtype=np.float32), 0.0, horizon) / np.float32(horizon)
+        if horizon <= 0:  # no horizon: the plain sum
+            w[rows] = 1.0
+        else:
+            w[rows] = np.clip(np.asarray(remaining, dtype=np.float32), 0.0, horizon) / np.float32(horizon)
         return (w @ self._rows[:hi]).astype(np.float64)

@@ -80,6 +80,7 @@ class Caps:
         self.planner.guard = self._make_guard()
         self.running = RunningLoad(d, sched.max_num_running_reqs)
         self.busy: dict[str, Request] = {}  # running requests not (yet) known to be in plain decode
+        self.unfilled: dict[str, Request] = {}  # joined the running rows; vector and end step not read yet
         self.observer = self._make_observer(vllm_config) if self.config.metrics else None
         self.step = 0  # schedule() calls, in tokens a running request may take (the rows' end steps)
         self.seconds = 0.0  # wall time of CAPS's own work around schedule() and update_from_output(), summed
@@ -175,7 +176,14 @@ class Caps:
             )
         if pred is None:
             return RoutingObserver(metrics, None, 1, 1, 1)
-        return RoutingObserver(metrics, lambda ids: pred.vector(ids), pred.layers, pred.num_experts, pred.top_k)
+        return RoutingObserver(
+            metrics,
+            pred.vector,
+            pred.layers,
+            pred.num_experts,
+            pred.top_k,
+            per_token=self.config.vectors == "per_token",
+        )
 
     # --- what the scheduler calls -------------------------------------------------------------
 
@@ -303,12 +311,28 @@ class Caps:
         """The running batch's load over the decode steps the head's requests would share with it
         (caps_vllm.running_load): the running set brought up to date, each request weighted by
         how much of the median candidate's ``max_tokens`` it will still be running. Without a
-        pass over the running batch (many running), the steps left come from the rows' kept end
-        steps, refreshed when a request starts plain decode (:meth:`capacity`)."""
-        run, reqs, now = self.running, self.sched.running, self.step
-        keys = vs.running_keys(self.sched) if running is None else running.keys
-        rows = run.sync(keys, lambda i: self.vector(reqs[i]), lambda i: vs.steps_left(reqs[i]), now)
-        left = run.steps_left(rows, now) if running is None else running.remaining
+        pass over the running batch (many running), the rows follow the batch's changes (joined
+        in :meth:`track_admitted`, finished since the last step dropped here) and the steps left
+        come from their kept end steps, refreshed when a request starts plain decode
+        (:meth:`capacity`); a pass over every running request only when the count disagrees."""
+        run, sched, now = self.running, self.sched, self.step
+        for rid in vs.finished_since_schedule(sched):
+            run.remove(rid)
+            self.unfilled.pop(rid, None)
+        for rid, r in self.unfilled.items():
+            if rid in run:
+                run.fill(rid, self.vector(r))
+                run.refresh(rid, vs.steps_left(r), now)
+        self.unfilled.clear()
+        reqs = sched.running
+        if running is None and len(run) == len(reqs):
+            rows = run.rows()
+            left = run.steps_left(rows, now)
+        else:
+            keys = vs.running_keys(sched) if running is None else running.keys
+            rows = run.sync(keys, lambda i: self.vector(reqs[i]), lambda i: vs.steps_left(reqs[i]), now)
+            left = run.steps_left(rows, now) if running is None else running.remaining
+            self.counters["running_load_syncs"] += running is None
         horizon = statistics.median([w.item.max_tokens for w in head]) if head else 0.0
         return run.shared(rows, left, float(horizon))
 
@@ -356,15 +380,23 @@ class Caps:
             vs.reorder_head(s, order)
 
     def track_admitted(self, out) -> None:
-        """Requests that joined the running batch this step (new or resumed) are not yet in plain
-        decode: :meth:`capacity` reads them until they are. Where it does not run (no queue), the
-        ones that stopped running are dropped once they could outnumber the running batch, so
-        the dict stays within twice its size at an amortised O(1) an admission."""
-        busy, reqs = self.busy, self.sched.requests
+        """The running batch's changes this step: finished and preempted requests leave the running rows, and
+        requests that joined (new or resumed) get a row, filled when a choice needs it
+        (:meth:`shared_load`). The joined are not yet in plain decode: :meth:`capacity` reads them
+        until they are. Where it does not run (no queue), the ones that stopped running are
+        dropped once they could outnumber the running batch, so the dict stays within twice its
+        size at an amortised O(1) an admission."""
+        busy, reqs, run, unfilled = self.busy, self.sched.requests, self.running, self.unfilled
+        for rid in vs.left_ids(out):  # finished since the last step (unless shared_load dropped them), preempted
+            run.remove(rid)
+            unfilled.pop(rid, None)
         for rid in vs.admitted_ids(out):
             r = reqs.get(rid)
             if r is not None:
                 busy[rid] = r
+                if rid not in run:
+                    run.add(rid, None)
+                    unfilled[rid] = r
         if len(busy) > 2 * len(self.sched.running) + vs.WALK_ALL:
             for rid in [rid for rid, r in busy.items() if not vs.is_running(r)]:
                 del busy[rid]

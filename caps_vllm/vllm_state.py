@@ -154,6 +154,12 @@ def running_keys(s) -> list[str]:
     return [r.request_id for r in s.running]
 
 
+def finished_since_schedule(s) -> Iterable[str]:
+    """Requests that finished or were aborted since the last ``schedule()`` (vLLM reports them in
+    the next SchedulerOutput; until then they are in ``finished_req_ids``)."""
+    return s.finished_req_ids
+
+
 def admitted_ids(out) -> Iterable[str]:
     """Requests a SchedulerOutput put into the running batch (new, or resumed after preemption)."""
     return itertools.chain((r.req_id for r in out.scheduled_new_reqs), out.scheduled_cached_reqs.resumed_req_ids)

@@ -265,22 +265,52 @@ def test_running_load_sums_and_weights_by_shared_steps():
     run.add("none", None)  # no prediction: no load
     run.remove("never-added")
     assert len(run) == 12 and "none" in run
-    np.testing.assert_allclose(run.total, np.full(D, 10.0) + VEC["hot"])
     keys = ["hot", "none", *(f"r{i}" for i in range(30, 40))]
     asked = []
     rows = run.sync(keys, lambda i: asked.append(i))
+    np.testing.assert_allclose(run.shared(rows, [], 0.0), np.full(D, 10.0) + VEC["hot"])  # no horizon: the sum
     assert asked == [] and len(set(rows.tolist())) == 12
     # "hot" finishes in 25 of a 100-step horizon; the others outlast it
     shared = run.shared(rows, [25, 7, *[500] * 10], 100.0)
     np.testing.assert_allclose(shared, np.full(D, 10.0) + 0.25 * VEC["hot"])
     np.testing.assert_allclose(run.shared(rows, [-3, 0, *[500] * 10], 100.0), np.full(D, 10.0))  # done: weight 0
-    np.testing.assert_allclose(run.shared(rows, [], 0.0), run.total)
     # the running set moves on: "hot" and r30 finish, "new" starts; only the newcomer's vector is asked for
     keys = ["new", "none", *(f"r{i}" for i in range(31, 40))]
     rows = run.sync(keys, lambda i: asked.append(keys[i]) or np.full(D, 2.0))
     assert asked == ["new"] and len(run) == 11 and "hot" not in run and "r30" not in run
-    np.testing.assert_allclose(run.total, np.full(D, 9.0 + 2.0))
+    np.testing.assert_allclose(run.shared(rows, [], 0.0), np.full(D, 9.0 + 2.0))
     np.testing.assert_allclose(run.shared(rows, [50, 1, *[100] * 9], 100.0), np.full(D, 9.0 + 1.0))
+
+
+def test_running_load_rows_filled_later_give_the_same_sums():
+    """The scheduler adds a joining request's row at once and its vector when a choice needs it:
+    its weighted sums equal those of rows added with their vectors."""
+    from caps_vllm.running_load import RunningLoad
+
+    rng = np.random.default_rng(0)
+    vecs = {f"r{i}": rng.random(D) for i in range(6)}
+    eager, lazy = RunningLoad(D, slots=2), RunningLoad(D, slots=2)
+    for rid, v in vecs.items():
+        eager.add(rid, v)
+        lazy.add(rid, None)
+    lazy.remove("r1")
+    eager.remove("r1")
+    for rid, v in vecs.items():
+        if rid in lazy:
+            lazy.fill(rid, v)
+    lazy.fill("r2", 2 * vecs["r2"])  # a row filled again takes the new vector
+    eager.remove("r2")
+    eager.add("r2", 2 * vecs["r2"])
+    assert sorted(lazy.keys()) == sorted(eager.keys())
+    for run in (eager, lazy):
+        assert sorted(run.rows().tolist()) == sorted(run.sync(sorted(run.keys()), None).tolist())
+    left = {rid: 10 * i for i, rid in enumerate(sorted(eager.keys()))}
+    for horizon in (25.0, 0.0):
+        got = [run.shared(run.sync(list(left), None), list(left.values()), horizon) for run in (eager, lazy)]
+        np.testing.assert_allclose(got[0], got[1], rtol=1e-6)
+    np.testing.assert_allclose(
+        got[0], sum(2 * v if rid == "r2" else v for rid, v in vecs.items() if rid != "r1"), rtol=1e-6
+    )
 
 
 def test_running_load_keeps_each_rows_end_step_for_the_steps_left():

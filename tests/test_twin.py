@@ -245,6 +245,49 @@ def test_the_budget_read_from_the_requests_not_in_plain_decode_matches_a_full_pa
 
 
 @pytest.mark.vllm
+@pytest.mark.parametrize("num_blocks", [3000, 700])  # the second preempts
+def test_the_running_rows_follow_the_batch_by_its_changes(vllm_twin, tiny_model, num_blocks):
+    """With many running, the running load's rows are kept by the batch's changes (joined,
+    preempted, finished), not a pass over it: on every choosing step they hold exactly the
+    running requests with their predicted vectors, and their sum is theirs; the changes alone
+    give the running set also under preemption (where the budget estimate walks the batch)."""
+    Scheduler, Deployment, Twin, TwinRequest, build = vllm_twin
+    from caps_vllm.scheduler import CapsScheduler
+
+    vocab = json.loads((tiny_model / "config.json").read_text())["vocab_size"]
+    reqs = _poisson(500, 2000.0, vocab, seed=5)
+    d = Deployment(max_num_seqs=160, max_num_batched_tokens=4096, num_blocks=num_blocks, max_model_len=2048)
+    sched = build(str(tiny_model), CapsScheduler, d, caps={"strategy": "step_cost"})
+    caps, shared = sched.caps, sched.caps.shared_load
+    seen = {"event": 0, "wrong": 0}  # (CAPS would swallow an assert: counted)
+
+    def checked(head, running):
+        run = caps.running
+        tracked = set(run.keys()) - set(sched.finished_req_ids)  # what the changes alone give
+        load = shared(head, running)
+        want = {r.request_id: caps.vector(r) for r in sched.running}
+        seen["event"] += running is None
+        seen["wrong"] += (
+            tracked != set(want)
+            or set(run.keys()) != set(want)
+            or not all(np.allclose(run.vector(rid), 0.0 if v is None else v, atol=1e-6) for rid, v in want.items())
+        )
+        total = sum((v for v in want.values() if v is not None), np.zeros(run.d))
+        seen["wrong"] += not np.allclose(run.shared(run.rows(), [], 0.0), total, atol=1e-4)
+        return load
+
+    caps.shared_load = checked
+    res = Twin(sched, _step_time).run(reqs)
+    assert sorted(res.finished_order) == sorted(r.rid for r in reqs)
+    assert seen["wrong"] == 0 and caps.counters["errors"] == 0, seen
+    assert caps.counters["running_load_syncs"] == 0, caps.counters
+    if num_blocks < 3000:  # KV-bound: the budget estimate walks the batch on most choosing steps
+        assert sum(map(len, (st.resumed for st in res.steps))) > 0  # preemption happened
+    else:
+        assert seen["event"] > 10, seen
+
+
+@pytest.mark.vllm
 def test_the_requests_tracked_for_the_budget_stay_bounded_when_no_queue_forms(vllm_twin, tiny_model):
     """Admitted requests are tracked until the budget estimate sees them decode; under a light
     load it never runs (nothing waits), and finished requests must not pile up there."""
