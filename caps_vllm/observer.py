@@ -10,6 +10,7 @@ were routed (prefix-cache hits are never routed) with what was routed for them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +18,6 @@ import numpy as np
 from caps_vllm.logs import WarnOnce
 from caps_vllm.metrics import CapsMetrics
 from caps_vllm.routing import RoutingRecord, cosine, load_shape, load_shapes, topk_overlap
-from caps_vllm.running_load import RunningLoad
 
 logger = logging.getLogger("caps_vllm.observer")
 
@@ -33,18 +33,26 @@ class RoutingObserver:
         num_experts: int,
         top_k: int,
         batch_steps: int = 16,
+        per_token: bool = False,
     ) -> None:
-        """``batch_steps``: the predicted load's figures are computed and exported for this many
-        steps at once (they lag by at most that many steps; :meth:`flush` exports the rest)."""
+        """``batch_steps``: the per-step figures (counters, the predicted and actual loads' shapes)
+        are computed and exported for this many steps at once (they lag by at most that many
+        steps; :meth:`flush` exports the rest). ``per_token``: the scheduler's vectors are routing per token already (they sum to
+        layers x top_k), so they are summed as they are."""
+        self.per_token = per_token
         self.metrics = metrics
         self.batch_steps = max(int(batch_steps), 1)
         self._pending: list[np.ndarray] = []  # predicted loads of steps not yet exported
+        self._pending_actual: list[np.ndarray] = []  # routed loads of steps not yet exported
+        self._counts: Counter[str] = Counter()  # counter increments not yet exported
         self.predict = predict  # prompt ids -> flat [layers * experts] counts, or None
         self.shape = (layers, num_experts)
         self.top_k = top_k
         self._prompts: dict[str, tuple[int, np.ndarray]] = {}  # req -> (first routed position, counts)
-        # the requests scheduled last step -> per-token prediction, and their sum
-        self._units = RunningLoad(layers * num_experts, dtype=np.float64)
+        # The requests scheduled last step -> per-token prediction (the scheduler's own array, not
+        # a copy: with a few joining each step, a row copy costs more than the sum), and their sum.
+        self._units: dict[str, np.ndarray | None] = {}
+        self._sum = np.zeros(layers * num_experts)
         self._decodes: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}  # req -> (prediction, decode counts)
         self._warn_once = WarnOnce(logger)
 
@@ -69,9 +77,9 @@ class RoutingObserver:
         total = sum(scheduled.values()) if total is None else total
         if total == 0:
             return
-        m = self.metrics
-        m.inc("vllm:caps_steps")
-        m.inc("vllm:caps_scheduled_tokens", total)
+        counts = self._counts
+        counts["vllm:caps_steps"] += 1
+        counts["vllm:caps_scheduled_tokens"] += total
         units = self._units
         if changes is not None:
             joined, left = changes
@@ -85,35 +93,47 @@ class RoutingObserver:
         if total != len(scheduled):  # some request has more than one token (every one has at least one)
             for rid in scheduled.keys() if multi is None else multi:
                 n = scheduled.get(rid, 0)
-                if n > 1:
-                    u = units.vector(rid)
+                u = units.get(rid) if n > 1 else None
+                if u is not None:
                     extra = (n - 1) * u if extra is None else extra + (n - 1) * u
-        total_load = units.total
-        self._pending.append(total_load.copy() if extra is None else total_load + extra)
+        self._pending.append(self._sum.copy() if extra is None else self._sum + extra)
         if len(self._pending) >= self.batch_steps:
             self.flush()
 
     def flush(self) -> None:
-        """Export the predicted-load figures of the steps batched so far."""
-        if self._pending:
-            loads = np.stack(self._pending).reshape(len(self._pending), *self.shape)
-            self._pending.clear()
-            for shape in load_shapes(loads):
-                if shape is not None:
-                    self.metrics.observe_load("predicted", shape)
+        """Export the figures of the steps batched so far."""
+        m = self.metrics
+        for name, amount in self._counts.items():
+            m.inc(name, amount)
+        self._counts.clear()
+        for source, pending in (("predicted", self._pending), ("actual", self._pending_actual)):
+            if pending:
+                loads = np.stack(pending).reshape(len(pending), *self.shape)
+                pending.clear()
+                for shape in load_shapes(loads):
+                    if shape is not None:
+                        m.observe_load(source, shape)
 
     def _drop(self, ids: Iterable[str]) -> None:
         for rid in ids:
-            self._units.remove(rid)
+            u = self._units.pop(rid, None)
+            if u is not None:
+                self._sum -= u
+        if not self._units:
+            self._sum[:] = 0.0  # nothing scheduled: no float residue either
 
     def _add(self, ids: Iterable[str], vector_of: Callable[[str], np.ndarray | None]) -> None:
         for rid in ids:
-            self._units.add(rid, self._unit(vector_of(rid)))
+            u = self._units[rid] = self._unit(vector_of(rid))
+            if u is not None:
+                self._sum += u
 
     def _unit(self, v: np.ndarray | None) -> np.ndarray | None:
         """A prediction as routing per token (sums to layers x top_k), or None."""
-        if v is None or v.shape != (self._units.d,):
+        if v is None or v.shape != self._sum.shape:
             return None
+        if self.per_token:
+            return v
         mass = v.sum()
         return v * (self.shape[0] * self.top_k / mass) if mass > 0 else None
 
@@ -130,22 +150,25 @@ class RoutingObserver:
         kept_fcfs: int = 0,
         guard_fallback: int = 0,
     ) -> None:
-        """What one scheduling step did with the queue; ``ranked`` is None if CAPS left it FCFS."""
-        m = self.metrics
-        m.inc("vllm:caps_engaged_steps", engaged)
-        m.inc("vllm:caps_reordered_steps", reordered)
-        m.inc("vllm:caps_pass_over_pinned_requests", pinned)
-        m.inc("vllm:caps_kept_fcfs_steps", kept_fcfs)
-        m.inc("vllm:caps_guard_fallback_steps", guard_fallback)
-        m.inc("vllm:caps_admitted_requests", admitted)
-        m.inc("vllm:caps_max_wait_bypass_requests", bypassed)
-        m.inc("vllm:caps_predictor_fallback_requests", no_vector)
-        if ranked is None:
-            m.inc("vllm:caps_fcfs_fallback_requests", admitted)
-        else:
-            m.inc("vllm:caps_ranked_requests", ranked)
+        """What one scheduling step did with the queue; ``ranked`` is None if CAPS left it FCFS
+        (counted now, exported with the step's other figures)."""
+        counts = self._counts
+        for name, amount in (
+            ("vllm:caps_engaged_steps", engaged),
+            ("vllm:caps_reordered_steps", reordered),
+            ("vllm:caps_pass_over_pinned_requests", pinned),
+            ("vllm:caps_kept_fcfs_steps", kept_fcfs),
+            ("vllm:caps_guard_fallback_steps", guard_fallback),
+            ("vllm:caps_admitted_requests", admitted),
+            ("vllm:caps_max_wait_bypass_requests", bypassed),
+            ("vllm:caps_predictor_fallback_requests", no_vector),
+            ("vllm:caps_fcfs_fallback_requests", admitted if ranked is None else 0),
+            ("vllm:caps_ranked_requests", ranked or 0),
+        ):
+            if amount:
+                counts[name] += amount
         if selection_s is not None:
-            m.observe("vllm:caps_selection_seconds", selection_s)
+            self.metrics.observe("vllm:caps_selection_seconds", selection_s)
 
     def on_output(
         self, record: RoutingRecord | None, prompt_of: Callable[[str], tuple[Sequence[int], bool] | None]
@@ -154,11 +177,15 @@ class RoutingObserver:
         or None for a request that is gone."""
         if record is None:
             return
-        m = self.metrics
-        m.inc("vllm:caps_routed_tokens", record.num_tokens)
-        shape = load_shape(record.layer_counts)
-        if shape is not None:
-            m.observe_load("actual", shape)
+        self._counts["vllm:caps_routed_tokens"] += record.num_tokens
+        if record.layer_counts.shape == self.shape:
+            self._pending_actual.append(record.layer_counts)
+            if len(self._pending_actual) >= self.batch_steps:
+                self.flush()
+        else:
+            shape = load_shape(record.layer_counts)
+            if shape is not None:
+                self.metrics.observe_load("actual", shape)
         if self.predict is None or not (record.prompt_counts or self._prompts or record.decode_counts or self._decodes):
             return
         if record.layer_counts.shape != self.shape:

@@ -141,6 +141,8 @@ def test_admission_counters():
     obs = _observer("t-adm")
     obs.on_admission(admitted=3, ranked=2, bypassed=1, no_vector=1, selection_s=1e-4)
     obs.on_admission(admitted=2, ranked=None, bypassed=0, no_vector=0, selection_s=None)
+    assert _value("vllm:caps_admitted_requests_total", "t-adm") == 0  # counted, exported with the step's figures
+    obs.flush()
     got = {
         n: _value(n, "t-adm")
         for n in (
@@ -336,26 +338,53 @@ def test_the_predicted_load_from_step_changes_equals_the_full_set_difference():
         multi = [rid for rid, n in running.items() if n > 1]
         full.on_schedule(running, vecs.get)
         told.on_schedule(running, vecs.get, sum(running.values()), (joined, left), multi)
-        np.testing.assert_allclose(told._units.total, full._units.total, atol=1e-9)
+        np.testing.assert_allclose(told._sum, full._sum, atol=1e-9)
         assert told._units.keys() == full._units.keys() == running.keys()
         prev = running
     assert 60 < len(drops) < 60 + 15  # the passes ran only where the ids did not add up
 
 
-def test_batched_predicted_load_figures_equal_the_per_step_ones_once_flushed():
+def test_batched_figures_equal_the_per_step_ones_once_flushed():
     rng = np.random.default_rng(1)
     vecs = {f"r{i}": rng.random(8) * (i % 3) for i in range(30)}  # some without load: skipped steps
     per_step, batched = _observer("t-batch-1"), _observer("t-batch-16")
     batched.batch_steps = 16
     for step in range(40):
         scheduled = {f"r{i}": 1 + (i == step % 30) * 3 for i in rng.choice(30, size=5, replace=False)}
+        routed = rng.integers(0, 4, size=(2, 4)) * (step % 7 != 0)  # some steps route nothing
         for obs in (per_step, batched):
             obs.on_schedule(scheduled, vecs.get)
+            obs.on_output(RoutingRecord((0, 1), routed, int(routed.sum())), lambda rid: None)
     name = "vllm:caps_predicted_load_cv_count"
-    assert _value(name, "t-batch-16") == 32 < _value(name, "t-batch-1")  # two batches out, 8 steps held
+    assert 16 <= _value(name, "t-batch-16") < _value(name, "t-batch-1")  # batches out, the last steps held
+    assert 16 <= _value("vllm:caps_steps_total", "t-batch-16") < _value("vllm:caps_steps_total", "t-batch-1") == 40
     batched.flush()
-    for fig in ("load_cv", "load_max_over_mean", "distinct_experts"):
+    for name in ("vllm:caps_steps_total", "vllm:caps_scheduled_tokens_total"):
+        assert _value(name, "t-batch-16") == _value(name, "t-batch-1")
+    for fig in ("predicted_load_cv", "predicted_load_max_over_mean", "predicted_distinct_experts", "actual_load_cv"):
         for part in ("count", "sum"):
-            assert _value(f"vllm:caps_predicted_{fig}_{part}", "t-batch-16") == pytest.approx(
-                _value(f"vllm:caps_predicted_{fig}_{part}", "t-batch-1"), rel=1e-12
+            assert _value(f"vllm:caps_{fig}_{part}", "t-batch-16") == pytest.approx(
+                _value(f"vllm:caps_{fig}_{part}", "t-batch-1"), rel=1e-12
             )
+    assert _value("vllm:caps_actual_layer_load_max_over_mean_sum", "t-batch-16") == pytest.approx(
+        _value("vllm:caps_actual_layer_load_max_over_mean_sum", "t-batch-1"), rel=1e-12
+    )
+
+
+def test_per_token_vectors_are_summed_as_they_are():
+    """The scheduler's per-token vectors already sum to layers x top_k: the observer told so skips
+    the rescaling and exports the same figures."""
+    rng = np.random.default_rng(2)
+    raw = {f"r{i}": rng.random(8) for i in range(12)}
+    per_token = {rid: v / v.reshape(2, 4).sum(axis=1).repeat(4) * 2 for rid, v in raw.items()}  # top-2 per layer
+    told = RoutingObserver(CapsMetrics("t-unit-told", "0"), None, 2, 4, 2, batch_steps=1, per_token=True)
+    scaled = _observer("t-unit-scaled")
+    for step in range(20):
+        scheduled = {f"r{i}": 1 + (i == step % 12) for i in rng.choice(12, size=4, replace=False)}
+        for obs in (told, scaled):
+            obs.on_schedule(scheduled, per_token.get)
+    for fig in ("load_cv", "load_max_over_mean", "distinct_experts"):
+        assert _value(f"vllm:caps_predicted_{fig}_sum", "t-unit-told") == pytest.approx(
+            _value(f"vllm:caps_predicted_{fig}_sum", "t-unit-scaled"), rel=1e-9
+        )
+    assert _value("vllm:caps_predicted_load_cv_count", "t-unit-told") == 20
