@@ -316,11 +316,11 @@ class ExpertPredictor:
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.size == 0:
             return None
-        known = (ids >= 0) & (ids < self.vocab)
-        if not known.all():
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            known = (ids >= 0) & (ids < self.vocab)
             self.unknown_tokens += int((~known).sum())
             ids = ids[known]
             if ids.size == 0:
                 return None
-        counts = np.bincount(self._bins[ids].ravel(), minlength=self.d).astype(np.float64)
-        return counts / ids.size if per_token else counts
+        counts = np.bincount(self._bins.take(ids, axis=0).ravel(), minlength=self.d)  # take: 1/3 the time of [ids]
+        return counts / ids.size if per_token else counts.astype(np.float64)
