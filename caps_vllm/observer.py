@@ -42,7 +42,10 @@ class RoutingObserver:
         self.per_token = per_token
         self.metrics = metrics
         self.batch_steps = max(int(batch_steps), 1)
-        self._pending: list[np.ndarray] = []  # predicted loads of steps not yet exported
+        # predicted loads of the steps not yet exported, written in place (no allocation a step)
+        self._pending = np.zeros((self.batch_steps, layers * num_experts))
+        self._held = 0  # of its rows
+        self._scratch = np.zeros(layers * num_experts)
         self._pending_actual: list[np.ndarray] = []  # routed loads of steps not yet exported
         self._counts: Counter[str] = Counter()  # counter increments not yet exported
         self.predict = predict  # prompt ids -> flat [layers * experts] counts, or None
@@ -89,15 +92,16 @@ class RoutingObserver:
             self._drop(sorted(units.keys() - scheduled.keys()))
             self._add(sorted(scheduled.keys() - units.keys()), vector_of)
             multi = None
-        extra = None
+        load = self._pending[self._held]
+        load[:] = self._sum
         if total != len(scheduled):  # some request has more than one token (every one has at least one)
             for rid in scheduled.keys() if multi is None else multi:
                 n = scheduled.get(rid, 0)
                 u = units.get(rid) if n > 1 else None
                 if u is not None:
-                    extra = (n - 1) * u if extra is None else extra + (n - 1) * u
-        self._pending.append(self._sum.copy() if extra is None else self._sum + extra)
-        if len(self._pending) >= self.batch_steps:
+                    load += np.multiply(u, n - 1, out=self._scratch)
+        self._held += 1
+        if self._held >= self.batch_steps:
             self.flush()
 
     def flush(self) -> None:
@@ -106,13 +110,14 @@ class RoutingObserver:
         for name, amount in self._counts.items():
             m.inc(name, amount)
         self._counts.clear()
-        for source, pending in (("predicted", self._pending), ("actual", self._pending_actual)):
-            if pending:
-                loads = np.stack(pending).reshape(len(pending), *self.shape)
-                pending.clear()
-                for shape in load_shapes(loads):
-                    if shape is not None:
-                        m.observe_load(source, shape)
+        predicted = self._pending[: self._held].reshape(self._held, *self.shape)
+        actual = np.stack(self._pending_actual).reshape(-1, *self.shape) if self._pending_actual else predicted[:0]
+        for source, loads in (("predicted", predicted), ("actual", actual)):
+            for shape in load_shapes(loads) if len(loads) else ():
+                if shape is not None:
+                    m.observe_load(source, shape)
+        self._held = 0
+        self._pending_actual.clear()
 
     def _drop(self, ids: Iterable[str]) -> None:
         for rid in ids:

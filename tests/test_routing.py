@@ -61,8 +61,8 @@ def _value(name: str, model: str) -> float:
     return sum(v for labels, v in _samples(name).items() if ("model_name", model) in labels)
 
 
-def _observer(model: str, predict=None) -> RoutingObserver:
-    return RoutingObserver(CapsMetrics(model, "0"), predict, layers=2, num_experts=4, top_k=2, batch_steps=1)
+def _observer(model: str, predict=None, batch_steps: int = 1) -> RoutingObserver:
+    return RoutingObserver(CapsMetrics(model, "0"), predict, layers=2, num_experts=4, top_k=2, batch_steps=batch_steps)
 
 
 def test_predicted_step_load_weights_each_request_by_its_scheduled_tokens():
@@ -347,8 +347,7 @@ def test_the_predicted_load_from_step_changes_equals_the_full_set_difference():
 def test_batched_figures_equal_the_per_step_ones_once_flushed():
     rng = np.random.default_rng(1)
     vecs = {f"r{i}": rng.random(8) * (i % 3) for i in range(30)}  # some without load: skipped steps
-    per_step, batched = _observer("t-batch-1"), _observer("t-batch-16")
-    batched.batch_steps = 16
+    per_step, batched = _observer("t-batch-1"), _observer("t-batch-16", batch_steps=16)
     for step in range(40):
         scheduled = {f"r{i}": 1 + (i == step % 30) * 3 for i in rng.choice(30, size=5, replace=False)}
         routed = rng.integers(0, 4, size=(2, 4)) * (step % 7 != 0)  # some steps route nothing
