@@ -142,6 +142,7 @@ class AdmissionPlanner:
         self.stats = AdmissionStats()
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
         self.passes: dict[Hashable, int] = {}  # steps each waiting request was passed over in
+        self._masses: dict[Hashable, float] = {}  # each waiting request's vector sum, computed once
         self.guard: FcfsGuard | None = None  # set by the scheduler where routing is captured
         self._decision: tuple | None = None  # this plan's reordering, as the guard scores it
 
@@ -209,6 +210,8 @@ class AdmissionPlanner:
                 self._bypassed.add(w.key)
                 self.stats.bypassed += 1
         self.passes = {key: c for key, c in self.passes.items() if key in alive}
+        if len(self._masses) > 2 * len(alive) + 64:  # amortised: the ones no longer waiting go
+            self._masses = {key: m for key, m in self._masses.items() if key in alive}
         ahead = front + overdue + pinned
         places = fcfs_admissions((w.need for w in ahead + pool), cap) - len(ahead)
         window, beyond = pool[: max(places, 0) + self.cfg.window_size], pool[max(places, 0) + self.cfg.window_size :]
@@ -256,10 +259,14 @@ class AdmissionPlanner:
             # Nothing can gain more than FCFS's admissions add to the step beyond the least any b
             # candidates must add (a step costs at least the load already there): when that is
             # within min_gain, keep them without choosing.
-            base_ms, fcfs_ms = self.strategy.cost(np.stack([load, load + sum(vecs[i] for i in scored[:b])]))
+            base_ms, fcfs_ms = self.strategy.cost(np.stack([load, load + np.add.reduce([vecs[i] for i in scored[:b]])]))
             room = fcfs_ms - base_ms
             if room > self.cfg.min_gain * fcfs_ms:
-                room -= self.strategy.least_increase(np.sort([vecs[i].sum() for i in scored])[:b])
+                masses = self._masses
+                for i in scored:
+                    if window[i].key not in masses:
+                        masses[window[i].key] = float(vecs[i].sum())
+                room -= self.strategy.least_increase(np.sort([masses[window[i].key] for i in scored])[:b])
             if room <= self.cfg.min_gain * fcfs_ms:
                 self.stats.kept_fcfs += 1
                 self.stats.no_vector += len(window) - len(scored)
