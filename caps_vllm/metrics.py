@@ -240,14 +240,44 @@ class CapsMetrics:
 
     def observe_load(self, source: str, shape: LoadShape) -> None:
         """One step's imbalance figures; ``source`` is 'predicted' or 'actual'."""
-        self.observe(f"vllm:caps_{source}_load_cv", shape.cv)
-        self.observe(f"vllm:caps_{source}_load_max_over_mean", shape.max_over_mean)
-        self.observe(f"vllm:caps_{source}_distinct_experts", shape.distinct)
+        self.observe_loads(source, [shape])
+
+    def observe_loads(self, source: str, shapes: list[LoadShape]) -> None:
+        """Several steps' imbalance figures at once (each histogram's buckets incremented once)."""
+        if not shapes:
+            return
+        observe_many(self._m[f"vllm:caps_{source}_load_cv"], [s.cv for s in shapes])
+        observe_many(self._m[f"vllm:caps_{source}_load_max_over_mean"], [s.max_over_mean for s in shapes])
+        observe_many(self._m[f"vllm:caps_{source}_distinct_experts"], [s.distinct for s in shapes])
         if source == "actual":
-            per_layer = np.asarray(shape.per_layer_max_over_mean)
+            per_layer = np.stack([np.asarray(s.per_layer_max_over_mean, dtype=np.float64) for s in shapes])
             fam = _family("vllm:caps_actual_layer_load_max_over_mean")
-            while len(self._per_layer) < len(per_layer):
+            while len(self._per_layer) < per_layer.shape[1]:
                 self._per_layer.append(fam.labels(self.model_name, self.engine, str(len(self._per_layer))))
-            for child, value in zip(self._per_layer, per_layer):
-                if value > 0:
-                    child.observe(float(value))
+            for child, values in zip(self._per_layer, per_layer.T):
+                observe_many(child, values[values > 0])
+
+
+def observe_many(child: Histogram, values) -> None:
+    """``child.observe(v)`` for each of ``values``, as one increment per bucket and one of the sum:
+    prometheus_client takes a lock per increment (and in multiprocess mode writes a file), and a
+    batch of steps' figures falls into few buckets. Falls back to one ``observe`` per value for a
+    prometheus_client without the histogram layout read here (``_upper_bounds``, ``_buckets``,
+    ``_sum``, as in 0.4 to 0.23)."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[~np.isnan(values)]  # (observe() counts a NaN in no bucket)
+    if not len(values):
+        return
+    bounds, buckets, total = (getattr(child, a, None) for a in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values.tolist():
+            child.observe(v)
+        return
+    # observe() increments the first bucket whose upper bound is >= the value
+    counts = np.bincount(
+        np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left"), minlength=len(bounds)
+    )
+    for bucket, k in zip(buckets, counts.tolist()):
+        if k:
+            bucket.inc(k)
+    total.inc(float(values.sum()))

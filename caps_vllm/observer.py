@@ -113,9 +113,8 @@ class RoutingObserver:
         predicted = self._pending[: self._held].reshape(self._held, *self.shape)
         actual = np.stack(self._pending_actual).reshape(-1, *self.shape) if self._pending_actual else predicted[:0]
         for source, loads in (("predicted", predicted), ("actual", actual)):
-            for shape in load_shapes(loads) if len(loads) else ():
-                if shape is not None:
-                    m.observe_load(source, shape)
+            if len(loads):
+                m.observe_loads(source, [shape for shape in load_shapes(loads) if shape is not None])
         self._held = 0
         self._pending_actual.clear()
 

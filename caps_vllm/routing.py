@@ -66,13 +66,14 @@ def load_shapes(loads: np.ndarray, distinct_threshold: float = 1.0) -> list[Load
     top = np.where(live, np.maximum.reduce(loads, axis=2) / safe, 0.0)
     dev = loads - mean[..., None]
     cv = np.where(live, np.sqrt(np.einsum("kij,kij->ki", dev, dev) / experts) / safe, 0.0)  # np.std's two passes
-    distinct = np.where(live, np.count_nonzero(loads >= distinct_threshold, axis=2), 0)
-    n = np.count_nonzero(live, axis=1)
+    distinct = np.where(live, np.add.reduce(loads >= distinct_threshold, axis=2), 0)
+    n = np.add.reduce(live, axis=1)
+    per = np.maximum(n, 1)
+    # the per-step means over layers in three reductions, not three per step
+    means = (np.add.reduce(cv, axis=1) / per, np.add.reduce(top, axis=1) / per, np.add.reduce(distinct, axis=1) / per)
     return [
-        LoadShape(float(cv[i].sum()) / n[i], float(top[i].sum()) / n[i], float(distinct[i].sum()) / n[i], top[i])
-        if n[i]
-        else None
-        for i in range(len(loads))
+        LoadShape(c, t, k, top[i]) if n_i else None
+        for i, (n_i, c, t, k) in enumerate(zip(n.tolist(), *(m.tolist() for m in means)))
     ]
 
 

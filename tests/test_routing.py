@@ -387,3 +387,24 @@ def test_per_token_vectors_are_summed_as_they_are():
             _value(f"vllm:caps_predicted_{fig}_sum", "t-unit-scaled"), rel=1e-9
         )
     assert _value("vllm:caps_predicted_load_cv_count", "t-unit-told") == 20
+
+
+def test_a_batch_of_observations_fills_the_histogram_as_one_at_a_time():
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from caps_vllm.metrics import observe_many
+
+    values = [0.0, 0.05, 0.1, 0.1000001, 0.7, 3.0, 1e9, 2.5, 2.5000001]  # on, between and past the bounds
+    reg = CollectorRegistry()
+    fam = Histogram("t_batch_hist", "test", ["how"], buckets=(0.1, 0.5, 1.0, 2.5, 10.0), registry=reg)
+    for v in values:
+        fam.labels("one").observe(v)
+    observe_many(fam.labels("many"), values)
+    samples = {how: {} for how in ("one", "many")}
+    for s in next(iter(reg.collect())).samples:
+        if not s.name.endswith("_created"):
+            samples[s.labels["how"]][(s.name, s.labels.get("le"))] = s.value
+    one, many = samples["one"], samples["many"]
+    assert one.keys() == many.keys() and len(one) > 5
+    for key, value in one.items():
+        assert many[key] == (pytest.approx(value, rel=1e-12) if key[0].endswith("_sum") else value), key
