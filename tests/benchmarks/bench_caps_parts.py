@@ -1,0 +1,74 @@
+"""Where CAPS's own time goes in one twin cell: printed figures, not a test.
+
+Runs ``python -m sim.twin_run`` with the given arguments in this process, with each of CAPS's
+busy-loop hooks and their main parts wrapped in a timer (the thread's CPU time, which the
+machine's neighbours move less than the wall clock), and prints each part's total, calls and
+time per call. The code timed is the checkout in the working directory, so the same command run
+from a worktree of another commit times that commit:
+
+    python tests/benchmarks/bench_caps_parts.py --model deepseek-v2-lite --hardware h100 \\
+        --routing ../shared/data/routing/esft_routing.npz --output-tokens 128 --pattern bursty \\
+        --rate 320.142 --requests 1920 --strategies step_cost --caps-config '{"metrics": true}' \\
+        --no-progress --out /tmp/caps-parts
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import sys
+import time
+
+sys.path.insert(0, os.getcwd())  # the checkout to time
+
+from caps_vllm import admission, observer, runtime  # noqa: E402
+
+PARTS = {
+    runtime.Caps: (
+        "before_schedule",
+        "after_schedule",
+        "on_output",
+        "after_output",
+        "reorder",
+        "capacity",
+        "shared_load",
+        "track_admitted",
+        "_observe_schedule",
+    ),
+    observer.RoutingObserver: ("on_schedule", "on_admission", "flush"),
+    admission.AdmissionPlanner: ("plan",),
+}
+
+
+def main() -> None:
+    spent: collections.Counter[str] = collections.Counter()
+    calls: collections.Counter[str] = collections.Counter()
+
+    def timed(label, fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.thread_time() - t0
+                calls[label] += 1
+
+        return wrapper
+
+    for cls, names in PARTS.items():
+        for name in names:
+            if hasattr(cls, name):
+                setattr(cls, name, timed(f"{cls.__name__}.{name}", getattr(cls, name)))
+    import sim.twin_run
+
+    sys.argv = ["twin_run", *sys.argv[1:]]
+    sim.twin_run.main()
+    print(f"{'part (thread CPU time)':36s} {'total ms':>10s} {'calls':>8s} {'us/call':>9s}")
+    for label, s in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"{label:36s} {s * 1e3:10.1f} {calls[label]:8d} {s / calls[label] * 1e6:9.1f}")
+
+
+if __name__ == "__main__":
+    main()
