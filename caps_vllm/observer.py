@@ -37,8 +37,8 @@ class RoutingObserver:
     ) -> None:
         """``batch_steps``: the per-step figures (counters, the predicted and actual loads' shapes)
         are computed and exported for this many steps at once (they lag by at most that many
-        steps; :meth:`flush` exports the rest). ``per_token``: the scheduler's vectors are routing per token already (they sum to
-        layers x top_k), so they are summed as they are."""
+        steps; :meth:`flush` exports the rest). ``per_token``: the scheduler's vectors are routing
+        per token already (they sum to layers x top_k), so they are summed as they are."""
         self.per_token = per_token
         self.metrics = metrics
         self.batch_steps = max(int(batch_steps), 1)

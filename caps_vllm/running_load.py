@@ -15,10 +15,10 @@ when a choice needs them, removed as they leave), or, where it has walked the ru
 anyway, hands over its ids (:meth:`sync`); the weighted sum is one matrix-vector product, on
 the steps that make a choice (no plain sum is kept: each change is just its row). The steps
 left need not be read off every running request either (with hundreds running, those reads
-cost more than the product): each row keeps the step its request would end on, set when the scheduler
-last read it (``now + remaining``), and a request in plain decode takes one token a step, so
-``end - now`` is its steps left; the scheduler reads a request again when it starts plain
-decode (prefill steps make no output). Pure numpy, no vLLM.
+cost more than the product): each row keeps the step its request would end on, set when the
+scheduler last read it (``now + remaining``), and a request in plain decode takes one token a
+step, so ``end - now`` is its steps left; the scheduler reads a request again when it starts
+plain decode (prefill steps make no output). Pure numpy, no vLLM.
 """
 
 from __future__ import annotations

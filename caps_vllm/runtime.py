@@ -380,14 +380,14 @@ class Caps:
             vs.reorder_head(s, order)
 
     def track_admitted(self, out) -> None:
-        """The running batch's changes this step: finished and preempted requests leave the running rows, and
-        requests that joined (new or resumed) get a row, filled when a choice needs it
-        (:meth:`shared_load`). The joined are not yet in plain decode: :meth:`capacity` reads them
-        until they are. Where it does not run (no queue), the ones that stopped running are
-        dropped once they could outnumber the running batch, so the dict stays within twice its
-        size at an amortised O(1) an admission."""
+        """The running batch's changes this step: finished and preempted requests leave the
+        running rows, and requests that joined (new or resumed) get a row, filled when a choice
+        needs it (:meth:`shared_load`). The joined are not yet in plain decode: :meth:`capacity`
+        reads them until they are. Where it does not run (no queue), the ones that stopped
+        running are dropped once they could outnumber the running batch, so the dict stays within
+        twice its size at an amortised O(1) an admission."""
         busy, reqs, run, unfilled = self.busy, self.sched.requests, self.running, self.unfilled
-        for rid in vs.left_ids(out):  # finished since the last step (unless shared_load dropped them), preempted
+        for rid in vs.left_ids(out):  # finished (unless shared_load dropped them already), preempted
             run.remove(rid)
             unfilled.pop(rid, None)
         for rid in vs.admitted_ids(out):
