@@ -15,8 +15,10 @@ from caps_vllm.predictor import (  # noqa: E402
     ExpertPredictor,
     PredictorUnavailable,
     build_table,
+    fingerprint,
     load_or_build_table,
     router_spec,
+    table_path,
 )
 
 COMMON = dict(
@@ -194,6 +196,14 @@ def test_table_is_cached_on_disk(tmp_path, caplog):
     # A different revision is a different key.
     load_or_build_table(tmp_path, spec, revision="abc", cache_dir=tmp_path / "c")
     assert len(list((tmp_path / "c").glob("router_table-*.npy"))) == 2
+    # A cached table naming experts the model lacks is rebuilt, never counted out of bounds.
+    path = table_path(tmp_path, fingerprint(tmp_path), tmp_path / "c")
+    bad = first.copy()
+    bad[0, 0, 0] = spec.num_experts
+    np.save(path, bad)
+    with caplog.at_level(logging.WARNING, logger="caps_vllm.predictor"):
+        np.testing.assert_array_equal(load_or_build_table(tmp_path, spec, cache_dir=tmp_path / "c"), first)
+    assert any("unreadable" in r.message and "outside" in r.message for r in caplog.records)
 
 
 def test_models_without_routers_are_refused_clearly(tmp_path):

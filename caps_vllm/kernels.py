@@ -1,0 +1,41 @@
+"""Compiled loops for the per-token work that numpy cannot do in one pass.
+
+A request's predicted load is a histogram over its prompt tokens' (layer, expert) bins. numpy
+does it as a gather (a copy of every token's row) and a ``bincount`` (which first converts
+the copy to 64-bit indices): three passes over tokens x layers x top-k entries. The loop here
+reads each token's row of the table once and counts in place, and skips ids outside the table
+in the same pass. It is compiled by numba, which every vLLM installation already carries (vLLM
+requires it), ahead of time for the table's two index types, so nothing compiles on the
+engine's busy loop; the machine code is cached beside this file (or in numba's user cache
+where this folder is read-only).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_SIGNATURES = [f"int64({bins}[:, ::1], int64[::1], float64[::1])" for bins in ("int16", "int32")]
+
+
+def _compiled(fn):
+    try:
+        return numba.njit(_SIGNATURES, cache=True, nogil=True)(fn)
+    except RuntimeError:  # no writable cache location: compile for this process only
+        return numba.njit(_SIGNATURES, nogil=True)(fn)
+
+
+@_compiled
+def count_bins(bins: np.ndarray, ids: np.ndarray, out: np.ndarray) -> int:
+    """Add 1 to ``out[b]`` for every bin ``b`` in the rows ``bins[ids]``; ids outside the table
+    are skipped, and their number returned."""
+    vocab, width = bins.shape
+    skipped = 0
+    for t in range(ids.shape[0]):
+        i = ids[t]
+        if i < 0 or i >= vocab:
+            skipped += 1
+            continue
+        for j in range(width):
+            out[bins[i, j]] += 1.0
+    return skipped
