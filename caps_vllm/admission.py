@@ -138,7 +138,9 @@ class AdmissionPlanner:
             self.strategy = make_strategy(cfg.strategy, seed=cfg.seed, deployment=deployment, **cfg.strategy_params)
         except ValueError as exc:
             raise ValueError(f"caps.strategy_params: {exc}") from None
-        self.pairs = PairwiseCache(d, capacity=max(64, 2 * cfg.window_size), terms=self.strategy.row_terms)
+        self.pairs = PairwiseCache(
+            d, capacity=max(64, 2 * cfg.window_size), terms=self.strategy.row_terms, gram=self.strategy.uses_gram
+        )
         self.stats = AdmissionStats()
         self._bypassed: set[Hashable] = set()  # each request is counted once by the max-wait rule
         self.passes: dict[Hashable, int] = {}  # steps each waiting request was passed over in

@@ -3,8 +3,8 @@
 A request's predicted load is a histogram over its prompt tokens' (layer, expert) bins. numpy
 does it as a gather (a copy of every token's row) and a ``bincount`` (which first converts
 the copy to 64-bit indices): three passes over tokens x layers x top-k entries. The loop here
-reads each token's row of the table once and counts in place, and skips ids outside the table
-in the same pass. It is compiled by numba, which every vLLM installation already carries (vLLM
+reads each token's row of the table once and counts in place, skips ids outside the table in
+the same pass, and takes a whole step's newcomers in one call. It is compiled by numba, which every vLLM installation already carries (vLLM
 requires it), ahead of time for the table's two index types, so nothing compiles on the
 engine's busy loop; the machine code is cached beside this file (or in numba's user cache
 where this folder is read-only).
@@ -15,7 +15,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_SIGNATURES = [f"int64({bins}[:, ::1], int64[::1], float64[::1])" for bins in ("int16", "int32")]
+_SIGNATURES = [
+    f"void({bins}[:, ::1], int64[::1], int64[::1], float64[:, ::1], int64[::1])" for bins in ("int16", "int32")
+]
 
 
 def _compiled(fn):
@@ -26,16 +28,17 @@ def _compiled(fn):
 
 
 @_compiled
-def count_bins(bins: np.ndarray, ids: np.ndarray, out: np.ndarray) -> int:
-    """Add 1 to ``out[b]`` for every bin ``b`` in the rows ``bins[ids]``; ids outside the table
-    are skipped, and their number returned."""
+def count_rows(bins: np.ndarray, ids: np.ndarray, starts: np.ndarray, out: np.ndarray, skipped: np.ndarray) -> None:
+    """For each prompt ``p`` (its ids are ``ids[starts[p]:starts[p + 1]]``) add 1 to ``out[p, b]``
+    for every bin ``b`` in the rows ``bins[ids]``; ids outside the table are skipped and counted
+    in ``skipped[p]``. Several prompts in one call: one dispatch for a step's newcomers."""
     vocab, width = bins.shape
-    skipped = 0
-    for t in range(ids.shape[0]):
-        i = ids[t]
-        if i < 0 or i >= vocab:
-            skipped += 1
-            continue
-        for j in range(width):
-            out[bins[i, j]] += 1.0
-    return skipped
+    for p in range(out.shape[0]):
+        row = out[p]
+        for t in range(starts[p], starts[p + 1]):
+            i = ids[t]
+            if i < 0 or i >= vocab:
+                skipped[p] += 1
+                continue
+            for j in range(width):
+                row[bins[i, j]] += 1.0

@@ -4,7 +4,7 @@ The dry run applies each MoE layer's router to the normalised *token embedding* 
 is skipped), so a token's top-k experts depend on the token id alone. We therefore compute
 them once for the whole vocabulary, a table ``[vocab, moe_layers, top_k]``, cache it on disk
 keyed by model and revision, and a request's load is one counting pass over its prompt
-tokens' rows (:func:`caps_vllm.kernels.count_bins`). Only the tensors the routers need are
+tokens' rows (:func:`caps_vllm.kernels.count_rows`). Only the tensors the routers need are
 read from the safetensors files (embedding, the norm before each MoE block, each router gate),
 never the whole model.
 """
@@ -17,12 +17,13 @@ import logging
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from caps_vllm.kernels import count_bins
+from caps_vllm.kernels import count_rows
 
 logger = logging.getLogger("caps_vllm.predictor")
 
@@ -319,18 +320,23 @@ class ExpertPredictor:
 
     def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:
         """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""
-        ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            return None
-        counts = np.zeros(self.d)
-        unknown = count_bins(self._bins, ids, counts)
-        if unknown:
-            self.unknown_tokens += unknown
-            if unknown == ids.size:
-                return None
+        return self.vectors([token_ids], per_token)[0]
+
+    def vectors(self, prompts: Sequence, per_token: bool = False) -> list[np.ndarray | None]:
+        """:meth:`vector` of each of ``prompts`` in one counting pass (rows of one matrix)."""
+        arrays = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        starts = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        ids = arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else starts[:0]
+        counts = np.zeros((len(arrays), self.d))
+        skipped = np.zeros(len(arrays), dtype=np.int64)
+        count_rows(self._bins, np.ascontiguousarray(ids), starts, counts, skipped)
+        known = lengths - skipped
+        self.unknown_tokens += int(skipped.sum())
         if per_token:
-            counts /= ids.size - unknown
-        return counts
+            counts /= np.maximum(known, 1)[:, None]
+        return [counts[p] if n else None for p, n in enumerate(known.tolist())]
 
 
 def _check_experts(ids: np.ndarray, num_experts: int, what: str) -> None:

@@ -285,27 +285,37 @@ class Caps:
     def vector(self, request: Request) -> np.ndarray | None:
         """The request's predicted load, computed once and kept on the request."""
         v = getattr(request, "caps_vector", _NO_VECTOR)
-        if v is not _NO_VECTOR:
-            return v
-        v, reason = None, None
-        ids = vs.prompt_ids(request)
-        if ids is None:
-            reason = "prompt_embeds"
-        else:
-            v = self.predictor.vector(ids, per_token=self.config.vectors == "per_token")
-            if v is None:
-                reason = "no_known_tokens"
-        if reason is not None:
-            self.counters["predictor_fallback"] += 1
-            self.counters[f"predictor_fallback_{reason}"] += 1
-            self.warn_once(
-                reason,
-                "CAPS: a request has no predictable prompt tokens (%s); it keeps its FCFS "
-                "place (counted, warned once per reason)",
-                reason,
-            )
-        request.caps_vector = v
+        if v is _NO_VECTOR:
+            self.predict([request])
+            v = request.caps_vector
         return v
+
+    def predict(self, requests: list[Request]) -> None:
+        """Predict the loads of those of ``requests`` not predicted yet, in one counting pass
+        (a step's newcomers to the window at once), and keep each on its request."""
+        new = [r for r in requests if not hasattr(r, "caps_vector")]
+        if not new:
+            return
+        ids = [vs.prompt_ids(r) for r in new]
+        known = [i for i, p in enumerate(ids) if p is not None]
+        vecs = self.predictor.vectors([ids[i] for i in known], per_token=self.config.vectors == "per_token")
+        for r in new:
+            r.caps_vector = None
+        for i, v in zip(known, vecs):
+            new[i].caps_vector = v
+        for r, p in zip(new, ids):
+            if r.caps_vector is None:
+                self._no_vector("prompt_embeds" if p is None else "no_known_tokens")
+
+    def _no_vector(self, reason: str) -> None:
+        self.counters["predictor_fallback"] += 1
+        self.counters[f"predictor_fallback_{reason}"] += 1
+        self.warn_once(
+            reason,
+            "CAPS: a request has no predictable prompt tokens (%s); it keeps its FCFS place (counted, warned once "
+            "per reason)",
+            reason,
+        )
 
     def shared_load(self, head: list[Waiting], running: vs.RunningPass | None) -> np.ndarray:
         """The running batch's load over the decode steps the head's requests would share with it
@@ -365,6 +375,7 @@ class Caps:
             return
         # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue).
         head = vs.head(s, admits + self.config.window_size, need)
+        self.predict([w.item for w in head])
         order = self.planner.plan(
             head,
             self.vector,
@@ -436,6 +447,8 @@ class Caps:
             d.guard_fallback,
         )
         reqs, predicted = self.sched.requests, self.predictor is not None
+        if predicted:  # the joined requests' loads, in one pass for those no choice predicted
+            self.predict([reqs[rid] for rid in vs.admitted_ids(out) if rid in reqs])
         # the requests that may take more than one token this step are the busy ones (not with speculation)
         exact = not predicted or vs.spec_tokens(self.sched)
         self.observer.on_schedule(

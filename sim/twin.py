@@ -188,7 +188,7 @@ def step(scheduler, finished: list[str] | None = None, worker=None):
     appended to ``finished``. ``worker(out, mro)`` may add what a model runner would attach to
     the output (routing)."""
     out = scheduler.schedule()
-    mro = _runner_output(scheduler, out)
+    mro = runner_output(scheduler, out)
     if worker is not None:
         worker(out, mro)
     engine_outputs = scheduler.update_from_output(out, mro)
@@ -333,7 +333,7 @@ class Engine:
         if not out.num_scheduled_tokens:
             if not self.inbox:
                 raise RuntimeError("twin: the scheduler can schedule nothing and no request will arrive")
-            sched.update_from_output(out, _runner_output(sched, out))
+            sched.update_from_output(out, runner_output(sched, out))
             self.now = max(self.now, self.inbox[0].arrival_s)  # nothing fits: wait for the next arrival
             return None
         return out
@@ -361,7 +361,7 @@ class Engine:
         running, waiting = len(sched.running), len(sched.waiting)
         admitted = [r.req_id for r in out.scheduled_new_reqs]
         t0 = time.perf_counter()
-        engine_outputs = sched.update_from_output(out, _runner_output(sched, out))
+        engine_outputs = sched.update_from_output(out, runner_output(sched, out))
         self.busy_s += time.perf_counter() - t0
         done = [o.request_id for eco in engine_outputs.values() for o in eco.outputs if o.finish_reason is not None]
         for rid in done:
@@ -399,7 +399,7 @@ def _distinct(counts: np.ndarray | None, expected: bool) -> float | None:
     return float(touched.sum(axis=-1).mean())
 
 
-def _runner_output(sched, out):
+def runner_output(sched, out):
     """What a model runner returns for ``out``: one sampled token per request that has now
     computed all its known tokens (a chunked prefill gets none)."""
     from vllm.v1.outputs import ModelRunnerOutput

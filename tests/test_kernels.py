@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from caps_vllm.kernels import count_bins
+from caps_vllm.kernels import count_rows
 from caps_vllm.predictor import ExpertPredictor
 
 
@@ -16,23 +16,27 @@ def _reference(bins: np.ndarray, ids: np.ndarray, d: int) -> tuple[np.ndarray, i
 
 @pytest.mark.parametrize("dtype", [np.int16, np.int32])
 @pytest.mark.parametrize("seed", range(4))
-def test_count_bins_equals_gather_and_bincount(dtype, seed):
+def test_count_rows_equals_gather_and_bincount_per_prompt(dtype, seed):
     rng = np.random.default_rng(seed)
     vocab, width, d = 500, 12, 40
     bins = rng.integers(0, d, (vocab, width)).astype(dtype)
-    ids = rng.integers(-3, vocab + 3, rng.integers(0, 300)).astype(np.int64)  # some outside the table
-    out = np.zeros(d)
-    skipped = count_bins(bins, ids, out)
-    expect, unknown = _reference(bins, ids, d)
-    np.testing.assert_array_equal(out, expect)
-    assert skipped == unknown
-    count_bins(bins, ids, out)  # it adds to what ``out`` holds
-    np.testing.assert_array_equal(out, 2 * expect)
+    prompts = [rng.integers(-3, vocab + 3, rng.integers(0, 120)).astype(np.int64) for _ in range(5)]  # some outside
+    starts = np.concatenate([[0], np.cumsum([len(p) for p in prompts])]).astype(np.int64)
+    out, skipped = np.zeros((len(prompts), d)), np.zeros(len(prompts), dtype=np.int64)
+    count_rows(bins, np.concatenate(prompts), starts, out, skipped)
+    for p, ids in enumerate(prompts):
+        expect, unknown = _reference(bins, ids, d)
+        np.testing.assert_array_equal(out[p], expect)
+        assert skipped[p] == unknown
+    count_rows(bins, np.concatenate(prompts), starts, out, skipped)  # it adds to what ``out`` holds
+    np.testing.assert_array_equal(out[0], 2 * _reference(bins, prompts[0], d)[0])
 
 
 def _predictor(seed: int = 0, vocab: int = 200, layers: int = 3, top_k: int = 2, experts: int = 8):
     rng = np.random.default_rng(seed)
-    table = np.stack([rng.permuted(np.tile(np.arange(experts), (vocab, 1)), axis=1)[:, :top_k] for _ in range(layers)], 1)
+    table = np.stack(
+        [rng.permuted(np.tile(np.arange(experts), (vocab, 1)), axis=1)[:, :top_k] for _ in range(layers)], 1
+    )
     return ExpertPredictor(table.astype(np.uint8), experts), table
 
 
@@ -50,6 +54,12 @@ def test_predictor_vector_from_a_list_an_array_or_a_strided_view():
     with_unknown = [*ids.tolist(), pred.vocab, -5]
     np.testing.assert_array_equal(pred.vector(with_unknown, per_token=True), expect.ravel() / len(ids))
     assert pred.unknown_tokens == 2
+    # several prompts at once: the same vectors, None where nothing is known
+    many = pred.vectors([ids.tolist(), [], [pred.vocab], ids[:7]], per_token=True)
+    np.testing.assert_array_equal(many[0], expect.ravel() / len(ids))
+    assert many[1] is None and many[2] is None and pred.unknown_tokens == 3
+    np.testing.assert_array_equal(many[3], pred.vector(ids[:7], per_token=True))
+    assert pred.vectors([]) == []
 
 
 def test_expert_ids_outside_the_layer_are_refused_not_counted_out_of_bounds():

@@ -384,7 +384,7 @@ def test_the_guard_reads_the_captured_prompts_and_falls_back_to_fcfs(model, toke
 def test_no_admission_decision_on_a_step_vllm_holds_prefills_back(model, tokens):
     """A data-parallel engine's throttled step (``schedule(throttle_prefills=True)``) admits no new
     request while some running request decodes: CAPS leaves the queue and its counters alone."""
-    from sim.twin import _runner_output
+    from sim.twin import runner_output
 
     hot, cold = tokens
     s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=3)
@@ -394,6 +394,6 @@ def test_no_admission_decision_on_a_step_vllm_holds_prefills_back(model, tokens)
     out = s.schedule(True)  # positionally, as vLLM's EngineCore calls it
     assert admitted(out) == [] and s.caps.planner.stats.engaged == 0 and s.caps.planner.passes == {}
     assert [r.request_id for r in s.waiting] == ["hot1", "hot2", "c1", "c2"]
-    s.update_from_output(out, _runner_output(s, out))
+    s.update_from_output(out, runner_output(s, out))
     assert sorted(admitted(step(s))) == ["c1", "c2"]  # the next, unthrottled step chooses as before
     assert s.caps.planner.stats.engaged == 1

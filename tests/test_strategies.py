@@ -181,9 +181,10 @@ def test_shape_and_slot_errors():
         make_strategy("power_of_d", sample=0)
 
 
-def test_pairwise_cache_tracks_the_gram_matrix():
+@pytest.mark.parametrize("gram", [True, False])
+def test_pairwise_cache_tracks_the_gram_matrix(gram):
     rng = np.random.default_rng(3)
-    cache = PairwiseCache(d=5, capacity=2)
+    cache = PairwiseCache(d=5, capacity=2, terms=make_strategy("step_cost").row_terms, gram=gram)
     vecs = {k: rng.integers(0, 7, 5).astype(float) for k in range(12)}
     for k, v in vecs.items():
         cache.add(k, v)
@@ -197,7 +198,11 @@ def test_pairwise_cache_tracks_the_gram_matrix():
     v, g = cache.window(keys)
     expect = np.array([vecs[k] for k in keys])
     np.testing.assert_array_equal(v, expect)
-    np.testing.assert_allclose(g, expect @ expect.T)
+    np.testing.assert_array_equal(cache.terms(keys), -np.expm1(-expect))
+    if gram:
+        np.testing.assert_allclose(g, expect @ expect.T)
+    else:
+        assert g is None  # not kept: step_cost never reads it
     assert len(cache) == len(vecs) and 5 in cache and 3 not in cache
     with pytest.raises(ValueError):
         cache.add("nan", np.full(5, np.nan))
@@ -227,6 +232,7 @@ def test_step_cost_picks_the_same_from_terms_kept_per_request():
     with pytest.raises(ValueError, match="terms"):
         s.select(np.ones(12), cand, 2, terms=terms[:3])
     assert PairwiseCache(d=12).terms(keys[:0]) is None  # a cache kept without terms
+    assert not s.uses_gram and make_strategy("greedy_dot_product").uses_gram and not make_strategy("fcfs").uses_gram
 
 
 def test_pairwise_cache_batch_add_equals_one_by_one():

@@ -104,6 +104,12 @@ class Strategy:
     #: may keep per request and pass as ``terms`` (None: the strategy needs none)
     row_terms = None
 
+    @property
+    def uses_gram(self) -> bool:
+        """Whether the window's pairwise dot products save this strategy work (a caller that keeps
+        them, PairwiseCache, need not for one that does not)."""
+        return self.uses_window and (self.uses_dots or self.uses_stats)
+
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
         self.rng = np.random.default_rng(seed)

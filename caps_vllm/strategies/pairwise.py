@@ -5,7 +5,8 @@ Gram matrix at every scheduling step costs O(W^2 d) (about 9 ms for W=256, d=144
 keeping it as requests come and go costs O(n d) per arrival, paid once, and lets each
 selection make its picks in O(W). A strategy whose scores start from a per-candidate
 transform of its vector (``Strategy.row_terms``: step_cost's touched probabilities
-1 - exp(-v), a transcendental per entry) has it kept here too, computed once per request.
+1 - exp(-v), a transcendental per entry) has it kept here too, computed once per request; one
+that never reads the dot products (step_cost) keeps no Gram matrix (``gram=False``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,18 @@ from caps_vllm.strategies.base import check_loads
 class PairwiseCache:
     """Load vectors by key, with their Gram matrix; add is O(n*d), remove O(n)."""
 
-    def __init__(self, d: int, capacity: int = 64, terms: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
-        """``terms``: a row-wise transform of the vectors to keep beside them (see :meth:`terms`)."""
+    def __init__(
+        self,
+        d: int,
+        capacity: int = 64,
+        terms: Callable[[np.ndarray], np.ndarray] | None = None,
+        gram: bool = True,
+    ) -> None:
+        """``terms``: a row-wise transform of the vectors to keep beside them (see :meth:`terms`);
+        ``gram``: whether to keep the pairwise dot products (False: :meth:`window` gives None)."""
         self.d = d
         self._vecs = np.zeros((capacity, d))
-        self._gram = np.zeros((capacity, capacity))
+        self._gram = np.zeros((capacity, capacity)) if gram else None
         self._terms_of = terms
         self._terms = np.zeros((capacity, d)) if terms is not None else None
         self._slot: dict[Hashable, int] = {}
@@ -60,9 +68,10 @@ class PairwiseCache:
         self._vecs[n : n + m] = block
         if self._terms is not None:
             self._terms[n : n + m] = self._terms_of(block)
-        dots = self._vecs[: n + m] @ block.T  # (n + m, m)
-        self._gram[: n + m, n : n + m] = dots
-        self._gram[n : n + m, : n + m] = dots.T
+        if self._gram is not None:
+            dots = self._vecs[: n + m] @ block.T  # (n + m, m)
+            self._gram[: n + m, n : n + m] = dots
+            self._gram[n : n + m, : n + m] = dots.T
         for i, key in enumerate(keys):
             self._slot[key] = n + i
         self._keys.extend(keys)
@@ -78,9 +87,10 @@ class PairwiseCache:
             self._vecs[i] = self._vecs[last]
             if self._terms is not None:
                 self._terms[i] = self._terms[last]
-            self._gram[i, :] = self._gram[last, :]
-            self._gram[:, i] = self._gram[:, last]
-            self._gram[i, i] = self._gram[last, last]
+            if self._gram is not None:
+                self._gram[i, :] = self._gram[last, :]
+                self._gram[:, i] = self._gram[:, last]
+                self._gram[i, i] = self._gram[last, last]
             self._keys[i] = moved
             self._slot[moved] = i
         self._keys.pop()
@@ -90,10 +100,10 @@ class PairwiseCache:
         for key in [k for k in self._keys if k not in keep]:
             self.remove(key)
 
-    def window(self, keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray]:
-        """The vectors of ``keys`` (in that order) and their Gram matrix, ready for select()."""
+    def window(self, keys: Sequence[Hashable]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The vectors of ``keys`` (in that order) and their Gram matrix (None: not kept), ready for select()."""
         idx = self._index(keys)
-        return self._vecs[idx], self._gram[idx][:, idx]
+        return self._vecs[idx], None if self._gram is None else self._gram[idx][:, idx]
 
     def terms(self, keys: Sequence[Hashable]) -> np.ndarray | None:
         """The kept transform of the vectors of ``keys`` (None: the cache keeps none)."""
@@ -105,10 +115,12 @@ class PairwiseCache:
     def _grow(self) -> None:
         n = self._vecs.shape[0]
         vecs = np.zeros((2 * n, self.d))
-        gram = np.zeros((2 * n, 2 * n))
         vecs[:n] = self._vecs
-        gram[:n, :n] = self._gram
-        self._vecs, self._gram = vecs, gram
+        self._vecs = vecs
+        if self._gram is not None:
+            gram = np.zeros((2 * n, 2 * n))
+            gram[:n, :n] = self._gram
+            self._gram = gram
         if self._terms is not None:
             terms = np.zeros((2 * n, self.d))
             terms[:n] = self._terms
