@@ -12,6 +12,7 @@ never the whole model.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -320,23 +321,28 @@ class ExpertPredictor:
 
     def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:
         """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""
-        return self.vectors([token_ids], per_token)[0]
+        ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
+        counts, skipped = np.zeros((1, self.d)), np.zeros(1, dtype=np.int64)
+        count_rows(self._bins, ids, np.array([0, ids.size], dtype=np.int64), counts, skipped, per_token)
+        if skipped[0]:
+            self.unknown_tokens += int(skipped[0])
+        return counts[0] if ids.size > skipped[0] else None
 
     def vectors(self, prompts: Sequence, per_token: bool = False) -> list[np.ndarray | None]:
         """:meth:`vector` of each of ``prompts`` in one counting pass (rows of one matrix)."""
-        arrays = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
-        lengths = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
-        starts = np.zeros(len(arrays) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=starts[1:])
-        ids = arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else starts[:0]
-        counts = np.zeros((len(arrays), self.d))
-        skipped = np.zeros(len(arrays), dtype=np.int64)
-        count_rows(self._bins, np.ascontiguousarray(ids), starts, counts, skipped)
-        known = lengths - skipped
+        starts = np.zeros(len(prompts) + 1, dtype=np.int64)
+        if all(type(p) is list for p in prompts):  # vLLM's prompt_token_ids: one conversion for all
+            np.cumsum([len(p) for p in prompts], out=starts[1:])
+            ids = np.fromiter(itertools.chain.from_iterable(prompts), dtype=np.int64, count=int(starts[-1]))
+        else:
+            arrays = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+            np.cumsum([a.size for a in arrays], out=starts[1:])
+            ids = np.concatenate(arrays) if arrays else starts[:0]
+        counts, skipped = np.zeros((len(prompts), self.d)), np.zeros(len(prompts), dtype=np.int64)
+        count_rows(self._bins, ids, starts, counts, skipped, per_token)
         self.unknown_tokens += int(skipped.sum())
-        if per_token:
-            counts /= np.maximum(known, 1)[:, None]
-        return [counts[p] if n else None for p, n in enumerate(known.tolist())]
+        known = (np.diff(starts) - skipped).tolist()
+        return [counts[p] if n else None for p, n in enumerate(known)]
 
 
 def _check_experts(ids: np.ndarray, num_experts: int, what: str) -> None:

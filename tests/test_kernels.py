@@ -23,13 +23,18 @@ def test_count_rows_equals_gather_and_bincount_per_prompt(dtype, seed):
     prompts = [rng.integers(-3, vocab + 3, rng.integers(0, 120)).astype(np.int64) for _ in range(5)]  # some outside
     starts = np.concatenate([[0], np.cumsum([len(p) for p in prompts])]).astype(np.int64)
     out, skipped = np.zeros((len(prompts), d)), np.zeros(len(prompts), dtype=np.int64)
-    count_rows(bins, np.concatenate(prompts), starts, out, skipped)
+    count_rows(bins, np.concatenate(prompts), starts, out, skipped, False)
     for p, ids in enumerate(prompts):
         expect, unknown = _reference(bins, ids, d)
         np.testing.assert_array_equal(out[p], expect)
         assert skipped[p] == unknown
-    count_rows(bins, np.concatenate(prompts), starts, out, skipped)  # it adds to what ``out`` holds
+    count_rows(bins, np.concatenate(prompts), starts, out, np.zeros_like(skipped), False)  # it adds to ``out``
     np.testing.assert_array_equal(out[0], 2 * _reference(bins, prompts[0], d)[0])
+    per, skipped = np.zeros((len(prompts), d)), np.zeros(len(prompts), dtype=np.int64)
+    count_rows(bins, np.concatenate(prompts), starts, per, skipped, True)
+    for p, ids in enumerate(prompts):  # divided by the ids counted, exactly as numpy divides
+        expect, unknown = _reference(bins, ids, d)
+        np.testing.assert_array_equal(per[p], expect / max(ids.size - unknown, 1))
 
 
 def _predictor(seed: int = 0, vocab: int = 200, layers: int = 3, top_k: int = 2, experts: int = 8):
