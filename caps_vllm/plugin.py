@@ -1,6 +1,6 @@
 """vLLM general plugin (entry point ``vllm.general_plugins``), loaded by vLLM in every process.
 
-Two jobs, both inert unless the CAPS scheduler is configured:
+Three jobs, all inert unless the CAPS scheduler is configured:
 
 * In the process that runs the model, it wraps the model runner so that, once the model is
   loaded, every MoE router's decisions are counted per step (:mod:`caps_vllm.capture`) and
@@ -11,6 +11,10 @@ Two jobs, both inert unless the CAPS scheduler is configured:
   ``PROMETHEUS_MULTIPROC_DIR`` before any metric exists. If the user did not set it, a fresh
   private folder is created (so no stale file from another run can leak in) and removed at
   exit; if the user did, files left by processes that no longer exist are removed first.
+* In the EngineCore process, it predicts each request's expert load where vLLM prepares the
+  request (``EngineCore.preprocess_add_request``: a serving engine's input thread, which vLLM
+  runs in parallel with the model's forward pass for this kind of per-request work, block
+  hashing among it), so that ``schedule()`` finds the prediction done (``Caps.arrived``).
 
 The runner classes are patched when their modules are imported, so processes that never run
 a model (the API server) never import them.
@@ -19,6 +23,7 @@ a model (the API server) never import them.
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.abc
 import importlib.util
 import logging
@@ -36,6 +41,7 @@ from caps_vllm.logs import OWNED_ENV, route_logs_through_vllm
 logger = logging.getLogger("caps_vllm.plugin")
 
 _RUNNER_MODULES = ("vllm.v1.worker.gpu_model_runner", "vllm.v1.worker.cpu_model_runner")
+_ENGINE_MODULE = "vllm.v1.engine.core"
 _registered = False
 
 
@@ -48,6 +54,30 @@ def register() -> None:
         prepare_metrics_dir()
     for name in _RUNNER_MODULES:
         after_import(name, _patch_runner_module)
+    after_import(_ENGINE_MODULE, _patch_engine_module)
+
+
+# --- requests on arrival --------------------------------------------------------------------
+
+
+def _patch_engine_module(module) -> None:
+    """Wrap ``EngineCore.preprocess_add_request`` (vLLM 0.32.0 and 0.33.0; absent: nothing done,
+    the scheduler predicts when it needs a load) to hand each prepared request to CAPS."""
+    cls = getattr(module, "EngineCore", None)
+    original = getattr(cls, "preprocess_add_request", None)
+    if original is None or getattr(original, "caps_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def preprocess_add_request(self, request):
+        prepared = original(self, request)
+        caps = getattr(getattr(self, "scheduler", None), "__dict__", {}).get("caps")  # CAPS's scheduler only
+        if caps is not None:
+            caps.arrived(prepared[0])
+        return prepared
+
+    preprocess_add_request.caps_wrapped = True
+    cls.preprocess_add_request = preprocess_add_request
 
 
 # --- metrics folder -------------------------------------------------------------------------

@@ -71,7 +71,7 @@ class Caps:
                 self.config.blas_threads,
                 lib or "no OpenBLAS found: left as it is",
             )
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter(predicted_on_arrival=0)  # (that one written by vLLM's input thread)
         self.warn_once = WarnOnce(logger)
         self.predictor = self._load_predictor(vllm_config) if self.config.predictor else None
         self.learner = self._make_learner()
@@ -186,6 +186,28 @@ class Caps:
         )
 
     # --- what the scheduler calls -------------------------------------------------------------
+
+    def arrived(self, request: Request) -> None:
+        """A request as vLLM prepares it, before the busy loop sees it (vLLM's input thread where
+        an engine serves; caps_vllm.plugin): its load is predicted here, so schedule() finds it
+        done. Only this thread writes ``request.caps_vector`` then (the request is nobody else's
+        yet) and the ``predicted_on_arrival`` count (created up front: the dict never grows
+        while the busy loop reads it). Never raises: a request left unpredicted (no known token,
+        an error) is predicted, and counted, when a choice needs it."""
+        if self.predictor is None:
+            return
+        try:
+            ids = vs.prompt_ids(request)
+            v = None if ids is None else self.predictor.vector(ids, per_token=self.config.vectors == "per_token")
+            if v is not None:
+                request.caps_vector = v
+                self.counters["predicted_on_arrival"] += 1
+        except Exception:
+            self.warn_once(
+                "arrival",
+                "CAPS could not predict a request as it arrived; it is predicted when needed",
+                log=logger.exception,
+            )
 
     def added(self, request: Request) -> None:
         if self.step_log is not None:

@@ -37,6 +37,8 @@ def test_caps_changes_admission_not_results(tiny_model, fcfs_run):
     assert caps["scheduler"] == "CapsScheduler" and fcfs["scheduler"] == "Scheduler"
     assert caps["caps_stats"]["plans"] > 0 and caps["caps_stats"]["ranked"] > 0, "CAPS really ordered admissions"
     assert caps["caps_counters"].get("errors", 0) == 0
+    # every request's load was predicted as vLLM prepared it (caps_vllm.plugin), not in schedule()
+    assert caps["caps_counters"]["predicted_on_arrival"] == len(caps["outputs"]) + len(caps["chat"])
     assert caps["outputs"] == fcfs["outputs"]  # greedy results do not depend on admission order
     assert caps["chat"] == fcfs["chat"]
     assert all(len(o) == 12 for o in caps["outputs"])

@@ -5,8 +5,9 @@ a CAPS scheduler are built in the same state and then stepped side by side in a 
 each step's schedule() is timed, alternating stock and CAPS (the machine is noisy); then, untimed,
 one token is fed back to every running request, the requests admitted this step finish (are
 aborted) and as many new ones join the queue's tail, so every step starts from the same shape
-(256 decoding, the same queue length) while the queue moves: requests enter CAPS's window, are
-predicted (lazily, inside the timed schedule(), as live), chosen or passed over, and leave.
+(256 decoding, the same queue length) while the queue moves: requests arrive predicted, as
+vLLM's input thread hands them over (``Caps.arrived``; the predictor's cost per request is the
+last figure), enter CAPS's window, are chosen or passed over, and leave.
 Medians over the steps after a warm-up are reported, with the ratio; CAPS's figure includes all
 of its work on the step (budget estimate, prediction, plan, the metrics observer). Budgets:
 320 sequences / 16384 tokens (64 free slots: a slot-bound choice every step), vLLM's H100
@@ -86,8 +87,16 @@ def build(
         step(s)
     step(s)  # all running and decoding
     for i in range(waiting):
-        s.add_request(make_request(f"wait{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1000.0 + i))
+        arrive(s, make_request(f"wait{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1000.0 + i))
     return s
+
+
+def arrive(s, request) -> None:
+    """A request as vLLM's EngineCore hands it over: prepared (and, for CAPS, predicted: its input
+    thread does that in parallel with the model's forward pass, caps_vllm.plugin), then added."""
+    if hasattr(s, "caps"):
+        s.caps.arrived(request)
+    s.add_request(request)
 
 
 def timed_step(s, rng, vocab: int, serial: list[int]) -> tuple[float, float]:
@@ -103,9 +112,7 @@ def timed_step(s, rng, vocab: int, serial: list[int]) -> tuple[float, float]:
     s.finish_requests(admitted, RequestStatus.FINISHED_ABORTED)
     for _ in admitted:
         serial[0] += 1
-        s.add_request(
-            make_request(f"wait{serial[0]}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1000.0 + serial[0])
-        )
+        arrive(s, make_request(f"wait{serial[0]}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1000.0 + serial[0]))
     return seconds, own
 
 
