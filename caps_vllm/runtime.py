@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import statistics
@@ -388,15 +389,18 @@ class Caps:
             self.planner.engaged(len(waiting), free)  # counts the FCFS-fallback steps
             return  # checked before any per-step work: most steps stop here
         cap, running = self.capacity(free)
-        need = functools.partial(vs.need, s)
-        admits = fcfs_admissions(map(need, waiting), cap)
-        if running is None and admits != fcfs_admissions(map(need, waiting), dataclasses.replace(cap, kv_tokens=None)):
+        # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue),
+        # and at most ``free`` are admitted; each one's tokens are read once for every estimate.
+        first = list(itertools.islice(waiting, free + self.config.window_size))
+        needs = [vs.need(s, r) for r in first]
+        admits = fcfs_admissions(needs, cap)
+        if running is None and admits != fcfs_admissions(needs, dataclasses.replace(cap, kv_tokens=None)):
             cap, running = vs.capacity_walk(s, free)  # the KV under-estimate binds: count exactly
-            admits = fcfs_admissions(map(need, waiting), cap)
+            admits = fcfs_admissions(needs, cap)
         if not self.planner.engaged(len(waiting), admits):
             return
-        # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue).
-        head = vs.head(s, admits + self.config.window_size, need)
+        n = admits + self.config.window_size
+        head = vs.head(first[:n], needs[:n])
         self.predict([w.item for w in head])
         order = self.planner.plan(
             head,

@@ -134,11 +134,11 @@ def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[s
     return left(s, free, max(tokens - decoding, 0), opened + decoding)
 
 
-def head(s, n: int, needs: Callable[[Request], int]) -> list[Waiting]:
-    """The first ``n`` waiting requests as the planner reads them."""
+def head(requests: list[Request], needs: list[int]) -> list[Waiting]:
+    """The queue's first requests (``needs``: their tokens this step, :func:`need`) as the planner reads them."""
     return [
-        Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, needs(r))
-        for r in itertools.islice(s.waiting, n)
+        Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, n)
+        for r, n in zip(requests, needs)
     ]
 
 
