@@ -261,7 +261,10 @@ class AdmissionPlanner:
             # Nothing can gain more than FCFS's admissions add to the step beyond the least any b
             # candidates must add (a step costs at least the load already there): when that is
             # within min_gain, keep them without choosing.
-            base_ms, fcfs_ms = self.strategy.cost(np.stack([load, load + np.add.reduce([vecs[i] for i in scored[:b]])]))
+            fcfs = vecs[scored[0]].copy()  # FCFS's b summed in place (np.add.reduce's order, without its copy)
+            for i in scored[1:b]:
+                fcfs += vecs[i]
+            base_ms, fcfs_ms = self.strategy.cost(np.stack([load, load + fcfs]))
             room = fcfs_ms - base_ms
             if room > self.cfg.min_gain * fcfs_ms:
                 masses = self._masses

@@ -118,9 +118,11 @@ class StepCost(Strategy):
         score += blocked
         picks = []
         gone, fewer = np.empty_like(untouched), np.empty_like(score)  # (written in place each pick)
-        for _ in range(b - 1):
+        for n in range(b - 1):
             j = _cheapest(score)
             picks.append(j)
+            if n == b - 2:
+                break  # the last pick: nobody's score is read again
             np.multiply(untouched, touched[j], out=gone)  # exp(-load) - exp(-load - v_j)
             np.dot(touched, gone, out=fewer)
             fewer *= per_new
