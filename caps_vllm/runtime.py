@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import os
 import statistics
@@ -389,18 +388,16 @@ class Caps:
             self.planner.engaged(len(waiting), free)  # counts the FCFS-fallback steps
             return  # checked before any per-step work: most steps stop here
         cap, running = self.capacity(free)
-        # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue),
-        # and at most ``free`` are admitted; each one's tokens are read once for every estimate.
-        first = list(itertools.islice(waiting, free + self.config.window_size))
-        needs = [vs.need(s, r) for r in first]
-        admits = fcfs_admissions(needs, cap)
-        if running is None and admits != fcfs_admissions(needs, dataclasses.replace(cap, kv_tokens=None)):
+        # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue);
+        # each request's tokens are read once for every estimate (vs.QueueHead).
+        queue = vs.QueueHead(s)
+        admits = fcfs_admissions(queue.stream(), cap)
+        if running is None and admits != fcfs_admissions(queue.stream(), dataclasses.replace(cap, kv_tokens=None)):
             cap, running = vs.capacity_walk(s, free)  # the KV under-estimate binds: count exactly
-            admits = fcfs_admissions(needs, cap)
+            admits = fcfs_admissions(queue.stream(), cap)
         if not self.planner.engaged(len(waiting), admits):
             return
-        n = admits + self.config.window_size
-        head = vs.head(first[:n], needs[:n])
+        head = queue.waiting(admits + self.config.window_size)
         self.predict([w.item for w in head])
         order = self.planner.plan(
             head,

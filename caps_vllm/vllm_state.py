@@ -11,7 +11,7 @@ newer versions may lack. Nothing else in caps_vllm reads a vLLM object's fields.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -134,12 +134,39 @@ def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[s
     return left(s, free, max(tokens - decoding, 0), opened + decoding)
 
 
-def head(requests: list[Request], needs: list[int]) -> list[Waiting]:
-    """The queue's first requests (``needs``: their tokens this step, :func:`need`) as the planner reads them."""
-    return [
-        Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, n)
-        for r, n in zip(requests, needs)
-    ]
+class QueueHead:
+    """The waiting queue's requests in order with their tokens this step (:func:`need`), each read
+    once and only as far as asked: the budget estimates stop where vLLM would stop admitting, and
+    the planner reads that many plus its window."""
+
+    def __init__(self, s) -> None:
+        self._s, self._rest = s, iter(s.waiting)
+        self.requests: list[Request] = []
+        self.needs: list[int] = []
+
+    def _read(self) -> bool:
+        r = next(self._rest, None)
+        if r is None:
+            return False
+        self.requests.append(r)
+        self.needs.append(need(self._s, r))
+        return True
+
+    def stream(self) -> Iterator[int]:
+        """The needs in queue order, from the first (what is read already, then further)."""
+        i = 0
+        while i < len(self.needs) or self._read():
+            yield self.needs[i]
+            i += 1
+
+    def waiting(self, n: int) -> list[Waiting]:
+        """The first ``n`` requests as the planner reads them."""
+        while len(self.requests) < n and self._read():
+            pass
+        return [
+            Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, k)
+            for r, k in zip(self.requests[:n], self.needs)
+        ]
 
 
 def reorder_head(s, order: list[Request]) -> None:

@@ -35,39 +35,59 @@ PARTS = {
         "shared_load",
         "track_admitted",
         "_observe_schedule",
+        "predict",
     ),
     observer.RoutingObserver: ("on_schedule", "on_admission", "flush"),
-    admission.AdmissionPlanner: ("plan",),
+    admission.AdmissionPlanner: ("plan", "_choose"),
 }
 
 
-def main() -> None:
-    spent: collections.Counter[str] = collections.Counter()
-    calls: collections.Counter[str] = collections.Counter()
+class Parts:
+    """Each of CAPS's busy-loop hooks and their main parts wrapped in a timer (the thread's CPU
+    time), counted while ``on``; ``report()`` prints each part's total, calls and time per call."""
 
-    def timed(label, fn):
+    def __init__(self) -> None:
+        self.spent: collections.Counter[str] = collections.Counter()
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.on = True
+        for cls, names in PARTS.items():
+            for name in names:
+                if hasattr(cls, name):
+                    setattr(cls, name, self._timed(f"{cls.__name__}.{name}", getattr(cls, name)))
+
+    def _timed(self, label, fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             t0 = time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
-                spent[label] += time.thread_time() - t0
-                calls[label] += 1
+                if self.on:
+                    self.spent[label] += time.thread_time() - t0
+                    self.calls[label] += 1
 
         return wrapper
 
-    for cls, names in PARTS.items():
-        for name in names:
-            if hasattr(cls, name):
-                setattr(cls, name, timed(f"{cls.__name__}.{name}", getattr(cls, name)))
+    def report(self, per: int | None = None) -> None:
+        """Totals, or with ``per`` the time per step over that many steps."""
+        if per is None:
+            print(f"{'part (thread CPU time)':36s} {'total ms':>10s} {'calls':>8s} {'us/call':>9s}")
+        else:
+            print(f"    {'part (thread CPU time)':36s} {'ms a step':>10s} {'calls a step':>13s}")
+        for label, s in sorted(self.spent.items(), key=lambda kv: -kv[1]):
+            if per is None:
+                print(f"{label:36s} {s * 1e3:10.1f} {self.calls[label]:8d} {s / self.calls[label] * 1e6:9.1f}")
+            else:
+                print(f"    {label:36s} {s * 1e3 / per:10.3f} {self.calls[label] / per:13.1f}")
+
+
+def main() -> None:
+    parts = Parts()
     import sim.twin_run
 
     sys.argv = ["twin_run", *sys.argv[1:]]
     sim.twin_run.main()
-    print(f"{'part (thread CPU time)':36s} {'total ms':>10s} {'calls':>8s} {'us/call':>9s}")
-    for label, s in sorted(spent.items(), key=lambda kv: -kv[1]):
-        print(f"{label:36s} {s * 1e3:10.1f} {calls[label]:8d} {s / calls[label] * 1e6:9.1f}")
+    parts.report()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ default 1024 / 8192 (the token budget holds the queue back: 248 of 256 admitted 
 (4 x 60 experts, d=240) and a Qwen1.5-MoE-A2.7B-shaped router table (vocab 151936, 24 x 60,
 top-4, d=1440; random ids).
 
-    python tests/benchmarks/bench_scheduler.py [--samples N]
+    python tests/benchmarks/bench_scheduler.py [--samples N] [--parts]
 """
 
 from __future__ import annotations
@@ -99,13 +99,18 @@ def arrive(s, request) -> None:
     s.add_request(request)
 
 
-def timed_step(s, rng, vocab: int, serial: list[int]) -> tuple[float, float]:
+def timed_step(s, rng, vocab: int, serial: list[int], parts=None) -> tuple[float, float]:
     """One steady-state step (see the module docstring): schedule() timed, the rest not. Returns
-    the seconds of schedule() and, for CAPS, of its own work in it."""
+    the seconds of schedule() and, for CAPS, of its own work in it (``parts``: a
+    bench_caps_parts.Parts counting during schedule() only)."""
     own = s.caps.seconds if hasattr(s, "caps") else 0.0
+    if parts is not None:
+        parts.on = True
     t0 = time.perf_counter()
     out = s.schedule()
     seconds = time.perf_counter() - t0
+    if parts is not None:
+        parts.on = False
     own = s.caps.seconds - own if hasattr(s, "caps") else 0.0
     s.update_from_output(out, runner_output(s, out))
     admitted = [r.req_id for r in out.scheduled_new_reqs]
@@ -119,6 +124,7 @@ def timed_step(s, rng, vocab: int, serial: list[int]) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=15)
+    ap.add_argument("--parts", action="store_true", help="then where CAPS's time goes in each case, part by part")
     a = ap.parse_args()
     for name in ("vllm", "caps_vllm"):  # each of the hundreds of schedulers built logs its config and warnings
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -159,6 +165,24 @@ def main() -> None:
             f"ratio {c_ms / s_ms:5.2f} (target <= 1.05: {'met' if c_ms <= 1.05 * s_ms else 'NOT met'})  "
             f"CAPS chose on {plans} of {a.samples} steps; its own time {statistics.median(own) * 1e3:.3f} ms"
         )
+
+    if a.parts:
+        from tests.benchmarks.bench_caps_parts import Parts
+
+        parts = Parts()
+        parts.on = False  # counting during the timed schedule() calls only
+        print(
+            f"where CAPS's time in schedule() goes, per step (the same steady state, {a.samples} steps after {WARMUP})"
+        )
+        for label, pred, vocab, window, budgets, queue in cases:
+            s = build(model, CapsScheduler, vocab, np.random.default_rng(0), pred, window, budgets, queue)
+            rng, serial = np.random.default_rng(1), [queue]
+            for k in range(WARMUP + a.samples):
+                timed_step(s, rng, vocab, serial, parts if k >= WARMUP else None)
+            print(f"  {label}, {queue} waiting")
+            parts.report(per=a.samples)
+            parts.spent.clear()
+            parts.calls.clear()
 
     print("predictor: one request's vector (one counting pass over its tokens' table rows), median of 200")
     for label, pred in (("tiny (4 layers)", tiny), ("Qwen1.5-shaped (24 layers)", big)):
