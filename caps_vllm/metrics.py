@@ -190,6 +190,12 @@ SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
         None,
         (),
     ),
+    "vllm:caps_predicted_on_arrival_requests": (
+        "counter",
+        "Requests whose load was predicted as vLLM prepared them (its input thread when serving), off the busy loop",
+        None,
+        (),
+    ),
     "vllm:caps_errors": ("counter", "Exceptions inside CAPS (the step stayed FCFS)", None, ()),
 }
 

@@ -202,6 +202,8 @@ class Caps:
             if v is not None:
                 request.caps_vector = v
                 self.counters["predicted_on_arrival"] += 1
+                if self.observer is not None:  # (prometheus_client's counters lock)
+                    self.observer.metrics.inc("vllm:caps_predicted_on_arrival_requests")
         except Exception:
             self.warn_once(
                 "arrival",

@@ -107,6 +107,8 @@ def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, 
         assert prom("sum(vllm:caps_predictor_cosine_count)") == n
         assert 0 < prom("sum(vllm:caps_predictor_cosine_sum)") <= n
         assert prom("sum(vllm:caps_errors_total)") == 0
+        # every request was predicted on vLLM's input thread as it arrived (caps_vllm.plugin), not in schedule()
+        assert prom("sum(vllm:caps_predicted_on_arrival_requests_total)") == n
         # the learning table was scored on every prompt token (4 MoE layers x top-4 choices each) ...
         picks = prom("sum(vllm:caps_learning_routed_picks_total)")
         assert picks == prompt_tokens * 4 * 4
