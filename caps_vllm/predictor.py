@@ -327,10 +327,7 @@ class ExpertPredictor:
     def vector(self, token_ids, per_token: bool = False) -> np.ndarray | None:
         """Expert counts over the prompt; with ``per_token`` divided by the tokens counted."""
         ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
-        counts, skipped = np.zeros((1, self.d)), np.zeros(1, dtype=np.int64)
-        self._count_rows(self._bins, ids, np.array([0, ids.size], dtype=np.int64), counts, skipped, per_token)
-        if skipped[0]:
-            self.unknown_tokens += int(skipped[0])
+        counts, skipped = self._count(ids, np.array([0, ids.size], dtype=np.int64), per_token)
         return counts[0] if ids.size > skipped[0] else None
 
     def vectors(self, prompts: Sequence, per_token: bool = False) -> list[np.ndarray | None]:
@@ -343,11 +340,18 @@ class ExpertPredictor:
             arrays = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
             np.cumsum([a.size for a in arrays], out=starts[1:])
             ids = np.concatenate(arrays) if arrays else starts[:0]
-        counts, skipped = np.zeros((len(prompts), self.d)), np.zeros(len(prompts), dtype=np.int64)
-        self._count_rows(self._bins, ids, starts, counts, skipped, per_token)
-        self.unknown_tokens += int(skipped.sum())
+        counts, skipped = self._count(ids, starts, per_token)
         known = (np.diff(starts) - skipped).tolist()
         return [counts[p] if n else None for p, n in enumerate(known)]
+
+    def _count(self, ids: np.ndarray, starts: np.ndarray, per_token: bool) -> tuple[np.ndarray, np.ndarray]:
+        """The counting pass over the prompts ``ids[starts[p]:starts[p + 1]]``: their rows of
+        counts and how many ids of each were outside the table (added to ``unknown_tokens``)."""
+        counts, skipped = np.zeros((len(starts) - 1, self.d)), np.zeros(len(starts) - 1, dtype=np.int64)
+        self._count_rows(self._bins, ids, starts, counts, skipped, per_token)
+        if skipped.any():
+            self.unknown_tokens += int(skipped.sum())
+        return counts, skipped
 
 
 def _check_experts(ids: np.ndarray, num_experts: int, what: str) -> None:

@@ -126,7 +126,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--parts", action="store_true", help="then where CAPS's time goes in each case, part by part")
     a = ap.parse_args()
-    for name in ("vllm", "caps_vllm"):  # each of the hundreds of schedulers built logs its config and warnings
+    for name in ("vllm", "caps_vllm"):  # each scheduler built logs its config and warnings
         logging.getLogger(name).setLevel(logging.ERROR)
     model = str(generate())
     tiny = ExpertPredictor.from_model(model)
