@@ -64,6 +64,11 @@ class CapsConfig:
     #: threads of numpy's BLAS in the engine process (caps_vllm.blas: CAPS's products are
     #: small, and a pool woken for each competes with the model's threads); null: numpy's own
     blas_threads: int | None = 1
+    #: plan each step's admissions on a worker thread while the model runs the step before
+    #: (caps_vllm.ahead; the plan is made from the state that step leaves and applied only if
+    #: the queue's head is unchanged): schedule() then only applies it. null: on where the model
+    #: runs on an accelerator (the busy loop waits for it with the GIL free), off on CPU
+    plan_ahead: bool | None = None
     #: append one JSON line per engine step and per finished request here (caps_vllm.step_log:
     #: the timings the simulator's cpu profile is fitted on); data-parallel rank N writes PATH.N
     step_log: str | None = None
@@ -129,6 +134,8 @@ class CapsConfig:
         for name in ("predictor", "capture", "metrics", "learn", "capture_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"caps.{name}: {getattr(self, name)!r}; valid: true or false")
+        if self.plan_ahead is not None and not isinstance(self.plan_ahead, bool):
+            raise ValueError(f"caps.plan_ahead: {self.plan_ahead!r}; valid: true, false or null")
         for name in ("cache_dir", "step_log"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise ValueError(f"caps.{name}: {getattr(self, name)!r}; valid: a path or null")

@@ -196,6 +196,19 @@ SPEC: dict[str, tuple[str, str, tuple | None, tuple[str, ...]]] = {
         None,
         (),
     ),
+    "vllm:caps_plan_ahead_late_steps": (
+        "counter",
+        "Steps (caps.plan_ahead) whose plan the worker had not finished when schedule() ran: left FCFS",
+        None,
+        (),
+    ),
+    "vllm:caps_plan_ahead_dropped_steps": (
+        "counter",
+        "Steps (caps.plan_ahead) whose plan was made for a queue head that changed since (an abort, a "
+        "preemption, a priority arrival) or that admitted nothing new: left FCFS",
+        None,
+        (),
+    ),
     "vllm:caps_errors": ("counter", "Exceptions inside CAPS (the step stayed FCFS)", None, ()),
 }
 

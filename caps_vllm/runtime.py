@@ -6,28 +6,33 @@ the waiting queue, vLLM's ``schedule()`` admits from its front under every budge
 vLLM's state (read through caps_vllm.vllm_state) -> the planner's decision -> vLLM's queue;
 routing -> observer, learner and guard.
 
-Everything here runs on the EngineCore busy-loop thread: the running-load update, lazy
-prediction of the requests that enter the window (a gather and a bincount over their prompt
-tokens, once per request), and the selection. Nothing runs while fewer than
-``min_batch_trigger`` requests wait. Any error is logged once and that step is left in FCFS
-order: CAPS never crashes the engine.
+Everything here runs on the EngineCore busy-loop thread (the running-load update, prediction
+of the requests that enter the window not predicted on arrival, and the selection), or, with
+``plan_ahead``, on a worker thread while the model runs (caps_vllm.ahead): then ``schedule()``
+only applies the plan the worker made for it from the state the step before left. Nothing runs
+while fewer than ``min_batch_trigger`` requests wait. Any error is logged once and that step is
+left in FCFS order: CAPS never crashes the engine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import statistics
 import time
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 from vllm.v1.request import Request
 
 from caps_vllm import vllm_state as vs
 from caps_vllm.admission import AdmissionPlanner, AdmissionStats, Capacity, Waiting, fcfs_admissions
+from caps_vllm.ahead import Worker
 from caps_vllm.blas import limit_threads
 from caps_vllm.config import CapsConfig
 from caps_vllm.guard import FcfsGuard
@@ -40,6 +45,18 @@ from caps_vllm.step_log import StepLog
 
 logger = logging.getLogger("caps_vllm.scheduler")
 _NO_VECTOR = object()
+
+
+class AheadJob(NamedTuple):
+    """What the busy loop hands the plan-ahead worker right after ``schedule()`` of step ``step``."""
+
+    out: object  # the SchedulerOutput
+    head: list[Request]  # the waiting queue's first requests, as they are now
+    queue_len: int
+    free: int  # sequence slots free after this step's admissions
+    running: list[Request]  # the batch just scheduled
+    step: int  # the step the plan is for
+    now: float
 
 
 def _timed(hook):
@@ -84,13 +101,34 @@ class Caps:
         self.observer = self._make_observer(vllm_config) if self.config.metrics else None
         self.step = 0  # schedule() calls, in tokens a running request may take (the rows' end steps)
         self.seconds = 0.0  # wall time of CAPS's own work around schedule() and update_from_output(), summed
+        self.seconds_ahead = 0.0  # the plan-ahead worker's planning time (off the busy loop), summed
         # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
         # (sim/twin.py) replaces it with its virtual clock.
         self.clock = time.time
         self.step_log = self._make_step_log(vllm_config)
         self._before: tuple[AdmissionStats, int] = (AdmissionStats(), 0)
+        self.worker = self._make_worker()
+        # the busy loop's hooks that touch CAPS's state take the worker's lock (none without one)
+        self.lock = self.worker.lock if self.worker is not None else contextlib.nullcontext()
+        # plan ahead: (for step, head, its new order or None: FCFS) the worker made; the step of
+        # the last job submitted; the last step whose plan was in time; (step, the stats' change,
+        # the predictor fallbacks) of the last plan made, for that step's metrics
+        self.plan: tuple[int, list[Request], list[Request] | None] | None = None
+        self.expected = self.used = 0
+        self._made: tuple[int, AdmissionStats, int] | None = None
 
     # --- construction -------------------------------------------------------------------------
+
+    def _make_worker(self) -> Worker | None:
+        on = self.config.plan_ahead
+        if on is None:  # auto: where the model runs on an accelerator and the busy loop waits for it
+            from vllm.platforms import current_platform
+
+            on = not current_platform.is_cpu()
+        if not on or self.predictor is None:
+            return None
+        logger.info("CAPS plans each step's admissions ahead, on a worker thread while the model runs")
+        return Worker(self._run_ahead)
 
     def _make_step_log(self, vllm_config) -> StepLog | None:
         path = self.config.step_log
@@ -217,11 +255,14 @@ class Caps:
 
     def aborted(self, requests: list[Request]) -> None:
         if self.observer is not None:
-            self.observer.on_finished((r.request_id for r in requests), score=False)
+            with self.lock:
+                self.observer.on_finished((r.request_id for r in requests), score=False)
         if self.step_log is not None:
             self.step_log.dropped(r.request_id for r in requests)
 
     def shutdown(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
         if self.observer is not None:
             self.guarded(self.observer.flush)
         if self.learner is not None:
@@ -230,6 +271,10 @@ class Caps:
     @_timed
     def before_schedule(self, holds_prefills: bool) -> None:
         """Reorder the waiting queue for this step (``holds_prefills``: vLLM admits nothing new)."""
+        if self.worker is not None:
+            self.step += 1 + vs.spec_tokens(self.sched)
+            self.apply_plan(holds_prefills)
+            return
         if self.observer is not None:  # what this step does is told the observer as the change from here
             self._before = (dataclasses.replace(self.planner.stats), self.counters["predictor_fallback"])
         self.step += 1 + vs.spec_tokens(self.sched)  # the most tokens a request takes a step
@@ -248,12 +293,54 @@ class Caps:
                     log=logger.exception,
                 )
 
+    def apply_plan(self, holds_prefills: bool) -> None:
+        """Put the worker's plan for this step into vLLM's queue, if the queue's head is still the
+        one it was planned from (else, or without a plan in time, this step stays FCFS: counted,
+        ``plans_dropped`` and ``plans_late``)."""
+        plan, self.plan = self.plan, None
+        if plan is None or plan[0] != self.step:  # (one for an earlier step: that step counted it late)
+            if self.expected == self.step:
+                self._count("plans_late", "vllm:caps_plan_ahead_late_steps")
+            return
+        _, head, order = plan
+        if order is not None:
+            if holds_prefills or not vs.head_is(self.sched, head):
+                self._count("plans_dropped", "vllm:caps_plan_ahead_dropped_steps")
+                return
+            vs.reorder_head(self.sched, order)
+        self.counters["plans_applied"] += 1  # (a plan to keep FCFS's order too)
+        self.used = self.step
+
+    def _count(self, counter: str, metric: str) -> None:
+        self.counters[counter] += 1
+        if self.observer is not None:
+            self.observer.metrics.inc(metric)
+
     @_timed
     def after_schedule(self, out) -> None:
+        if self.worker is not None:
+            s = self.sched
+            n = vs.free_slots(s) + len(s.running) + self.config.window_size  # the most a plan reads
+            head = list(itertools.islice(s.waiting, n))
+            job = AheadJob(
+                out,
+                head,
+                len(s.waiting),
+                vs.free_slots(s),
+                list(s.running),
+                self.step + 1 + vs.spec_tokens(s),
+                self.clock(),
+            )
+            self.expected = job.step
+            self.worker.submit(job)
+            if self.step_log is not None:
+                self.guarded(self.step_log.scheduled, out, s.requests)
+            return
         if self.predictor is not None:  # what reorder's budget estimate reads
             self.guarded(self.track_admitted, out)
         if self.observer is not None:
-            self.guarded(self._observe_schedule, out)
+            d = self.planner.stats.since(self._before[0])
+            self.guarded(self._observe_schedule, out, d, self.counters["predictor_fallback"] - self._before[1])
         if self.step_log is not None:
             self.guarded(self.step_log.scheduled, out, self.sched.requests)
 
@@ -261,6 +348,10 @@ class Caps:
     def on_output(self, model_runner_output) -> RoutingRecord | None:
         """A step's model output, before vLLM frees the requests that finished: its routing to
         the observer (scored before the table learns these rows), the learner and the guard."""
+        with self.lock:
+            return self._on_output(model_runner_output)
+
+    def _on_output(self, model_runner_output) -> RoutingRecord | None:
         record = getattr(model_runner_output, "caps_routing", None)
         aux = getattr(model_runner_output, "aux_output_connector_output", None)
         if record is None and aux and self.predictor is not None:
@@ -285,6 +376,10 @@ class Caps:
 
     @_timed
     def after_output(self, outputs, record: RoutingRecord | None) -> None:
+        with self.lock:
+            self._after_output(outputs, record)
+
+    def _after_output(self, outputs, record: RoutingRecord | None) -> None:
         if self.observer is not None and self.config.capture_decode:
             self.guarded(self.observer.on_finished, vs.finished_ids(outputs))
         if self.observer is None and self.step_log is None:
@@ -363,6 +458,8 @@ class Caps:
             rows = run.rows()
             left = run.steps_left(rows, now)
         else:
+            if running is not None:
+                reqs = running.requests
             keys = vs.running_keys(sched) if running is None else running.keys
             rows = run.sync(keys, lambda i: self.vector(reqs[i]), lambda i: vs.steps_left(reqs[i]), now)
             left = run.steps_left(rows, now) if running is None else running.remaining
@@ -384,36 +481,72 @@ class Caps:
 
     def reorder(self) -> None:
         s = self.sched
-        waiting = s.waiting
-        free = vs.free_slots(s)
-        if free <= 0 or len(waiting) < self.config.min_batch_trigger:
-            self.planner.engaged(len(waiting), free)  # counts the FCFS-fallback steps
-            return  # checked before any per-step work: most steps stop here
-        cap, running = self.capacity(free)
+        order = self.decide(None, len(s.waiting), vs.free_slots(s), self.capacity, self.clock())
+        if order is not None:
+            vs.reorder_head(s, order)
+
+    def decide(self, queue, queue_len: int, free: int, capacity, now: float) -> list[Request] | None:
+        """The new order of the head of ``queue`` (the waiting requests in order, None: vLLM's
+        queue; ``queue_len`` of them), or None to keep it; ``free`` slots, ``capacity(free)`` the
+        budget estimate (:meth:`capacity`, or the next step's for a plan made ahead)."""
+        s = self.sched
+        if free <= 0 or queue_len < self.config.min_batch_trigger:
+            self.planner.engaged(queue_len, free)  # counts the FCFS-fallback steps
+            return None  # checked before any per-step work: most steps stop here
+        cap, running = capacity(free)
         # Only the head can move (see AdmissionPlanner.plan): O(admits + window), not O(queue);
         # each request's tokens are read once for every estimate (vs.QueueHead).
-        queue = vs.QueueHead(s)
-        admits = fcfs_admissions(queue.stream(), cap)
-        if running is None and admits != fcfs_admissions(queue.stream(), dataclasses.replace(cap, kv_tokens=None)):
+        reader = vs.QueueHead(s, queue)
+        admits = fcfs_admissions(reader.stream(), cap)
+        if running is None and admits != fcfs_admissions(reader.stream(), dataclasses.replace(cap, kv_tokens=None)):
             cap, running = vs.capacity_walk(s, free)  # the KV under-estimate binds: count exactly
-            admits = fcfs_admissions(queue.stream(), cap)
-        if not self.planner.engaged(len(waiting), admits):
-            return
-        head = queue.waiting(admits + self.config.window_size)
+            admits = fcfs_admissions(reader.stream(), cap)
+        if not self.planner.engaged(queue_len, admits):
+            return None
+        head = reader.waiting(admits + self.config.window_size)
         self.predict([w.item for w in head])
         order = self.planner.plan(
             head,
             self.vector,
             self.shared_load(head, running),
             cap,
-            self.clock(),
+            now,
             by_priority=vs.by_priority(s),
-            queue_len=len(waiting),
+            queue_len=queue_len,
             admits=admits,
         )
         if order is not None:
             assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
-            vs.reorder_head(s, order)
+        return order
+
+    def _run_ahead(self, job: AheadJob, stale: bool) -> None:
+        """The worker's job (caps_vllm.ahead): step ``job.step - 1``'s metrics, then, unless a
+        newer job waits, the plan for step ``job.step`` from the state this step leaves (the
+        slots the requests ending on this step's token free included)."""
+        t0 = time.perf_counter()
+        made, self._made = self._made, None
+        before = (dataclasses.replace(self.planner.stats), self.counters["predictor_fallback"])
+        if not stale:
+            order = None
+            try:
+                order = self.decide(  # (the slots free next step: at most those of every running request)
+                    job.head,
+                    job.queue_len,
+                    job.free + len(job.running),
+                    lambda _: vs.capacity_next(self.sched, job.running, job.free),
+                    job.now,
+                )
+            except Exception:
+                self.counters["errors"] += 1
+                self.warn_once("error", "CAPS admission failed; this step stays FCFS", log=logger.exception)
+            self.plan = (job.step, job.head[: len(order or ())], order)
+            fallbacks = self.counters["predictor_fallback"] - before[1]
+            self._made = (job.step, self.planner.stats.since(before[0]), fallbacks)
+        self.seconds_ahead += time.perf_counter() - t0
+        if self.observer is not None:  # the step just scheduled, with the plan made for it if it was used
+            used = made is not None and made[0] == self.used
+            d, fallbacks = (made[1], made[2]) if used else (AdmissionStats(), 0)
+            self.guarded(self._observe_schedule, job.out, d, fallbacks)
 
     def track_admitted(self, out) -> None:
         """The running batch's changes this step: finished and preempted requests leave the
@@ -456,14 +589,15 @@ class Caps:
                     for g in gains:
                         self.observer.metrics.observe("vllm:caps_guard_realized_gain_ms", g)
 
-    def _observe_schedule(self, out) -> None:
-        d = self.planner.stats.since(self._before[0])
+    def _observe_schedule(self, out, d: AdmissionStats, fallbacks: int) -> None:
+        """A step's admissions, ``d`` what the planner did for it and ``fallbacks`` the requests
+        it found unpredictable."""
         ranked = d.ranked if d.plans else None
         self.observer.on_admission(
             len(out.scheduled_new_reqs),
             ranked,
             d.bypassed,
-            self.counters["predictor_fallback"] - self._before[1],
+            fallbacks,
             d.last_selection_s if ranked is not None else None,
             d.engaged,
             d.reordered,
@@ -473,12 +607,13 @@ class Caps:
         )
         reqs, predicted = self.sched.requests, self.predictor is not None
         if predicted:  # the joined requests' loads, in one pass for those no choice predicted
-            self.predict([reqs[rid] for rid in vs.admitted_ids(out) if rid in reqs])
-        # the requests that may take more than one token this step are the busy ones (not with speculation)
-        exact = not predicted or vs.spec_tokens(self.sched)
+            self.predict([r for r in map(reqs.get, vs.admitted_ids(out)) if r is not None])
+        # the requests that may take more than one token this step are the busy ones (not with speculation;
+        # the worker keeps no busy set: a request may have left vLLM's dict by the time it reads it, hence get)
+        exact = not predicted or vs.spec_tokens(self.sched) or self.worker is not None
         self.observer.on_schedule(
             out.num_scheduled_tokens,
-            lambda rid: self.vector(reqs[rid]) if predicted and rid in reqs else None,
+            lambda rid: self.vector(r) if predicted and (r := reqs.get(rid)) is not None else None,
             out.total_num_scheduled_tokens,
             (vs.admitted_ids(out), vs.left_ids(out)),
             None if exact else self.busy.keys(),

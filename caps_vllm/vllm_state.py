@@ -11,6 +11,7 @@ newer versions may lack. Nothing else in caps_vllm reads a vLLM object's fields.
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
@@ -24,10 +25,12 @@ WALK_ALL = 64  # up to this many running requests the budget estimate reads ever
 
 
 class RunningPass(NamedTuple):
-    """What one pass over the running batch keeps for the shared load: ids and decode steps left."""
+    """What one pass over the running batch keeps for the shared load: ids, decode steps left
+    and the requests themselves (the ``i``-th key's)."""
 
     keys: list[str]
     remaining: list[int]
+    requests: list[Request]
 
 
 def steps_left(r: Request) -> int:
@@ -104,7 +107,40 @@ def capacity_walk(s, free: int) -> tuple[Capacity, RunningPass]:
             opened += _blocks_opened(r.num_computed_tokens, n, bs)
         keys.append(r.request_id)
         remaining.append(steps_left(r))
-    return left(s, free, tokens, opened), RunningPass(keys, remaining)
+    return left(s, free, tokens, opened), RunningPass(keys, remaining, list(s.running))
+
+
+def capacity_next(s, running: list[Request], free: int) -> tuple[Capacity, RunningPass]:
+    """:func:`capacity_walk` for the *next* step, read right after this step's ``schedule()``
+    (caps_vllm.ahead: CAPS plans while the model runs): ``running`` is the batch just scheduled
+    and ``free`` its free slots. A request whose prompt this step completes or that decodes
+    makes a token now; it ends there if that is its ``max_tokens``-th (its slot is free next
+    step; a stop at EOS is not foreseen), else decodes one token next step (plus speculative
+    ones); a request still prefilling takes its next chunk. KV as in :func:`capacity_walk`."""
+    tokens, bs, spec = s.max_num_scheduled_tokens, s.block_size, spec_tokens(s)
+    thr = s.scheduler_config.long_prefill_token_threshold
+    opened = 0
+    keys: list[str] = []
+    remaining: list[int] = []
+    kept: list[Request] = []
+    for r in running:
+        c = r.num_computed_tokens
+        if c >= r.num_prompt_tokens:
+            steps = r.max_tokens - r.num_output_tokens - max(r.num_output_placeholders, 1)
+            if steps <= 0:
+                free += 1
+                continue
+            n = 1 + spec
+        else:
+            steps, n = steps_left(r), _capped(r.num_prompt_tokens - c, thr)
+        n = min(n, tokens)
+        if n > 0:
+            tokens -= n
+            opened += _blocks_opened(c, n, bs)
+        keys.append(r.request_id)
+        remaining.append(steps)
+        kept.append(r)
+    return left(s, free, tokens, opened), RunningPass(keys, remaining, kept)
 
 
 def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[str, Request], None]) -> Capacity:
@@ -139,8 +175,9 @@ class QueueHead:
     once and only as far as asked: the budget estimates stop where vLLM would stop admitting, and
     the planner reads that many plus its window."""
 
-    def __init__(self, s) -> None:
-        self._s, self._rest = s, iter(s.waiting)
+    def __init__(self, s, queue: Iterable[Request] | None = None) -> None:
+        """``queue``: the waiting requests in order (default: the scheduler's queue itself)."""
+        self._s, self._rest = s, iter(s.waiting if queue is None else queue)
         self.requests: list[Request] = []
         self.needs: list[int] = []
 
@@ -167,6 +204,12 @@ class QueueHead:
             Waiting(r, r.request_id, r.arrival_time, r.status == RequestStatus.PREEMPTED, r.priority, k)
             for r, k in zip(self.requests[:n], self.needs)
         ]
+
+
+def head_is(s, head: list[Request]) -> bool:
+    """Whether the waiting queue still starts with exactly ``head`` (the same objects, in order)."""
+    waiting = s.waiting
+    return len(waiting) >= len(head) and all(map(operator.is_, itertools.islice(waiting, len(head)), head))
 
 
 def reorder_head(s, order: list[Request]) -> None:

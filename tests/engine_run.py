@@ -47,6 +47,8 @@ def main() -> None:
     )
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     caps = getattr(scheduler, "caps", None)
+    if caps is not None and caps.worker is not None:
+        caps.worker.idle(10)  # (the last step's job)
     stats = vars(caps.planner.stats) if caps is not None else None
     learner = caps.learner if caps is not None else None
     if learner is not None:

@@ -50,16 +50,22 @@ def test_caps_changes_admission_not_results(tiny_model, fcfs_run):
 
 
 @pytest.mark.engine
-def test_caps_chooses_at_vllms_cpu_defaults(tiny_model):
+@pytest.mark.parametrize("caps", [{}, {"plan_ahead": True}], ids=["in-schedule", "plan-ahead"])
+def test_caps_chooses_at_vllms_cpu_defaults(tiny_model, caps):
     """No budget lowered to force a choice: 96 long prompts at once queue on vLLM's token budget
-    with sequence slots to spare, and CAPS (its defaults) chooses; every request completes once."""
-    run = _engine(tiny_model, "caps_vllm.CapsScheduler", {}, mode="cpu-defaults")
+    with sequence slots to spare, and CAPS (its defaults) chooses; every request completes once.
+    Planning ahead (on a worker thread while the engine runs the model), too."""
+    run = _engine(tiny_model, "caps_vllm.CapsScheduler", caps, mode="cpu-defaults")
     slots, tokens = run["budgets"]
     assert slots > 96 and tokens >= 2048  # vLLM's own defaults: the slots never bind
     st = run["caps_stats"]
     assert st["engaged"] > 0 and st["plans"] > 0 and st["ranked"] > 0, st
     assert len(run["outputs"]) == 96 and all(len(o) == 12 for o in run["outputs"])
     assert run["caps_counters"].get("errors", 0) == 0
+    if caps:  # the plans were made on the worker, and applied (possibly to keep FCFS) unless counted late
+        c = run["caps_counters"]
+        late, dropped = c.get("plans_late", 0), c.get("plans_dropped", 0)
+        assert c["plans_applied"] > 0 and c["plans_applied"] + late + dropped >= st["plans"], c
 
 
 @pytest.mark.engine

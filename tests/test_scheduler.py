@@ -69,14 +69,29 @@ def test_the_token_budget_engages_caps_at_vllms_default_slots(model, tokens):
     assert s.caps.planner.stats.engaged >= 1 and s.caps.planner.stats.reordered >= 1
 
 
-def test_budgets_and_no_request_lost(model, tokens):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_budgets_and_no_request_lost(model, tokens, ahead):
     """Random arrivals under tight token and sequence budgets: vLLM's budgets hold, every
-    request finishes exactly once, and the same set of requests finishes as with FCFS."""
+    request finishes exactly once, and the same set of requests finishes as with FCFS. Planning
+    ahead, the worker plans while the "model runs", and now and then a waiting request is
+    aborted then (as vLLM does before update_from_output), so some plans meet a changed queue."""
+    from vllm.v1.request import RequestStatus
+
     hot, cold = tokens
     rng = np.random.default_rng(0)
-    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=4, max_num_batched_tokens=64, num_blocks=60)
+    caps = {**CAPS, "plan_ahead": ahead}
+    s = make_scheduler(model, CapsScheduler, caps=caps, max_num_seqs=4, max_num_batched_tokens=64, num_blocks=60)
     ids = []
     finished = []
+
+    def forward(out, mro):
+        if ahead:
+            s.caps.worker.idle(5)
+            if s.waiting and rng.random() < 0.1:
+                rid = s.waiting[0].request_id
+                s.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+                finished.append(rid)
+
     for t in range(400):
         for k in range(int(rng.poisson(1.5)) if t < 60 else 0):
             rid = f"r{t}-{k}"
@@ -87,13 +102,15 @@ def test_budgets_and_no_request_lost(model, tokens):
                     rid, [int(tok)] * int(rng.integers(4, 40)), arrival=1000.0 + t, max_tokens=int(rng.integers(1, 6))
                 )
             )
-        out = step(s, finished=finished)
+        out = step(s, finished=finished, worker=forward)
         assert out.total_num_scheduled_tokens <= 64
         assert len(s.running) <= 4
         if t >= 60 and not s.requests:
             break
     assert sorted(finished) == sorted(ids) and len(set(finished)) == len(finished)
     assert s.caps.planner.stats.plans > 0 and s.caps.counters["errors"] == 0
+    if ahead:
+        assert s.caps.counters["plans_applied"] > 0 and s.caps.counters["plans_dropped"] > 0
 
 
 def test_max_wait_admits_old_requests_ahead(model, tokens):

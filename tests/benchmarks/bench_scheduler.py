@@ -1,23 +1,31 @@
 """schedule() time of CAPS against vLLM's stock Scheduler, predictor and selection costs.
 
-Printed figures, not a test. The state: 256 requests running (decoding) and a queue. A stock and
-a CAPS scheduler are built in the same state and then stepped side by side in a steady state:
-each step's schedule() is timed, alternating stock and CAPS (the machine is noisy); then, untimed,
-one token is fed back to every running request, the requests admitted this step finish (are
-aborted) and as many new ones join the queue's tail, so every step starts from the same shape
-(256 decoding, the same queue length) while the queue moves: requests arrive predicted, as
-vLLM's input thread hands them over (``Caps.arrived``; the predictor's cost per request is the
-last figure), enter CAPS's window, are chosen or passed over, and leave.
-Medians over the steps after a warm-up are reported, with the ratio; CAPS's figure includes all
-of its work on the step (budget estimate, prediction, plan, the metrics observer). Budgets:
+Printed figures, not a test. The state: 256 requests running (decoding) and a queue. A stock
+scheduler, CAPS planning inside schedule() and CAPS planning ahead (``plan_ahead``,
+caps_vllm.ahead) are built in the same state and then stepped side by side in a steady state:
+each step's schedule() is timed, alternating the three (the machine is noisy); then, untimed, the
+model's forward pass is stood in for by a sleep (``--forward-ms``: the busy loop waits with the
+GIL free; CAPS's worker plans the next step meanwhile, and is waited for before the next timed
+call, so no timed call competes with it: a plan not done when the sleep ends is counted late),
+one token is fed back to every running request, the requests admitted this step end (their
+``max_tokens`` is 1: they end by length, as CAPS can foresee) and as many new ones join the
+queue's tail, so every step starts from the same shape (256 decoding, the same queue length)
+while the queue moves: requests arrive predicted, as vLLM's input thread hands them over
+(``Caps.arrived``; the predictor's cost per request is the last figure), enter CAPS's window,
+are chosen or passed over, and leave.
+Medians over the steps after a warm-up are reported, with the ratios; CAPS's figure includes all
+of its work in schedule() (budget estimate, prediction, plan, the metrics observer; planning
+ahead: applying the plan, the snapshot for the next). Budgets:
 320 sequences / 16384 tokens (64 free slots: a slot-bound choice every step), vLLM's H100
-default 1024 / 8192 (the token budget holds the queue back: 248 of 256 admitted a step), its
+default 1024 / 8192 (the token budget holds the queue back: 248 of 256 admitted a step; a plan
+made ahead sees only the 8 left when the step before was scheduled, since arrivals join the queue
+between steps, so it has nothing to decide: hence also a queue of 512), its
 256 / 2048 default elsewhere (no free slot: nothing to decide) and 1024 / 8192 with a queue of
 16 (everybody is admitted: nothing to decide). Two model shapes: the embedded tiny Qwen2-MoE
 (4 x 60 experts, d=240) and a Qwen1.5-MoE-A2.7B-shaped router table (vocab 151936, 24 x 60,
 top-4, d=1440; random ids).
 
-    python tests/benchmarks/bench_scheduler.py [--samples N] [--parts]
+    python tests/benchmarks/bench_scheduler.py [--samples N] [--forward-ms MS] [--parts]
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("CAPS_VLLM_CACHE", str(Path(tempfile.gettempdir()) / "caps_vllm_bench"))
 
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
-from vllm.v1.request import RequestStatus  # noqa: E402
 
 from caps_vllm.admission import AdmissionPlanner  # noqa: E402
 from caps_vllm.predictor import ExpertPredictor  # noqa: E402
@@ -65,12 +72,13 @@ def build(
     window: int,
     budgets: tuple[int, int] = (320, 16384),
     waiting: int = 256,
+    ahead: bool = False,
 ):
     seqs, tokens = budgets
     s = make_scheduler(
         model,
         cls,
-        caps={"window_size": window, "max_wait_ms": None},
+        caps={"window_size": window, "max_wait_ms": None, "plan_ahead": ahead},
         max_num_seqs=seqs,
         max_num_batched_tokens=tokens,
         num_blocks=20000,
@@ -87,8 +95,13 @@ def build(
         step(s)
     step(s)  # all running and decoding
     for i in range(waiting):
-        arrive(s, make_request(f"wait{i}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1000.0 + i))
+        arrive(s, newcomer(f"wait{i}", rng, vocab, 1000.0 + i))
     return s
+
+
+def newcomer(rid: str, rng, vocab: int, arrival: float):
+    """A waiting request that ends with its first token (by length: foreseeable, as a stop at max_tokens is)."""
+    return make_request(rid, rng.integers(0, vocab, PROMPT).tolist(), arrival=arrival, max_tokens=1)
 
 
 def arrive(s, request) -> None:
@@ -99,11 +112,13 @@ def arrive(s, request) -> None:
     s.add_request(request)
 
 
-def timed_step(s, rng, vocab: int, serial: list[int], parts=None) -> tuple[float, float]:
+def timed_step(s, rng, vocab: int, serial: list[int], forward_s: float, parts=None) -> tuple[float, float, bool]:
     """One steady-state step (see the module docstring): schedule() timed, the rest not. Returns
-    the seconds of schedule() and, for CAPS, of its own work in it (``parts``: a
-    bench_caps_parts.Parts counting during schedule() only)."""
-    own = s.caps.seconds if hasattr(s, "caps") else 0.0
+    the seconds of schedule(), for CAPS those of its own work in it (``parts``: a
+    bench_caps_parts.Parts counting during schedule() only), and whether a plan-ahead worker was
+    still at work when the forward pass's stand-in ended."""
+    caps = getattr(s, "caps", None)
+    own = caps.seconds if caps is not None else 0.0
     if parts is not None:
         parts.on = True
     t0 = time.perf_counter()
@@ -111,19 +126,23 @@ def timed_step(s, rng, vocab: int, serial: list[int], parts=None) -> tuple[float
     seconds = time.perf_counter() - t0
     if parts is not None:
         parts.on = False
-    own = s.caps.seconds - own if hasattr(s, "caps") else 0.0
+    own = caps.seconds - own if caps is not None else 0.0
+    time.sleep(forward_s)
+    worker = caps.worker if caps is not None else None
+    late = worker is not None and not worker.idle(0)
+    if worker is not None:
+        worker.idle()
     s.update_from_output(out, runner_output(s, out))
-    admitted = [r.req_id for r in out.scheduled_new_reqs]
-    s.finish_requests(admitted, RequestStatus.FINISHED_ABORTED)
-    for _ in admitted:
+    for _ in out.scheduled_new_reqs:
         serial[0] += 1
-        arrive(s, make_request(f"wait{serial[0]}", rng.integers(0, vocab, PROMPT).tolist(), arrival=1000.0 + serial[0]))
-    return seconds, own
+        arrive(s, newcomer(f"wait{serial[0]}", rng, vocab, 1000.0 + serial[0]))
+    return seconds, own, late
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=15)
+    ap.add_argument("--forward-ms", type=float, default=15.0, help="the model's forward pass, stood in for by a sleep")
     ap.add_argument("--parts", action="store_true", help="then where CAPS's time goes in each case, part by part")
     a = ap.parse_args()
     for name in ("vllm", "caps_vllm"):  # each scheduler built logs its config and warnings
@@ -137,34 +156,53 @@ def main() -> None:
         ("Qwen1.5-shaped d=1440, W=32", big, big.vocab, 32, slots, 256),
         ("Qwen1.5-shaped d=1440, W=256", big, big.vocab, 256, slots, 256),
         ("Qwen1.5 W=32, 1024/8192", big, big.vocab, 32, h100, 256),
+        ("Qwen1.5 W=32, 1024/8192, 512 wait", big, big.vocab, 32, h100, 512),
         ("Qwen1.5 W=32, 256/2048 (full)", big, big.vocab, 32, small, 256),
         ("Qwen1.5 W=32, 1024/8192, 16 wait", big, big.vocab, 32, h100, 16),
     ]
+    forward_s = a.forward_ms / 1e3
     print(
-        f"schedule() with {RUNNING} running, steady state (median of {a.samples} steps after {WARMUP}); budgets: sequences / tokens"
+        f"schedule() with {RUNNING} running, steady state (median of {a.samples} steps after {WARMUP}; a forward pass "
+        f"of {a.forward_ms:g} ms stood in for by a sleep); budgets: sequences / tokens; CAPS in schedule(), then "
+        "planning ahead"
     )
     for label, pred, vocab, window, budgets, queue in cases:
-        pair = [
-            build(model, cls, vocab, np.random.default_rng(0), p, window, budgets, queue)
-            for cls, p in ((Scheduler, None), (CapsScheduler, pred))
+        trio = [
+            build(model, cls, vocab, np.random.default_rng(0), p, window, budgets, queue, ahead)
+            for cls, p, ahead in ((Scheduler, None, False), (CapsScheduler, pred, False), (CapsScheduler, pred, True))
         ]
-        rngs, serials = [np.random.default_rng(1), np.random.default_rng(1)], [[queue], [queue]]
-        times: list[list[float]] = [[], []]
-        own, plans = [], 0
+        rngs, serials = [np.random.default_rng(1) for _ in trio], [[queue] for _ in trio]
+        times: list[list[float]] = [[], [], []]
+        own: list[list[float]] = [[], []]
+        plans, late = [0, 0], 0
+        worker = trio[2].caps.worker
+        ahead_s = worker.seconds
         for k in range(WARMUP + a.samples):
-            before = pair[1].caps.planner.stats.plans
-            for i in (0, 1):
-                t, caps_s = timed_step(pair[i], rngs[i], vocab, serials[i])
+            if k == WARMUP:
+                ahead_s = worker.seconds
+            before = trio[1].caps.planner.stats.plans, trio[2].caps.planner.stats.plans
+            for i in (0, 1, 2):
+                t, caps_s, was_late = timed_step(trio[i], rngs[i], vocab, serials[i], forward_s)
                 if k >= WARMUP:
                     times[i].append(t)
-                    own += [caps_s] if i else []
-            plans += k >= WARMUP and pair[1].caps.planner.stats.plans > before
-        s_ms, c_ms = (statistics.median(t) * 1e3 for t in times)
+                    if i:
+                        own[i - 1].append(caps_s)
+                    late += was_late
+            if k >= WARMUP:
+                plans[0] += trio[1].caps.planner.stats.plans > before[0]
+                plans[1] += trio[2].caps.planner.stats.plans > before[1]
+        s_ms, c_ms, a_ms = (statistics.median(t) * 1e3 for t in times)
         print(
-            f"  {label:34s} {queue:3d} waiting  stock {s_ms:7.3f} ms  CAPS {c_ms:7.3f} ms  "
-            f"ratio {c_ms / s_ms:5.2f} (target <= 1.05: {'met' if c_ms <= 1.05 * s_ms else 'NOT met'})  "
-            f"CAPS chose on {plans} of {a.samples} steps; its own time {statistics.median(own) * 1e3:.3f} ms"
+            f"  {label:34s} {queue:3d} waiting  stock {s_ms:7.3f} ms | CAPS {c_ms:7.3f} ms, ratio {c_ms / s_ms:5.2f} "
+            f"({'met' if c_ms <= 1.05 * s_ms else 'NOT met'}), chose on {plans[0]} of {a.samples} steps, own "
+            f"{statistics.median(own[0]) * 1e3:.3f} ms | ahead {a_ms:7.3f} ms, ratio {a_ms / s_ms:5.2f} "
+            f"({'met' if a_ms <= 1.05 * s_ms else 'NOT met'}), chose on {plans[1]}, own "
+            f"{statistics.median(own[1]) * 1e3:.3f} ms, worker {(worker.seconds - ahead_s) / a.samples * 1e3:.3f} ms "
+            f"a step, late {late} (target: ratio <= 1.05)"
         )
+        for s in trio:
+            if hasattr(s, "caps"):
+                s.caps.shutdown()
 
     if a.parts:
         from tests.benchmarks.bench_caps_parts import Parts
@@ -178,7 +216,7 @@ def main() -> None:
             s = build(model, CapsScheduler, vocab, np.random.default_rng(0), pred, window, budgets, queue)
             rng, serial = np.random.default_rng(1), [queue]
             for k in range(WARMUP + a.samples):
-                timed_step(s, rng, vocab, serial, parts if k >= WARMUP else None)
+                timed_step(s, rng, vocab, serial, forward_s, parts if k >= WARMUP else None)
             print(f"  {label}, {queue} waiting")
             parts.report(per=a.samples)
             parts.spent.clear()

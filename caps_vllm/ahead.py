@@ -1,0 +1,82 @@
+"""CAPS's per-step work on a thread of its own, while the engine waits for the forward pass.
+
+vLLM's busy loop calls ``schedule()``, hands the batch to the model and waits for its output
+(``future.result()``: the GIL is free, the CPU idle) before ``update_from_output()``. With
+``plan_ahead`` CAPS does its work in that wait: right after ``schedule()`` of step t the busy
+loop hands this worker a job (that step's output and a snapshot of the queue's head) and goes
+on; the worker counts the step's metrics and plans the admission order of step t + 1 from the
+state step t left. ``schedule()`` of step t + 1 only applies that plan, and only if the queue's
+head is still the one it was made for (:meth:`caps_vllm.runtime.Caps.before_schedule`): the
+busy loop's share of CAPS is a snapshot and a check, whatever the plan costs.
+
+Jobs run one at a time, in order, under :attr:`Worker.lock`, which the busy loop's own CAPS
+hooks take too (the routing metrics after the forward pass), so CAPS's state is never touched
+by two threads at once. A job is told whether a newer one waits: then its plan is stale before
+it is made, and only its bookkeeping runs. Pure Python, no vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("caps_vllm.scheduler")
+
+
+class Worker:
+    """One daemon thread running ``run(job, stale)`` for each submitted job, in order."""
+
+    def __init__(self, run: Callable[[Any, bool], None], name: str = "caps-plan-ahead") -> None:
+        self._run = run
+        self._jobs: deque = deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._closed = False
+        self.lock = threading.Lock()  # held while a job runs; the busy loop takes it to touch CAPS's state
+        self.seconds = 0.0  # wall time of the jobs, summed (off the busy loop)
+        self.jobs = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Any) -> None:
+        with self._cv:
+            self._jobs.append(job)
+            self._cv.notify()
+
+    def idle(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted job has run (True) or ``timeout`` seconds pass (False)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._jobs and not self._busy, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Run what is queued, then stop the thread."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._jobs or self._closed)
+                if not self._jobs:
+                    return  # closed and drained
+                job = self._jobs.popleft()
+                stale = bool(self._jobs)
+                self._busy = True
+            t0 = time.perf_counter()
+            try:
+                with self.lock:
+                    self._run(job, stale)
+            except Exception:  # the runner guards its parts; this is the last line: the thread must live on
+                logger.exception("CAPS plan-ahead job failed")
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.jobs += 1
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()

@@ -1,0 +1,166 @@
+"""Planning ahead (caps_vllm.ahead): the worker thread, the next step's budget foreseen, and a
+plan applied only to the queue it was made for, in vLLM's real scheduler."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from caps_vllm.ahead import Worker
+
+
+def test_the_worker_runs_jobs_in_order_and_flags_the_stale_ones():
+    seen: list[tuple[int, bool]] = []
+    started, gate = threading.Event(), threading.Event()
+
+    def run(job, stale):
+        if job == 0:
+            started.set()
+            gate.wait(5)  # jobs 1 and 2 queue up behind it
+        seen.append((job, stale))
+
+    w = Worker(run)
+    w.submit(0)
+    assert started.wait(5)
+    w.submit(1)
+    w.submit(2)
+    gate.set()
+    assert w.idle(5)
+    assert seen == [(0, False), (1, True), (2, False)]  # a job with a newer one behind it is stale
+    w.submit(3)
+    w.close()
+    assert seen[-1] == (3, False) and w.jobs == 4
+
+
+def test_a_failing_job_leaves_the_worker_alive():
+    seen = []
+
+    def run(job, stale):
+        if job == "bad":
+            raise RuntimeError("boom")
+        seen.append(job)
+
+    w = Worker(run)
+    w.submit("bad")
+    w.submit("good")
+    assert w.idle(5) and seen == ["good"]
+    w.close()
+
+
+vllm = pytest.importorskip("vllm")
+
+from caps_vllm import vllm_state as vs  # noqa: E402
+from caps_vllm.scheduler import CapsScheduler  # noqa: E402
+from sim.twin import runner_output  # noqa: E402
+from tests.vllm_helpers import make_request, make_scheduler, step  # noqa: E402
+
+CAPS = {"min_batch_trigger": 2, "max_wait_ms": None, "strategy": "greedy_dot_product", "plan_ahead": True}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return str(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def tokens(model):
+    """A hot token and tokens sharing no expert with it."""
+    from caps_vllm.predictor import ExpertPredictor
+
+    pred = ExpertPredictor.from_model(model)
+    vecs = np.array([pred.vector([t]) for t in range(pred.vocab)])
+    hot = 10
+    return hot, [int(t) for t in np.flatnonzero((vecs @ vecs.T)[hot] == 0)]
+
+
+def forward(s):
+    """What stands in for the model's forward pass: the busy loop waits, the worker plans."""
+    return lambda out, mro: s.caps.worker.idle(5)
+
+
+def admitted(out):
+    return [r.req_id for r in out.scheduled_new_reqs]
+
+
+@pytest.mark.vllm
+def test_the_next_steps_budget_is_foreseen_right_after_schedule(model):
+    """capacity_next read right after schedule() of a step equals the exact estimate read at the
+    start of the next: slots freed by requests ending on their last token, decode tokens,
+    prefill chunks; the KV estimate does not count the blocks the ending requests free."""
+    from caps_vllm.scheduler import Scheduler
+
+    s = make_scheduler(model, Scheduler, max_num_seqs=6, max_num_batched_tokens=48, num_blocks=200)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        s.add_request(
+            make_request(
+                f"r{i}",
+                rng.integers(0, 1000, int(rng.integers(4, 60))).tolist(),
+                arrival=float(i),
+                max_tokens=int(rng.integers(1, 4)),
+            )
+        )
+    checked = 0
+    while s.requests:
+        out = s.schedule()
+        ahead, _ = vs.capacity_next(s, list(s.running), vs.free_slots(s))
+        s.update_from_output(out, runner_output(s, out))
+        exact, _ = vs.capacity_walk(s, vs.free_slots(s))
+        assert (ahead.slots, ahead.tokens) == (exact.slots, exact.tokens)
+        assert ahead.kv_tokens <= exact.kv_tokens
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.vllm
+def test_a_plan_made_while_the_model_runs_is_applied_on_the_next_step(model, tokens):
+    """The plan for step 2 is made after step 1's schedule(), from the state it leaves: "end"
+    ends on its first token, so one slot frees, and the plan picks a complement of the hot
+    request still running where FCFS would admit hot1."""
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=2)
+    specs = [
+        ("run", hot, 1000),
+        ("end", cold[2], 1),
+        ("hot1", hot, 100),
+        ("hot2", hot, 100),
+        ("c1", cold[0], 100),
+        ("c2", cold[1], 100),
+    ]
+    for i, (rid, tok, n) in enumerate(specs):
+        s.add_request(make_request(rid, [tok] * 8, arrival=1000.0 + i, max_tokens=n))
+    assert admitted(step(s, worker=forward(s))) == ["run", "end"]  # no plan yet: FCFS
+    assert admitted(step(s, worker=forward(s)))[0] in ("c1", "c2")
+    c = s.caps.counters
+    assert (c["plans_applied"], c["plans_dropped"], c["plans_late"]) == (1, 0, 0)
+    assert s.caps.seconds_ahead > 0 and s.caps.worker.jobs == 2
+
+
+@pytest.mark.vllm
+def test_a_plan_for_a_queue_that_changed_is_dropped(model, tokens):
+    """A request aborted while the model runs (vLLM processes aborts before update_from_output)
+    changes the queue's head: the plan is dropped and the step stays FCFS, nobody lost."""
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=2)
+    specs = [
+        ("run", hot, 1000),
+        ("end", cold[2], 1),
+        ("hot1", hot, 100),
+        ("hot2", hot, 100),
+        ("c1", cold[0], 100),
+        ("c2", cold[1], 100),
+    ]
+    for i, (rid, tok, n) in enumerate(specs):
+        s.add_request(make_request(rid, [tok] * 8, arrival=1000.0 + i, max_tokens=n))
+    from vllm.v1.request import RequestStatus
+
+    def abort_during_forward(out, mro):
+        s.caps.worker.idle(5)
+        s.finish_requests(["hot1"], RequestStatus.FINISHED_ABORTED)
+
+    step(s, worker=abort_during_forward)
+    assert admitted(step(s, worker=forward(s))) == ["hot2"]
+    assert s.caps.counters["plans_dropped"] == 1 and s.caps.counters["plans_applied"] == 0
+    assert [r.request_id for r in s.waiting] == ["c1", "c2"]
