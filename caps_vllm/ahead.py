@@ -12,7 +12,9 @@ busy loop's share of CAPS is a snapshot and a check, whatever the plan costs.
 Jobs run one at a time, in order, under :attr:`Worker.lock`, which the busy loop's own CAPS
 hooks take too (the routing metrics after the forward pass), so CAPS's state is never touched
 by two threads at once. A job is told whether a newer one waits: then its plan is stale before
-it is made, and only its bookkeeping runs. Pure Python, no vLLM.
+it is made, and only its bookkeeping runs. ``inline``: each job runs as it is submitted, on
+the caller's thread (the twin, sim/twin.py: the same decisions as a worker that is never late,
+deterministic on a virtual clock). Pure Python, no vLLM.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ logger = logging.getLogger("caps_vllm.scheduler")
 class Worker:
     """One daemon thread running ``run(job, stale)`` for each submitted job, in order."""
 
-    def __init__(self, run: Callable[[Any, bool], None], name: str = "caps-plan-ahead") -> None:
+    def __init__(self, run: Callable[[Any, bool], None], name: str = "caps-plan-ahead", inline: bool = False) -> None:
         self._run = run
+        self.inline = inline
         self._jobs: deque = deque()
         self._cv = threading.Condition()
         self._busy = False
@@ -43,6 +46,9 @@ class Worker:
         self._thread.start()
 
     def submit(self, job: Any) -> None:
+        if self.inline:
+            self._job(job, False)
+            return
         with self._cv:
             self._jobs.append(job)
             self._cv.notify()
@@ -68,15 +74,20 @@ class Worker:
                 job = self._jobs.popleft()
                 stale = bool(self._jobs)
                 self._busy = True
-            t0 = time.perf_counter()
             try:
-                with self.lock:
-                    self._run(job, stale)
-            except Exception:  # the runner guards its parts; this is the last line: the thread must live on
-                logger.exception("CAPS plan-ahead job failed")
+                self._job(job, stale)
             finally:
-                self.seconds += time.perf_counter() - t0
-                self.jobs += 1
                 with self._cv:
                     self._busy = False
                     self._cv.notify_all()
+
+    def _job(self, job: Any, stale: bool) -> None:
+        t0 = time.perf_counter()
+        try:
+            with self.lock:
+                self._run(job, stale)
+        except Exception:  # the runner guards its parts; this is the last line: the thread must live on
+            logger.exception("CAPS plan-ahead job failed")
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.jobs += 1

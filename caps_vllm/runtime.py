@@ -76,6 +76,9 @@ def _timed(hook):
 class Caps:
     """CAPS's state for one vLLM scheduler (``sched``), built when the scheduler is."""
 
+    #: plan-ahead jobs run as they are submitted, not on a thread (the twin's virtual clock)
+    inline_ahead = False
+
     def __init__(self, sched) -> None:
         self.sched = sched
         vllm_config = sched.vllm_config
@@ -128,7 +131,7 @@ class Caps:
         if not on or self.predictor is None:
             return None
         logger.info("CAPS plans each step's admissions ahead, on a worker thread while the model runs")
-        return Worker(self._run_ahead)
+        return Worker(self._run_ahead, inline=self.inline_ahead)
 
     def _make_step_log(self, vllm_config) -> StepLog | None:
         path = self.config.step_log

@@ -287,6 +287,8 @@ class Engine:
         self.finished: list[str] = []
         self.busy_s = 0.0
         self.in_flight = 0  # dispatched and not finished (what vLLM's DP front end counts)
+        self._planned = False  # whether the strategy chose this step's admissions
+        self._ahead_for: int | None = None  # planning ahead: the step the last plan (by the strategy) is for
         # CAPS reads its wall clock for waiting times; in the twin that is the engine's clock.
         if hasattr(scheduler, "caps"):
             scheduler.caps.clock = lambda: self.now
@@ -330,6 +332,13 @@ class Engine:
         t0 = time.perf_counter()
         out = sched.schedule()
         self.busy_s += time.perf_counter() - t0
+        made = planner is not None and planner.stats.plans > self._plans_before
+        caps = getattr(sched, "caps", None)
+        if caps is not None and caps.worker is not None:  # planning ahead: the plan made now is the next step's
+            self._planned = self._ahead_for == caps.used == caps.step
+            self._ahead_for = caps.expected if made else None
+        else:
+            self._planned = made
         if not out.num_scheduled_tokens:
             if not self.inbox:
                 raise RuntimeError("twin: the scheduler can schedule nothing and no request will arrive")
@@ -368,7 +377,6 @@ class Engine:
             self.served[rid].finished_s = self.now
         self.finished += done
         self.in_flight -= len(done)
-        planner = getattr(getattr(sched, "caps", None), "planner", None)
         rec = StepRecord(
             start,
             dt,
@@ -380,7 +388,7 @@ class Engine:
             admitted,
             self._waiting_before,
             _out_of_order(admitted, self.served, sched.waiting) if self._waiting_before >= 2 and admitted else 0,
-            planner is not None and planner.stats.plans > self._plans_before,
+            self._planned,
             _distinct(counts, expected),
             sorted(out.scheduled_cached_reqs.resumed_req_ids),
         )
@@ -480,7 +488,8 @@ class VectorSpace:
 
 
 def with_vectors(cls, space: VectorSpace):
-    """A CAPS scheduler class (e.g. ``caps_vllm.CapsScheduler``) whose predictor is ``space``;
-    everything else is the class itself."""
-    caps = type("Caps", (cls.caps_class,), {"_load_predictor": lambda self, vllm_config: space})
+    """A CAPS scheduler class (e.g. ``caps_vllm.CapsScheduler``) whose predictor is ``space``
+    and whose plans made ahead (``plan_ahead``) are made as a worker that is never late would,
+    at the end of ``schedule()``; everything else is the class itself."""
+    caps = type("Caps", (cls.caps_class,), {"_load_predictor": lambda self, vllm_config: space, "inline_ahead": True})
     return type(cls.__name__, (cls,), {"caps_class": caps})
