@@ -536,7 +536,7 @@ class Caps:
                     job.head,
                     job.queue_len,
                     job.free + len(job.running),
-                    lambda _: vs.capacity_next(self.sched, job.running, job.free),
+                    lambda _: vs.capacity_next(self.sched, job.running, job.free, job.out.num_scheduled_tokens),
                     job.now,
                 )
             except Exception:

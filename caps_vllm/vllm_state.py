@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -110,13 +110,16 @@ def capacity_walk(s, free: int) -> tuple[Capacity, RunningPass]:
     return left(s, free, tokens, opened), RunningPass(keys, remaining, list(s.running))
 
 
-def capacity_next(s, running: list[Request], free: int) -> tuple[Capacity, RunningPass]:
-    """:func:`capacity_walk` for the *next* step, read right after this step's ``schedule()``
-    (caps_vllm.ahead: CAPS plans while the model runs): ``running`` is the batch just scheduled
-    and ``free`` its free slots. A request whose prompt this step completes or that decodes
-    makes a token now; it ends there if that is its ``max_tokens``-th (its slot is free next
-    step; a stop at EOS is not foreseen), else decodes one token next step (plus speculative
-    ones); a request still prefilling takes its next chunk. KV as in :func:`capacity_walk`."""
+def capacity_next(s, running: list[Request], free: int, scheduled: Mapping[str, int]) -> tuple[Capacity, RunningPass]:
+    """:func:`capacity_walk` for the *next* ``schedule()``, read right after this one (caps_vllm.
+    ahead: CAPS plans while the model runs): ``running`` is the batch, ``free`` its free slots and
+    ``scheduled`` the SchedulerOutput's tokens per request. Before the next ``schedule()`` one
+    update reaches the requests: this step's token, for each request it scheduled to make one
+    (vLLM's Scheduler); with async scheduling, whose tokens are on their way
+    (``num_output_placeholders``), the step before's. A request that token takes to
+    ``max_tokens`` frees its slot (a stop at EOS is not foreseen); one whose tokens on their way
+    already reach it is skipped by vLLM (no tokens); the others decode one token (plus
+    speculative ones) or, still prefilling, take their next chunk. KV as in :func:`capacity_walk`."""
     tokens, bs, spec = s.max_num_scheduled_tokens, s.block_size, spec_tokens(s)
     thr = s.scheduler_config.long_prefill_token_threshold
     opened = 0
@@ -124,13 +127,16 @@ def capacity_next(s, running: list[Request], free: int) -> tuple[Capacity, Runni
     remaining: list[int] = []
     kept: list[Request] = []
     for r in running:
-        c = r.num_computed_tokens
+        c, pending = r.num_computed_tokens, r.num_output_placeholders
+        now = r.request_id in scheduled
         if c >= r.num_prompt_tokens:
-            steps = r.max_tokens - r.num_output_tokens - max(r.num_output_placeholders, 1)
-            if steps <= 0:
+            got = min(pending - now, 1) if pending else int(now)  # the token that arrives before then
+            made = r.num_output_tokens + got
+            if made >= r.max_tokens:
                 free += 1
                 continue
-            n = 1 + spec
+            steps = r.max_tokens - made - (pending - got if pending else 0)
+            n = 1 + spec if steps > 0 else 0
         else:
             steps, n = steps_left(r), _capped(r.num_prompt_tokens - c, thr)
         n = min(n, tokens)
@@ -141,33 +147,6 @@ def capacity_next(s, running: list[Request], free: int) -> tuple[Capacity, Runni
         remaining.append(steps)
         kept.append(r)
     return left(s, free, tokens, opened), RunningPass(keys, remaining, kept)
-
-
-def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[str, Request], None]) -> Capacity:
-    """:func:`capacity_walk` reading only ``busy``, the running requests not known to be in plain
-    decode (admitted or resumed, prefilling, chunked): a request in plain decode schedules one
-    token a step, so the token budget left is the same as the full pass gives, and the KV
-    estimate counts a new block for every decoding request (an under-estimate). Requests found
-    stopped or in plain decode leave ``busy``; ``on_decode`` hears of the latter."""
-    tokens, bs = s.max_num_scheduled_tokens, s.block_size
-    thr = s.scheduler_config.long_prefill_token_threshold
-    opened = counted = 0
-    for rid, r in list(busy.items()):
-        if r.status != RequestStatus.RUNNING:
-            del busy[rid]  # finished or preempted (a resumed request comes back through schedule())
-            continue
-        n = _next_tokens(r)
-        if n == 1:
-            del busy[rid]  # plain decode from now on: counted below with the others
-            on_decode(rid, r)
-            continue
-        counted += 1
-        n = _capped(n, thr)
-        if n > 0:
-            tokens -= n
-            opened += _blocks_opened(r.num_computed_tokens, n, bs)
-    decoding = len(s.running) - counted
-    return left(s, free, max(tokens - decoding, 0), opened + decoding)
 
 
 class QueueHead:
