@@ -119,10 +119,12 @@ def capacity_next(s, running: list[Request], free: int, scheduled: Mapping[str, 
     (``num_output_placeholders``), the step before's. A request that token takes to
     ``max_tokens`` frees its slot (a stop at EOS is not foreseen); one whose tokens on their way
     already reach it is skipped by vLLM (no tokens); the others decode one token (plus
-    speculative ones) or, still prefilling, take their next chunk. KV as in :func:`capacity_walk`."""
+    speculative ones) or, still prefilling, take their next chunk. KV as in :func:`capacity_walk`,
+    plus the blocks of the requests that end (blocks shared through the prefix cache may stay
+    taken: an over-estimate there, which vLLM's own check corrects)."""
     tokens, bs, spec = s.max_num_scheduled_tokens, s.block_size, spec_tokens(s)
     thr = s.scheduler_config.long_prefill_token_threshold
-    opened = 0
+    opened = 0  # (less the blocks the ending requests free)
     keys: list[str] = []
     remaining: list[int] = []
     kept: list[Request] = []
@@ -134,6 +136,7 @@ def capacity_next(s, running: list[Request], free: int, scheduled: Mapping[str, 
             made = r.num_output_tokens + got
             if made >= r.max_tokens:
                 free += 1
+                opened -= -(-c // bs)
                 continue
             steps = r.max_tokens - made - (pending - got if pending else 0)
             n = 1 + spec if steps > 0 else 0

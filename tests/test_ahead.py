@@ -90,7 +90,8 @@ def test_the_next_steps_budget_is_foreseen_right_after_schedule(model, async_sch
     """capacity_next, read right after schedule() of a step, against what vLLM then does in the
     next schedule(): the slots free (requests ending on their last token) and the token budget
     its running requests leave (decode tokens, prefill chunks, and with async scheduling, where
-    the step before's output is processed between the two calls, the requests it skips)."""
+    the step before's output is processed between the two calls, the requests it skips); the
+    free KV as the in-schedule estimate reads it then (the ending requests' blocks freed)."""
     from vllm.v1.core.sched.async_scheduler import AsyncScheduler
     from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -105,10 +106,12 @@ def test_the_next_steps_budget_is_foreseen_right_after_schedule(model, async_sch
     pending, est, checked = None, None, 0
     while s.requests or pending is not None:
         before = {r.request_id for r in s.running}
+        kv = vs.capacity_walk(s, vs.free_slots(s))[0].kv_tokens
         out = s.schedule()
         if est is not None:
             used = sum(n for rid, n in out.num_scheduled_tokens.items() if rid in before)
             assert (est.slots, est.tokens) == (s.max_num_running_reqs - len(before), s.max_num_scheduled_tokens - used)
+            assert est.kv_tokens == kv
             checked += 1
         mro = runner_output(s, out)  # (the tokens this step makes, known when it is scheduled)
         est, _ = vs.capacity_next(s, list(s.running), vs.free_slots(s), out.num_scheduled_tokens)
