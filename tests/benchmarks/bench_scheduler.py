@@ -112,11 +112,11 @@ def arrive(s, request) -> None:
     s.add_request(request)
 
 
-def timed_step(s, rng, vocab: int, serial: list[int], forward_s: float, parts=None) -> tuple[float, float, bool]:
-    """One steady-state step (see the module docstring): schedule() timed, the rest not. Returns
-    the seconds of schedule(), for CAPS those of its own work in it (``parts``: a
-    bench_caps_parts.Parts counting during schedule() only), and whether a plan-ahead worker was
-    still at work when the forward pass's stand-in ended."""
+def timed_step(s, rng, vocab: int, serial: list[int], forward_s: float, parts=None) -> tuple[float, float, float, bool]:
+    """One steady-state step (see the module docstring): schedule() and update_from_output()
+    timed, the rest not. Returns the seconds of the two, for CAPS those of its own work in
+    schedule() (``parts``: a bench_caps_parts.Parts counting during schedule() only), and whether
+    a plan-ahead worker was still at work when the forward pass's stand-in ended."""
     caps = getattr(s, "caps", None)
     own = caps.seconds if caps is not None else 0.0
     if parts is not None:
@@ -132,11 +132,14 @@ def timed_step(s, rng, vocab: int, serial: list[int], forward_s: float, parts=No
     late = worker is not None and not worker.idle(0)
     if worker is not None:
         worker.idle()
-    s.update_from_output(out, runner_output(s, out))
+    mro = runner_output(s, out)
+    t0 = time.perf_counter()
+    s.update_from_output(out, mro)
+    update = time.perf_counter() - t0
     for _ in out.scheduled_new_reqs:
         serial[0] += 1
         arrive(s, newcomer(f"wait{serial[0]}", rng, vocab, 1000.0 + serial[0]))
-    return seconds, own, late
+    return seconds, update, own, late
 
 
 def main() -> None:
@@ -173,6 +176,7 @@ def main() -> None:
         ]
         rngs, serials = [np.random.default_rng(1) for _ in trio], [[queue] for _ in trio]
         times: list[list[float]] = [[], [], []]
+        updates: list[list[float]] = [[], [], []]
         own: list[list[float]] = [[], []]
         plans, late = [0, 0], 0
         worker = trio[2].caps.worker
@@ -182,9 +186,10 @@ def main() -> None:
                 ahead_s = worker.seconds
             before = trio[1].caps.planner.stats.plans, trio[2].caps.planner.stats.plans
             for i in (0, 1, 2):
-                t, caps_s, was_late = timed_step(trio[i], rngs[i], vocab, serials[i], forward_s)
+                t, u, caps_s, was_late = timed_step(trio[i], rngs[i], vocab, serials[i], forward_s)
                 if k >= WARMUP:
                     times[i].append(t)
+                    updates[i].append(u)
                     if i:
                         own[i - 1].append(caps_s)
                     late += was_late
@@ -192,13 +197,15 @@ def main() -> None:
                 plans[0] += trio[1].caps.planner.stats.plans > before[0]
                 plans[1] += trio[2].caps.planner.stats.plans > before[1]
         s_ms, c_ms, a_ms = (statistics.median(t) * 1e3 for t in times)
+        su, cu, au = (statistics.median(u) for u in updates)
         print(
             f"  {label:34s} {queue:3d} waiting  stock {s_ms:7.3f} ms | CAPS {c_ms:7.3f} ms, ratio {c_ms / s_ms:5.2f} "
             f"({'met' if c_ms <= 1.05 * s_ms else 'NOT met'}), chose on {plans[0]} of {a.samples} steps, own "
             f"{statistics.median(own[0]) * 1e3:.3f} ms | ahead {a_ms:7.3f} ms, ratio {a_ms / s_ms:5.2f} "
             f"({'met' if a_ms <= 1.05 * s_ms else 'NOT met'}), chose on {plans[1]}, own "
             f"{statistics.median(own[1]) * 1e3:.3f} ms, worker {(worker.seconds - ahead_s) / a.samples * 1e3:.3f} ms "
-            f"a step, late {late} (target: ratio <= 1.05)"
+            f"a step, late {late} (target: ratio <= 1.05); update_from_output() {su * 1e3:.3f} ms stock, ratio "
+            f"{cu / su:.2f} in schedule(), {au / su:.2f} ahead"
         )
         for s in trio:
             if hasattr(s, "caps"):
