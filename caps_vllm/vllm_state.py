@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -150,6 +150,33 @@ def capacity_next(s, running: list[Request], free: int, scheduled: Mapping[str, 
         remaining.append(steps)
         kept.append(r)
     return left(s, free, tokens, opened), RunningPass(keys, remaining, kept)
+
+
+def capacity_busy(s, free: int, busy: dict[str, Request], on_decode: Callable[[str, Request], None]) -> Capacity:
+    """:func:`capacity_walk` reading only ``busy``, the running requests not known to be in plain
+    decode (admitted or resumed, prefilling, chunked): a request in plain decode schedules one
+    token a step, so the token budget left is the same as the full pass gives, and the KV
+    estimate counts a new block for every decoding request (an under-estimate). Requests found
+    stopped or in plain decode leave ``busy``; ``on_decode`` hears of the latter."""
+    tokens, bs = s.max_num_scheduled_tokens, s.block_size
+    thr = s.scheduler_config.long_prefill_token_threshold
+    opened = counted = 0
+    for rid, r in list(busy.items()):
+        if r.status != RequestStatus.RUNNING:
+            del busy[rid]  # finished or preempted (a resumed request comes back through schedule())
+            continue
+        n = _next_tokens(r)
+        if n == 1:
+            del busy[rid]  # plain decode from now on: counted below with the others
+            on_decode(rid, r)
+            continue
+        counted += 1
+        n = _capped(n, thr)
+        if n > 0:
+            tokens -= n
+            opened += _blocks_opened(r.num_computed_tokens, n, bs)
+    decoding = len(s.running) - counted
+    return left(s, free, max(tokens - decoding, 0), opened + decoding)
 
 
 class QueueHead:
