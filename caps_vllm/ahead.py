@@ -9,10 +9,12 @@ state step t left. ``schedule()`` of step t + 1 only applies that plan, and only
 head is still the one it was made for (:meth:`caps_vllm.runtime.Caps.before_schedule`): the
 busy loop's share of CAPS is a snapshot and a check, whatever the plan costs.
 
-Jobs run one at a time, in order, under :attr:`Worker.lock`, which the busy loop's own CAPS
-hooks take too (the routing metrics after the forward pass), so CAPS's state is never touched
-by two threads at once. A job is told whether a newer one waits: then its plan is stale before
-it is made, and only its bookkeeping runs. ``inline``: each job runs as it is submitted, on
+Jobs run one at a time, in the order the busy loop submits them: with a worker, every CAPS
+hook that touches CAPS's state (the routing metrics and learning after the forward pass too)
+hands its work over as a job, reading on the busy loop only what vLLM may change or free, so
+CAPS's state is never touched by two threads at once and the busy loop never waits for the
+worker. A job is told whether a newer one of its kind waits: then a plan is stale before it
+is made, and only its bookkeeping runs. ``inline``: each job runs as it is submitted, on
 the caller's thread (the twin, sim/twin.py: the same decisions as a worker that is never late,
 deterministic on a virtual clock). Pure Python, no vLLM.
 """
@@ -30,7 +32,8 @@ logger = logging.getLogger("caps_vllm.scheduler")
 
 
 class Worker:
-    """One daemon thread running ``run(job, stale)`` for each submitted job, in order."""
+    """One daemon thread running ``run(job, stale)`` for each submitted job, in order (``stale``:
+    a job of the same type was submitted after it and waits)."""
 
     def __init__(self, run: Callable[[Any, bool], None], name: str = "caps-plan-ahead", inline: bool = False) -> None:
         self._run = run
@@ -39,7 +42,6 @@ class Worker:
         self._cv = threading.Condition()
         self._busy = False
         self._closed = False
-        self.lock = threading.Lock()  # held while a job runs; the busy loop takes it to touch CAPS's state
         self.seconds = 0.0  # wall time of the jobs, summed (off the busy loop)
         self.jobs = 0
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -72,7 +74,7 @@ class Worker:
                 if not self._jobs:
                     return  # closed and drained
                 job = self._jobs.popleft()
-                stale = bool(self._jobs)
+                stale = any(type(later) is type(job) for later in self._jobs)
                 self._busy = True
             try:
                 self._job(job, stale)
@@ -84,8 +86,7 @@ class Worker:
     def _job(self, job: Any, stale: bool) -> None:
         t0 = time.perf_counter()
         try:
-            with self.lock:
-                self._run(job, stale)
+            self._run(job, stale)
         except Exception:  # the runner guards its parts; this is the last line: the thread must live on
             logger.exception("CAPS plan-ahead job failed")
         finally:

@@ -16,7 +16,6 @@ left in FCFS order: CAPS never crashes the engine.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -57,6 +56,24 @@ class AheadJob(NamedTuple):
     running: list[Request]  # the batch just scheduled
     step: int  # the step the plan is for
     now: float
+
+
+class PromptInfo(NamedTuple):
+    """What the routing's consumers read of a request: its routed prompt ids (None: prompt
+    embeddings, multimodal), whether its prompt is all computed, its prompt's length."""
+
+    ids: list[int] | None
+    done: bool
+    length: int
+
+
+class RoutingJob(NamedTuple):
+    """A step's routing for the plan-ahead worker, with what it needs of the requests, read on
+    the busy loop before vLLM frees the ones that finished."""
+
+    record: RoutingRecord | None
+    aux: dict | None  # vLLM's routed-experts rows, where no record was attached
+    prompts: dict[str, PromptInfo | None]
 
 
 def _timed(hook):
@@ -111,8 +128,6 @@ class Caps:
         self.step_log = self._make_step_log(vllm_config)
         self._before: tuple[AdmissionStats, int] = (AdmissionStats(), 0)
         self.worker = self._make_worker()
-        # the busy loop's hooks that touch CAPS's state take the worker's lock (none without one)
-        self.lock = self.worker.lock if self.worker is not None else contextlib.nullcontext()
         # plan ahead: (for step, head, its new order or None: FCFS) the worker made; the step of
         # the last job submitted; the last step whose plan was in time; (step, the stats' change,
         # the predictor fallbacks) of the last plan made, for that step's metrics
@@ -131,7 +146,7 @@ class Caps:
         if not on or self.predictor is None:
             return None
         logger.info("CAPS plans each step's admissions ahead, on a worker thread while the model runs")
-        return Worker(self._run_ahead, inline=self.inline_ahead)
+        return Worker(self._run_job, inline=self.inline_ahead)
 
     def _make_step_log(self, vllm_config) -> StepLog | None:
         path = self.config.step_log
@@ -258,8 +273,7 @@ class Caps:
 
     def aborted(self, requests: list[Request]) -> None:
         if self.observer is not None:
-            with self.lock:
-                self.observer.on_finished((r.request_id for r in requests), score=False)
+            self.later(functools.partial(self.observer.on_finished, [r.request_id for r in requests], score=False))
         if self.step_log is not None:
             self.step_log.dropped(r.request_id for r in requests)
 
@@ -350,16 +364,28 @@ class Caps:
     @_timed
     def on_output(self, model_runner_output) -> RoutingRecord | None:
         """A step's model output, before vLLM frees the requests that finished: its routing to
-        the observer (scored before the table learns these rows), the learner and the guard."""
-        with self.lock:
-            return self._on_output(model_runner_output)
-
-    def _on_output(self, model_runner_output) -> RoutingRecord | None:
+        the observer (scored before the table learns these rows), the learner and the guard;
+        planning ahead, handed to the worker with what it needs of the requests."""
         record = getattr(model_runner_output, "caps_routing", None)
         aux = getattr(model_runner_output, "aux_output_connector_output", None)
-        if record is None and aux and self.predictor is not None:
+        if record is None and not (aux and self.predictor is not None):
+            return None
+        if self.worker is None:
+            return self.routing(record, aux, self.prompt_info)
+        rids = aux.keys() if record is None else itertools.chain(record.prompt_counts, record.prompt_rows)
+        self.worker.submit(RoutingJob(record, aux, {rid: self.prompt_info(rid) for rid in rids}))
+        return record
+
+    def prompt_info(self, rid: str) -> PromptInfo | None:
+        r = self.sched.requests.get(rid)
+        return None if r is None else PromptInfo(vs.routed_prompt(r), vs.prompt_done(r), r.num_prompt_tokens)
+
+    def routing(self, record: RoutingRecord | None, aux, info) -> RoutingRecord | None:
+        """A step's routing (``record``, or vLLM's rows ``aux`` made into one) to the observer,
+        the learner and the guard; ``info(rid)``: the request's :class:`PromptInfo`."""
+        if record is None:
             try:
-                record = self.record_from_rows(aux)
+                record = self.record_from_rows(aux, info)
             except Exception:  # rows of a shape CAPS does not know: metrics and learning skip the step
                 self.counters["errors"] += 1
                 self.warn_once(
@@ -370,28 +396,32 @@ class Caps:
                 )
         if record is not None:
             if self.observer is not None:
-                self.guarded(self._observe_output, record)
+                self.guarded(self._observe_output, record, info)
             if self.learner is not None:
-                self.guarded(self._learn, record)
+                self.guarded(self._learn, record, info)
             if self.planner.guard is not None:
-                self.guarded(self.judge, record)
+                self.guarded(self.judge, record, info)
         return record
 
     @_timed
     def after_output(self, outputs, record: RoutingRecord | None) -> None:
-        with self.lock:
-            self._after_output(outputs, record)
-
-    def _after_output(self, outputs, record: RoutingRecord | None) -> None:
-        if self.observer is not None and self.config.capture_decode:
-            self.guarded(self.observer.on_finished, vs.finished_ids(outputs))
-        if self.observer is None and self.step_log is None:
+        obs = self.observer
+        if obs is not None and self.config.capture_decode:
+            self.later(lambda: obs.on_finished(vs.finished_ids(outputs)))
+        if obs is None and self.step_log is None:
             return
         busy = self.sched.has_unfinished_requests()
-        if self.observer is not None and not busy:
-            self.guarded(self.observer.flush)  # the batched figures are all out whenever the engine idles
+        if obs is not None and not busy:
+            self.later(obs.flush)  # the batched figures are all out whenever the engine idles
         if self.step_log is not None:
             self.guarded(self.step_log.updated, outputs, busy, None if record is None else record.layer_counts)
+
+    def later(self, fn) -> None:
+        """Run ``fn()`` (guarded) now, or planning ahead on the worker, after what it has queued."""
+        if self.worker is None:
+            self.guarded(fn)
+        else:
+            self.worker.submit(functools.partial(self.guarded, fn))
 
     def guarded(self, fn, *args) -> None:
         try:
@@ -522,6 +552,15 @@ class Caps:
             assert len(order) == len(head), "CAPS must neither drop nor duplicate a request"
         return order
 
+    def _run_job(self, job, stale: bool) -> None:
+        """The plan-ahead worker's jobs (caps_vllm.ahead), in the busy loop's order."""
+        if isinstance(job, AheadJob):
+            self._run_ahead(job, stale)
+        elif isinstance(job, RoutingJob):
+            self.routing(job.record, job.aux, job.prompts.get)
+        else:
+            job()
+
     def _run_ahead(self, job: AheadJob, stale: bool) -> None:
         """The worker's job (caps_vllm.ahead): step ``job.step - 1``'s metrics, then, unless a
         newer job waits, the plan for step ``job.step`` from the state this step leaves (the
@@ -575,19 +614,18 @@ class Caps:
 
     # --- routing: observer, learner, guard ----------------------------------------------------
 
-    def _learn(self, record: RoutingRecord) -> None:
-        reqs = self.sched.requests
-        recall = self.learner.observe(record, lambda rid: vs.routed_prompt(reqs.get(rid)))
+    def _learn(self, record: RoutingRecord, info) -> None:
+        recall = self.learner.observe(record, lambda rid: None if (p := info(rid)) is None else p.ids)
         if self.observer is not None and recall.picks:
             self.observer.on_learning(recall)
 
-    def judge(self, record: RoutingRecord) -> None:
+    def judge(self, record: RoutingRecord, info) -> None:
         """The captured prompts the live guard waits for (caps_vllm.guard)."""
-        guard, reqs = self.planner.guard, self.sched.requests
+        guard = self.planner.guard
         for rid, counts in record.prompt_counts.items():
             if guard.wants(rid):
-                r = reqs.get(rid)
-                gains = guard.routed(rid, counts, r is not None and vs.prompt_done(r))
+                p = info(rid)
+                gains = guard.routed(rid, counts, p is not None and p.done)
                 if self.observer is not None:
                     for g in gains:
                         self.observer.metrics.observe("vllm:caps_guard_realized_gain_ms", g)
@@ -622,17 +660,14 @@ class Caps:
             None if exact else self.busy.keys(),
         )
 
-    def _observe_output(self, record: RoutingRecord) -> None:
-        reqs = self.sched.requests
-
+    def _observe_output(self, record: RoutingRecord, info) -> None:
         def prompt_of(rid):
-            r = reqs.get(rid)
-            ids = vs.routed_prompt(r)
-            return None if ids is None else (ids, vs.prompt_done(r))
+            p = info(rid)
+            return None if p is None or p.ids is None else (p.ids, p.done)
 
         self.observer.on_output(record, prompt_of)
 
-    def record_from_rows(self, aux) -> RoutingRecord:
+    def record_from_rows(self, aux, info) -> RoutingRecord:
         """GPU path: vLLM's routed-experts rows (``--enable-return-routed-experts``) as a record."""
         pred = self.predictor
         layers = list(pred.moe_layers)
@@ -645,8 +680,8 @@ class Caps:
             rows = rows[:, layers]
             total += counts_from_rows(rows, pred.num_experts)
             rec.num_tokens += len(rows)
-            r = self.sched.requests.get(rid)
-            in_prompt = 0 if r is None else max(0, min(len(rows), r.num_prompt_tokens - out.token_start))
+            p = info(rid)
+            in_prompt = 0 if p is None else max(0, min(len(rows), p.length - out.token_start))
             if in_prompt:
                 rec.prompt_counts[rid] = counts_from_rows(rows[:in_prompt], pred.num_experts)
                 rec.prompt_start[rid] = out.token_start

@@ -256,10 +256,12 @@ def _metric(name: str, model: str) -> float:
     )
 
 
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-schedule", "plan-ahead"])
 @pytest.mark.parametrize("path", ["capture", "routed_experts_rows"])
-def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path):
+def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path, ahead):
     """What the workers send back (our capture, or vLLM's routed-experts rows on GPUs) is
-    counted per step, and a prediction equal to the routing scores cosine 1."""
+    counted per step, and a prediction equal to the routing scores cosine 1; planning ahead,
+    the same figures come from CAPS's worker thread (handed the routing after each step)."""
     from vllm.distributed.aux_output_connector.connector import AuxRequestOutput
 
     from caps_vllm.routing import RoutingRecord, counts_from_rows
@@ -268,12 +270,14 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
     import shutil
 
     shutil.copytree(tiny_model, model)
-    sched = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_batched_tokens=16)
+    sched = make_scheduler(model, CapsScheduler, caps={**CAPS, "plan_ahead": ahead}, max_num_batched_tokens=16)
     pred = sched.caps.predictor
     hot, disjoint = tokens
     fill(sched, [("a", [hot] * 12), ("b", disjoint[:20]), ("c", disjoint[20:30])])
 
     def worker(out, mro):
+        if ahead:
+            sched.caps.worker.idle(5)  # it works while the model runs
         per_req, total = {}, []
         for rid, n in out.num_scheduled_tokens.items():
             r = sched.requests[rid]
@@ -302,6 +306,8 @@ def test_routing_feedback_reaches_the_metrics(tiny_model, tokens, tmp_path, path
     for _ in range(30):
         if sched.has_requests():
             step(sched, finished=done, worker=worker)
+    if ahead:
+        assert sched.caps.worker.idle(5)
     assert sorted(done) == ["a", "b", "c"]
     assert _metric("vllm:caps_predictor_cosine_count", model) == 3
     assert _metric("vllm:caps_predictor_cosine_sum", model) == pytest.approx(3.0)
@@ -380,7 +386,9 @@ def test_the_guard_reads_the_captured_prompts_and_falls_back_to_fcfs(model, toke
         s.add_request(make_request(rid, [tok] * 8, arrival=2.0 + i, max_tokens=2))
 
     def routed(truth):  # what the workers capture of those prompts in the step that ran them
-        s.caps.judge(RoutingRecord(tuple(pred.moe_layers), sum(truth.values()), 16, prompt_counts=truth))
+        s.caps.judge(
+            RoutingRecord(tuple(pred.moe_layers), sum(truth.values()), 16, prompt_counts=truth), s.caps.prompt_info
+        )
 
     def counts(tok):
         return pred.vector([tok] * 8).reshape(pred.layers, pred.num_experts)
