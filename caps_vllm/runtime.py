@@ -372,7 +372,10 @@ class Caps:
             return None
         if self.worker is None:
             return self.routing(record, aux, self.prompt_info)
-        rids = aux.keys() if record is None else itertools.chain(record.prompt_counts, record.prompt_rows)
+        if record is None:
+            rids = aux.keys()
+        else:
+            rids = itertools.chain(record.prompt_counts, record.prompt_rows, record.decode_counts)
         self.worker.submit(RoutingJob(record, aux, {rid: self.prompt_info(rid) for rid in rids}))
         return record
 
@@ -556,8 +559,9 @@ class Caps:
         """The plan-ahead worker's jobs (caps_vllm.ahead), in the busy loop's order."""
         if isinstance(job, AheadJob):
             self._run_ahead(job, stale)
-        elif isinstance(job, RoutingJob):
-            self.routing(job.record, job.aux, job.prompts.get)
+        elif isinstance(job, RoutingJob):  # (requests not in the step's routing, e.g. a pending prompt's, read now)
+            prompts = job.prompts
+            self.routing(job.record, job.aux, lambda rid: prompts[rid] if rid in prompts else self.prompt_info(rid))
         else:
             job()
 

@@ -44,7 +44,10 @@ def _need_prometheus() -> None:
 
 
 @pytest.mark.server
-def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, tmp_path):
+@pytest.mark.parametrize("ahead", [False, True], ids=["in-schedule", "plan-ahead"])
+def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, tmp_path, ahead):
+    """Planning ahead (the GPU default; forced here on CPU), the same figures come from CAPS's
+    worker thread in vllm serve's engine process."""
     from caps_vllm.tiny_model import prompt_pool
 
     _need_prometheus()
@@ -55,7 +58,16 @@ def test_prometheus_scrapes_caps_metrics_that_match_what_was_served(tiny_model, 
             "caps_vllm.CapsScheduler",
             "--no-enable-prefix-caching",
             "--additional-config",
-            json.dumps({"caps": {"min_batch_trigger": 2, "capture_decode": True, "learn_rows_per_step": 4096}}),
+            json.dumps(
+                {
+                    "caps": {
+                        "min_batch_trigger": 2,
+                        "capture_decode": True,
+                        "learn_rows_per_step": 4096,
+                        "plan_ahead": ahead,
+                    }
+                }
+            ),
         ],
         tmp_path / "serve.log",
     )
