@@ -32,3 +32,21 @@ def tiny_model(caps_cache):
     from caps_vllm.tiny_model import generate
 
     return generate(caps_cache / "models" / "tiny-qwen2-moe")
+
+
+@pytest.fixture(scope="session")
+def model(tiny_model) -> str:
+    return str(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def tokens(model):
+    """A hot token of the embedded model, and the tokens sharing no expert with it."""
+    import numpy as np
+
+    from caps_vllm.predictor import ExpertPredictor
+
+    pred = ExpertPredictor.from_model(model)
+    vecs = np.array([pred.vector([t]) for t in range(pred.vocab)])
+    hot = 10
+    return hot, [int(t) for t in np.flatnonzero((vecs @ vecs.T)[hot] == 0)]

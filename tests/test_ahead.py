@@ -59,22 +59,6 @@ from tests.vllm_helpers import make_request, make_scheduler, step  # noqa: E402
 CAPS = {"min_batch_trigger": 2, "max_wait_ms": None, "strategy": "greedy_dot_product", "plan_ahead": True}
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return str(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def tokens(model):
-    """A hot token and tokens sharing no expert with it."""
-    from caps_vllm.predictor import ExpertPredictor
-
-    pred = ExpertPredictor.from_model(model)
-    vecs = np.array([pred.vector([t]) for t in range(pred.vocab)])
-    hot = 10
-    return hot, [int(t) for t in np.flatnonzero((vecs @ vecs.T)[hot] == 0)]
-
-
 def forward(s):
     """What stands in for the model's forward pass: the busy loop waits, the worker plans."""
     return lambda out, mro: s.caps.worker.idle(5)
@@ -124,23 +108,23 @@ def test_the_next_steps_budget_is_foreseen_right_after_schedule(model, async_sch
     assert checked >= 10
 
 
+def hot_running_and_a_queue(model, tokens):
+    """Two slots; "run" (hot, long) and "end" (ends on its first token) are admitted first, then
+    hot1, hot2 (like "run") and c1, c2 (sharing no expert with it) wait."""
+    hot, cold = tokens
+    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=2)
+    specs = [("run", hot, 1000), ("end", cold[2], 1), ("hot1", hot, 100), ("hot2", hot, 100)]
+    for i, (rid, tok, n) in enumerate([*specs, ("c1", cold[0], 100), ("c2", cold[1], 100)]):
+        s.add_request(make_request(rid, [tok] * 8, arrival=1000.0 + i, max_tokens=n))
+    return s
+
+
 @pytest.mark.vllm
 def test_a_plan_made_while_the_model_runs_is_applied_on_the_next_step(model, tokens):
     """The plan for step 2 is made after step 1's schedule(), from the state it leaves: "end"
     ends on its first token, so one slot frees, and the plan picks a complement of the hot
     request still running where FCFS would admit hot1."""
-    hot, cold = tokens
-    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=2)
-    specs = [
-        ("run", hot, 1000),
-        ("end", cold[2], 1),
-        ("hot1", hot, 100),
-        ("hot2", hot, 100),
-        ("c1", cold[0], 100),
-        ("c2", cold[1], 100),
-    ]
-    for i, (rid, tok, n) in enumerate(specs):
-        s.add_request(make_request(rid, [tok] * 8, arrival=1000.0 + i, max_tokens=n))
+    s = hot_running_and_a_queue(model, tokens)
     assert admitted(step(s, worker=forward(s))) == ["run", "end"]  # no plan yet: FCFS
     assert admitted(step(s, worker=forward(s)))[0] in ("c1", "c2")
     c = s.caps.counters
@@ -152,18 +136,7 @@ def test_a_plan_made_while_the_model_runs_is_applied_on_the_next_step(model, tok
 def test_a_plan_for_a_queue_that_changed_is_dropped(model, tokens):
     """A request aborted while the model runs (vLLM processes aborts before update_from_output)
     changes the queue's head: the plan is dropped and the step stays FCFS, nobody lost."""
-    hot, cold = tokens
-    s = make_scheduler(model, CapsScheduler, caps=CAPS, max_num_seqs=2)
-    specs = [
-        ("run", hot, 1000),
-        ("end", cold[2], 1),
-        ("hot1", hot, 100),
-        ("hot2", hot, 100),
-        ("c1", cold[0], 100),
-        ("c2", cold[1], 100),
-    ]
-    for i, (rid, tok, n) in enumerate(specs):
-        s.add_request(make_request(rid, [tok] * 8, arrival=1000.0 + i, max_tokens=n))
+    s = hot_running_and_a_queue(model, tokens)
     from vllm.v1.request import RequestStatus
 
     def abort_during_forward(out, mro):

@@ -17,24 +17,6 @@ from tests.vllm_helpers import make_request, make_scheduler, step  # noqa: E402
 CAPS = {"min_batch_trigger": 2, "max_wait_ms": None, "strategy": "greedy_dot_product"}
 
 
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return str(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def tokens(model):
-    """A hot token, tokens routed like it, and tokens sharing no expert with it."""
-    from caps_vllm.predictor import ExpertPredictor
-
-    pred = ExpertPredictor.from_model(model)
-    vecs = np.array([pred.vector([t]) for t in range(pred.vocab)])
-    gram = vecs @ vecs.T
-    hot = 10
-    disjoint = [int(t) for t in np.flatnonzero(gram[hot] == 0)]
-    return hot, disjoint
-
-
 def fill(sched, specs, t0=1000.0):
     for i, (rid, toks) in enumerate(specs):
         sched.add_request(make_request(rid, toks, arrival=t0 + i))
