@@ -35,9 +35,14 @@ class Worker:
     """One daemon thread running ``run(job, stale)`` for each submitted job, in order (``stale``:
     a job of the same type was submitted after it and waits)."""
 
-    def __init__(self, run: Callable[[Any, bool], None], name: str = "caps-plan-ahead", inline: bool = False) -> None:
+    def __init__(
+        self, run: Callable[[Any, bool], None], name: str = "caps-plan-ahead", inline: bool = False, limit: int = 256
+    ) -> None:
+        """``limit``: jobs that may wait; beyond it a job is refused (a worker that far behind
+        the engine would only grow its queue)."""
         self._run = run
         self.inline = inline
+        self.limit = limit
         self._jobs: deque = deque()
         self._cv = threading.Condition()
         self._busy = False
@@ -47,13 +52,17 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, job: Any) -> None:
+    def submit(self, job: Any) -> bool:
+        """Queue ``job`` (False: refused, ``limit`` jobs wait already)."""
         if self.inline:
             self._job(job, False)
-            return
+            return True
         with self._cv:
+            if len(self._jobs) >= self.limit:
+                return False
             self._jobs.append(job)
             self._cv.notify()
+        return True
 
     def idle(self, timeout: float | None = None) -> bool:
         """Wait until every submitted job has run (True) or ``timeout`` seconds pass (False)."""

@@ -349,7 +349,7 @@ class Caps:
                 self.clock(),
             )
             self.expected = job.step
-            self.worker.submit(job)
+            self.hand_over(job)
             if self.step_log is not None:
                 self.guarded(self.step_log.scheduled, out, s.requests)
             return
@@ -376,7 +376,7 @@ class Caps:
             rids = aux.keys()
         else:
             rids = itertools.chain(record.prompt_counts, record.prompt_rows, record.decode_counts)
-        self.worker.submit(RoutingJob(record, aux, {rid: self.prompt_info(rid) for rid in rids}))
+        self.hand_over(RoutingJob(record, aux, {rid: self.prompt_info(rid) for rid in rids}))
         return record
 
     def prompt_info(self, rid: str) -> PromptInfo | None:
@@ -419,12 +419,23 @@ class Caps:
         if self.step_log is not None:
             self.guarded(self.step_log.updated, outputs, busy, None if record is None else record.layer_counts)
 
+    def hand_over(self, job) -> None:
+        """Queue ``job`` for the worker; one it refuses (far behind the engine) is dropped, counted."""
+        if not self.worker.submit(job):
+            self.counters["worker_refused"] += 1
+            self.warn_once(
+                "refused",
+                "CAPS's plan-ahead worker is %d jobs behind the engine: its jobs are dropped until it "
+                "catches up (metrics and plans of those steps are lost; counted)",
+                self.worker.limit,
+            )
+
     def later(self, fn) -> None:
         """Run ``fn()`` (guarded) now, or planning ahead on the worker, after what it has queued."""
         if self.worker is None:
             self.guarded(fn)
         else:
-            self.worker.submit(functools.partial(self.guarded, fn))
+            self.hand_over(functools.partial(self.guarded, fn))
 
     def guarded(self, fn, *args) -> None:
         try:

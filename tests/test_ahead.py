@@ -34,6 +34,16 @@ def test_the_worker_runs_jobs_in_order_and_flags_the_stale_ones():
     assert seen[-1] == (3, False) and w.jobs == 4
 
 
+def test_a_worker_far_behind_refuses_jobs():
+    started, gate = threading.Event(), threading.Event()
+    w = Worker(lambda job, stale: (started.set(), gate.wait(5)), limit=2)
+    assert w.submit(0) and started.wait(5)  # job 0 runs, held at the gate
+    assert w.submit(1) and w.submit(2) and not w.submit(3)  # two wait: the third is refused
+    gate.set()
+    assert w.idle(5) and w.jobs == 3
+    w.close()
+
+
 def test_a_failing_job_leaves_the_worker_alive():
     seen = []
 
