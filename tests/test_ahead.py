@@ -191,3 +191,52 @@ def test_planning_ahead_under_async_scheduling_loses_nothing(model, tokens):
     assert sorted(finished) == sorted(ids) and len(set(finished)) == len(finished)
     c = s.caps.counters
     assert c["plans_applied"] > 0 and c["errors"] == 0 and s.caps.planner.stats.plans > 0
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_planning_ahead_under_preemption_priorities_and_aborts_loses_nothing(model, tokens, policy, async_scheduling):
+    """A KV cache too small for the batch (vLLM preempts and resumes requests: they go back to
+    the queue's front), random priorities, aborts of the queue's first request while the model
+    runs: every request still ends exactly once."""
+    from vllm.v1.request import RequestStatus
+
+    hot, cold = tokens
+    s = make_scheduler(
+        model,
+        CapsScheduler,
+        caps=CAPS,
+        max_num_seqs=6,
+        max_num_batched_tokens=96,
+        num_blocks=12,
+        policy=policy,
+        async_scheduling=async_scheduling,
+    )
+    rng = np.random.default_rng(2)
+    ids, ended, pending, preempted = [], [], None, 0
+    for t in range(600):
+        for k in range(int(rng.poisson(1.0)) if t < 60 else 0):
+            rid = f"r{t}-{k}"
+            ids.append(rid)
+            tok = hot if rng.random() < 0.5 else cold[int(rng.integers(len(cold)))]
+            n, out_n, prio = int(rng.integers(8, 48)), int(rng.integers(4, 24)), int(rng.integers(0, 3))
+            s.add_request(make_request(rid, [int(tok)] * n, arrival=1000.0 + t, max_tokens=out_n, priority=prio))
+        out = s.schedule()
+        preempted += len(out.preempted_req_ids or ())
+        mro = runner_output(s, out)
+        s.caps.worker.idle(5)  # the model runs; then vLLM processes the aborts that came meanwhile
+        if s.waiting and rng.random() < 0.1:
+            rid = s.waiting[0].request_id  # (the head: the part a plan orders)
+            s.finish_requests([rid], RequestStatus.FINISHED_ABORTED)
+            ended.append(rid)
+        done = pending if async_scheduling else (out, mro)  # (async: the step before's output, as the batch queue)
+        if done is not None:
+            for eco in s.update_from_output(*done).values():
+                ended += [o.request_id for o in eco.outputs if o.finish_reason is not None]
+        pending = (out, mro) if async_scheduling and out.total_num_scheduled_tokens else None
+        if t >= 60 and not s.requests and pending is None:
+            break
+    assert sorted(ended) == sorted(ids) and len(set(ended)) == len(ended)
+    c = s.caps.counters
+    assert preempted > 0 and s.caps.planner.stats.plans > 0 and c["plans_applied"] > 0 and c["errors"] == 0, dict(c)
