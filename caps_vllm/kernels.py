@@ -12,22 +12,53 @@ this file (or in numba's user cache where this folder is read-only).
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 
-_SIGNATURES = [
-    f"void({bins}[:, ::1], int64[::1], int64[::1], float64[:, ::1], int64[::1], boolean)" for bins in ("int16", "int32")
-]
+_BINS = ("int16", "int32")
 
 
-def _compiled(fn):
+def _compiled(fn, signatures=None):
+    jit = functools.partial(numba.njit, signatures) if signatures else numba.njit
     try:
-        return numba.njit(_SIGNATURES, cache=True, nogil=True)(fn)
+        return jit(cache=True, nogil=True)(fn)
     except RuntimeError:  # no writable cache location: compile for this process only
-        return numba.njit(_SIGNATURES, nogil=True)(fn)
+        return jit(nogil=True)(fn)
 
 
 @_compiled
+def _count_prompt(bins, ids, lo, hi, row, per_token):
+    """Add 1 to ``row[b]`` for every bin ``b`` in the rows ``bins[ids[lo:hi]]`` (then divide by
+    the ids counted, with ``per_token``); returns the ids outside the table, skipped."""
+    vocab, width = bins.shape
+    skipped = 0
+    for t in range(lo, hi):
+        i = ids[t]
+        if i < 0 or i >= vocab:
+            skipped += 1
+            continue
+        for j in range(width):
+            row[bins[i, j]] += 1.0
+    known = hi - lo - skipped
+    if per_token and known > 0:
+        for b in range(row.shape[0]):
+            row[b] /= known
+    return skipped
+
+
+def _rows(fn):
+    return _compiled(
+        fn, [f"void({b}[:, ::1], int64[::1], int64[::1], float64[:, ::1], int64[::1], boolean)" for b in _BINS]
+    )
+
+
+def _one(fn):
+    return _compiled(fn, [f"int64({b}[:, ::1], int64[::1], float64[::1], boolean)" for b in _BINS])
+
+
+@_rows
 def count_rows(
     bins: np.ndarray, ids: np.ndarray, starts: np.ndarray, out: np.ndarray, skipped: np.ndarray, per_token: bool
 ) -> None:
@@ -35,17 +66,12 @@ def count_rows(
     for every bin ``b`` in the rows ``bins[ids]``; ids outside the table are skipped and counted
     in ``skipped[p]``; with ``per_token`` each row is then divided by its prompt's ids counted.
     Several prompts in one call: one dispatch for a step's newcomers."""
-    vocab, width = bins.shape
     for p in range(out.shape[0]):
-        row = out[p]
-        for t in range(starts[p], starts[p + 1]):
-            i = ids[t]
-            if i < 0 or i >= vocab:
-                skipped[p] += 1
-                continue
-            for j in range(width):
-                row[bins[i, j]] += 1.0
-        known = starts[p + 1] - starts[p] - skipped[p]
-        if per_token and known > 0:
-            for b in range(row.shape[0]):
-                row[b] /= known
+        skipped[p] += _count_prompt(bins, ids, starts[p], starts[p + 1], out[p], per_token)
+
+
+@_one
+def count_one(bins: np.ndarray, ids: np.ndarray, out: np.ndarray, per_token: bool) -> int:
+    """:func:`count_rows` for one prompt into the vector ``out``; returns the ids skipped (the
+    fewer arrays a call builds and checks, the less a short prompt pays beside its count)."""
+    return _count_prompt(bins, ids, 0, ids.shape[0], out, per_token)

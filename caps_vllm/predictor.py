@@ -290,9 +290,9 @@ class ExpertPredictor:
         # runs in the engine's process, scans every loaded module's namespace as it starts, and
         # llvmlite's library wrapper (whose every attribute, __dict__ included, is a C function)
         # makes that scan fail. The predictor is built after the worker, with the scheduler.
-        from caps_vllm.kernels import count_rows
+        from caps_vllm.kernels import count_one, count_rows
 
-        self._count_rows = count_rows
+        self._count_rows, self._count_one = count_rows, count_one
         # Flat bin per (token, layer, k): layer offset + expert id, so one counting pass does all
         # layers; int16 where it fits (half the memory of int32; the pass reads each row once).
         dtype = np.int16 if self.d < 2**15 else np.int32
@@ -330,8 +330,11 @@ class ExpertPredictor:
             ids = np.fromiter(token_ids, np.int64, len(token_ids))
         else:
             ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1)
-        counts, skipped = self._count(ids, np.array([0, ids.size], dtype=np.int64), per_token)
-        return counts[0] if ids.size > skipped[0] else None
+        counts = np.zeros(self.d)
+        skipped = self._count_one(self._bins, ids, counts, per_token)
+        if skipped:
+            self.unknown_tokens += skipped
+        return counts if ids.size > skipped else None
 
     def vectors(self, prompts: Sequence, per_token: bool = False) -> list[np.ndarray | None]:
         """:meth:`vector` of each of ``prompts`` in one counting pass (rows of one matrix)."""
