@@ -121,7 +121,6 @@ class Caps:
         self.observer = self._make_observer(vllm_config) if self.config.metrics else None
         self.step = 0  # schedule() calls, in tokens a running request may take (the rows' end steps)
         self.seconds = 0.0  # wall time of CAPS's own work around schedule() and update_from_output(), summed
-        self.seconds_ahead = 0.0  # the plan-ahead worker's planning time (off the busy loop), summed
         # Waiting times are measured on the clock vLLM stamps arrival_time with; the twin
         # (sim/twin.py) replaces it with its virtual clock.
         self.clock = time.time
@@ -288,22 +287,19 @@ class Caps:
     @_timed
     def before_schedule(self, holds_prefills: bool) -> None:
         """Reorder the waiting queue for this step (``holds_prefills``: vLLM admits nothing new)."""
+        self.step += 1 + vs.spec_tokens(self.sched)  # the most tokens a request takes a step
+        if self.step_log is not None:
+            self.step_log.begin()
         if self.worker is not None:
-            self.step += 1 + vs.spec_tokens(self.sched)
             self.apply_plan(holds_prefills)
             return
         if self.observer is not None:  # what this step does is told the observer as the change from here
             self._before = (dataclasses.replace(self.planner.stats), self.counters["predictor_fallback"])
-        self.step += 1 + vs.spec_tokens(self.sched)  # the most tokens a request takes a step
-        if self.step_log is not None:
-            self.step_log.begin()
         if self.predictor is not None and self.sched.waiting and not holds_prefills:
             try:
                 self.reorder()
             except Exception:  # never let the policy take the engine down
-                self.counters["errors"] += 1
-                if self.observer is not None:
-                    self.observer.metrics.inc("vllm:caps_errors")
+                self._count("errors", "vllm:caps_errors")
                 self.warn_once(
                     "error",
                     "CAPS admission failed; this step stays FCFS (further errors are only counted)",
@@ -335,29 +331,23 @@ class Caps:
 
     @_timed
     def after_schedule(self, out) -> None:
+        s = self.sched
         if self.worker is not None:
-            s = self.sched
-            n = vs.free_slots(s) + len(s.running) + self.config.window_size  # the most a plan reads
-            head = list(itertools.islice(s.waiting, n))
+            free = vs.free_slots(s)
+            head = list(
+                itertools.islice(s.waiting, free + len(s.running) + self.config.window_size)
+            )  # the most a plan reads
             job = AheadJob(
-                out,
-                head,
-                len(s.waiting),
-                vs.free_slots(s),
-                list(s.running),
-                self.step + 1 + vs.spec_tokens(s),
-                self.clock(),
+                out, head, len(s.waiting), free, list(s.running), self.step + 1 + vs.spec_tokens(s), self.clock()
             )
             self.expected = job.step
             self.hand_over(job)
-            if self.step_log is not None:
-                self.guarded(self.step_log.scheduled, out, s.requests)
-            return
-        if self.predictor is not None:  # what reorder's budget estimate reads
-            self.guarded(self.track_admitted, out)
-        if self.observer is not None:
-            d = self.planner.stats.since(self._before[0])
-            self.guarded(self._observe_schedule, out, d, self.counters["predictor_fallback"] - self._before[1])
+        else:
+            if self.predictor is not None:  # what reorder's budget estimate reads
+                self.guarded(self.track_admitted, out)
+            if self.observer is not None:
+                d = self.planner.stats.since(self._before[0])
+                self.guarded(self._observe_schedule, out, d, self.counters["predictor_fallback"] - self._before[1])
         if self.step_log is not None:
             self.guarded(self.step_log.scheduled, out, self.sched.requests)
 
@@ -577,10 +567,10 @@ class Caps:
             job()
 
     def _run_ahead(self, job: AheadJob, stale: bool) -> None:
-        """The worker's job (caps_vllm.ahead): step ``job.step - 1``'s metrics, then, unless a
-        newer job waits, the plan for step ``job.step`` from the state this step leaves (the
-        slots the requests ending on this step's token free included)."""
-        t0 = time.perf_counter()
+        """The worker's job (caps_vllm.ahead): unless a newer one waits, the plan for step
+        ``job.step`` from the state the step just scheduled leaves (the slots the requests ending
+        on its token free included), first, as the next ``schedule()`` waits for it; then that
+        step's metrics."""
         made, self._made = self._made, None
         before = (dataclasses.replace(self.planner.stats), self.counters["predictor_fallback"])
         if not stale:
@@ -599,7 +589,6 @@ class Caps:
             self.plan = (job.step, job.head[: len(order or ())], order)
             fallbacks = self.counters["predictor_fallback"] - before[1]
             self._made = (job.step, self.planner.stats.since(before[0]), fallbacks)
-        self.seconds_ahead += time.perf_counter() - t0
         if self.observer is not None:  # the step just scheduled, with the plan made for it if it was used
             used = made is not None and made[0] == self.used
             d, fallbacks = (made[1], made[2]) if used else (AdmissionStats(), 0)
