@@ -33,11 +33,11 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 test: setup prometheus lint
-	$(PY) -m pytest -q -m "not engine and not server"
-	$(PY) -m pytest -q -m "engine or server" --durations=0
+	$(PY) -m pytest -q -m "not engine and not server and not heavy"
+	$(PY) -m pytest -q -m "engine or server or heavy" --durations=0
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not engine and not server"
+	$(PY) -m pytest -q -m "not engine and not server and not heavy"
 
 # Printed figures, not pass/fail: selection time per strategy and the full sweep's wall time.
 bench: setup

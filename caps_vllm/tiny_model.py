@@ -8,6 +8,7 @@ Its routers learned from the prompt pool, so expert loads follow topics as in a 
 seeded *untrained* model of the same shape (``--untrained``) is kept for comparisons.
 
     python -m caps_vllm.tiny_model [OUT_DIR]   # default: ~/.cache/caps_vllm/models/tiny-qwen2-moe
+    caps-vllm tiny-model --real-cost          # the same function at Qwen1.5-MoE's expert size (caps_vllm.real_cost)
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def save_model(model, tok, out: Path, record: dict) -> Path:
     return out
 
 
-def _digest(folder: Path) -> str:
+def digest(folder: Path) -> str:
     h = hashlib.sha256()
     for name in MODEL_FILES:
         p = folder / name
@@ -154,7 +155,7 @@ def generate(out: Path | str | None = None) -> Path:
     src = shipped_dir()
     if not (src / "model.safetensors").exists():
         raise FileNotFoundError(f"the embedded model is missing from the package ({src}); reinstall caps-vllm")
-    if out.is_dir() and _digest(out) == _digest(src):
+    if out.is_dir() and digest(out) == digest(src):
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
@@ -184,9 +185,24 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m caps_vllm.tiny_model", description=__doc__.split("\n")[0])
     ap.add_argument("out", nargs="?", default=None, help=f"output folder (default {default_dir()})")
     ap.add_argument("--untrained", action="store_true", help="write the seeded untrained model instead (needs OUT)")
+    ap.add_argument(
+        "--real-cost",
+        action="store_true",
+        help="the same model zero-padded to Qwen1.5-MoE-A2.7B's layer widths (4.6 GB, built once; "
+        "default OUT: ~/.cache/caps_vllm/models/tiny-qwen2-moe-real-cost)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    if a.untrained:
+    if a.untrained and a.real_cost:
+        ap.error("--untrained and --real-cost exclude each other")
+    if a.real_cost:
+        from caps_vllm.real_cost import CannotBuild, build
+
+        try:
+            print(build(a.out))
+        except CannotBuild as exc:  # too little disk or memory, not the shipped checkpoint
+            raise SystemExit(f"caps-vllm tiny-model --real-cost: {exc}") from None
+    elif a.untrained:
         if a.out is None:
             ap.error("--untrained needs an output folder")
         print(untrained(a.out, a.seed))
