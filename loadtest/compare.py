@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,7 @@ from loadtest.records import classify, mean_between, read_samples, run_data
 from loadtest.report import headline, plots, report, where
 from loadtest.server import VllmServer, metric_sums, pinned, split_cpus
 from loadtest.stats import FIGURES, RunData, aa_verdict, compare, verdict
-from loadtest.workload import add_load_options, load_option_args
+from loadtest.workload import PATTERNS, add_load_options, load_option_args
 
 ROOT = Path(__file__).resolve().parents[1]
 #: /metrics series kept per poll (summed over labels)
@@ -114,11 +115,44 @@ def arm_args(arm: str, baseline: str, caps: dict) -> list[str]:
     ]
 
 
-def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) -> dict:
-    """One fresh server, one Locust run: the run's record (status ok / invalid / failed)."""
-    d = raw / f"r{rep}-{arm}"
+def start_server(arm: str, sched_args: list[str], args, d: Path, cpus, pin_late: bool = False) -> VllmServer:
+    """A fresh `vllm serve` for ``arm`` with a CAPS cache folder of its own (``d/cache``, empty: no
+    router or learning table inherited from another server), ready. ``pin_late``: start on every
+    CPU (imports and weight loading go faster), then pin to the server's CPUs once ready."""
+    serve_args = [
+        "--max-model-len",
+        str(args.max_model_len),
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--seed",
+        str(args.seed),
+        *(["--enforce-eager"] if not args.compile else []),
+        *args.serve_arg,
+        *sched_args,
+    ]
+    cache = d / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    env = {"CAPS_VLLM_CACHE": str(cache.resolve())}
+    if args.hold > 0:
+        env["VLLM_SERVER_DEV_MODE"] = "1"  # /pause and /resume for --hold
+    server_cpus = cpus[0] if cpus else None
+    server = VllmServer(
+        args.model, serve_args, d / "serve.log", name="served", env=env, cpus=server_cpus, pin_processes=not pin_late
+    )
+    try:
+        server.wait_ready(args.startup_timeout)
+        if pin_late and server_cpus:
+            server.pin(server_cpus)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def drive(server: VllmServer, arm: str, rep: int, seed: int, args, d: Path, cpus) -> dict:
+    """One Locust run of the schedule of ``seed`` against a ready server: the run's record
+    (status ok / invalid / failed). The server is left running."""
     d.mkdir(parents=True, exist_ok=True)
-    seed = args.seed + rep
     rec = {
         "label": arm,
         "repeat": rep,
@@ -130,23 +164,10 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
         "samples": [],
         "timeseries": [],
     }
-    serve_args = [
-        "--max-model-len",
-        str(args.max_model_len),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--seed",
-        str(args.seed),
-        *(["--enforce-eager"] if not args.compile else []),
-        *sched_args,
-    ]
-    env = {"VLLM_SERVER_DEV_MODE": "1"} if args.hold > 0 else None  # /pause and /resume for --hold
-    server_cpus, gen_cpus = cpus if cpus else (None, None)
+    gen_cpus = cpus[1] if cpus else None
     started = time.monotonic()
-    server = poller = None
+    poller = None
     try:
-        server = VllmServer(args.model, serve_args, d / "serve.log", name="served", env=env, cpus=server_cpus)
-        server.wait_ready(args.startup_timeout)
         poller = Poller(server, args.poll)
         poller.start()
         shape = ROOT / "loadtest" / "shapes" / f"{args.pattern}.py"
@@ -191,9 +212,8 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
         if poller is not None:
             poller.stop_event.set()
             poller.join(timeout=10)
-        if server is not None:
-            server.stop()
-    rec["wall_s"] = time.monotonic() - started
+    rec["window"] = (started, time.monotonic())
+    rec["wall_s"] = rec["window"][1] - started
     if rec["status"] == "failed":
         return rec
     summary = json.loads((d / "summary.json").read_text())
@@ -209,6 +229,46 @@ def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) ->
     rec.update(summary=summary, metrics=metrics, timeseries=samples)
     rec["status"], rec["reason"] = classify(summary, args.max_lag)
     return rec
+
+
+def run_one(arm: str, rep: int, sched_args: list[str], args, raw: Path, cpus) -> dict:
+    """One fresh server, one Locust run (``--servers per-run``)."""
+    d = raw / f"r{rep}-{arm}"
+    d.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        server = start_server(arm, sched_args, args, d, cpus)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+        return {
+            "label": arm,
+            "repeat": rep,
+            "seed": args.seed + rep,
+            "status": "failed",
+            "reason": reason,
+            "summary": None,
+            "metrics": None,
+            "samples": [],
+            "timeseries": [],
+            "wall_s": time.monotonic() - started,
+        }
+    try:
+        return drive(server, arm, rep, args.seed + rep, args, d, cpus)
+    finally:
+        server.stop()
+
+
+def step_log_slice(log: Path, window: tuple[float, float], out: Path) -> None:
+    """The lines of a server's step log whose step (or request) began inside ``window`` (the
+    engine logs this machine's monotonic clock, the one the runner reads)."""
+    lo, hi = window
+    keep = []
+    for line in log.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if lo <= row.get("t", row.get("added", -1.0)) <= hi:
+                keep.append(line)
+    out.write_text("".join(x + "\n" for x in keep))
 
 
 def analyse(
@@ -244,7 +304,7 @@ def analyse(
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.compare", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="", help="model path or name (default: the embedded tiny MoE)")
-    ap.add_argument("--pattern", choices=("bursty", "poisson", "trace"), default="bursty")
+    ap.add_argument("--pattern", choices=PATTERNS, default="bursty")
     add_load_options(ap)
     ap.set_defaults(rate=6.0)
     ap.add_argument("--max-num-seqs", type=int, default=8)
@@ -280,6 +340,24 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="CAPS arms write the engine's step timings to raw/<run>/steps.jsonl (caps.step_log)",
     )
+    ap.add_argument(
+        "--servers",
+        choices=("per-run", "per-arm"),
+        default="per-run",
+        help="per-run: a fresh server for every run; per-arm: one server per arm for the whole comparison, "
+        "started before the first run (on every CPU, then pinned), warmed up, and stopped after the last "
+        "(a model that takes a minute to load; every server still starts from an empty CAPS cache)",
+    )
+    ap.add_argument(
+        "--warmup", type=int, default=1, help="per-arm: unmeasured runs of each server first (another seed)"
+    )
+    ap.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra vllm serve argument (repeat it), e.g. --serve-arg=--no-enable-prefix-caching",
+    )
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap draws per interval")
     ap.add_argument("--poll", type=float, default=2.0, help="seconds between /metrics scrapes")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
@@ -297,6 +375,13 @@ def main(argv: list[str] | None = None) -> int:
         return reanalyse(Path(args.reanalyse), args.bootstrap)
     if args.pattern == "trace" and not args.trace:
         ap.error("--pattern trace needs --trace CSV")
+    if args.pattern == "offline" and (args.hold <= 0 or args.concurrency < args.max_requests):
+        ap.error(
+            "--pattern offline needs --hold S (the batch queues while the scheduler is paused) and "
+            "--concurrency >= --max-requests (every request in flight at once)"
+        )
+    if args.warmup < 0:
+        ap.error(f"--warmup must be >= 0 (got {args.warmup})")
     if args.repeats < 1:
         ap.error(f"--repeats must be ≥ 1 (got {args.repeats})")
     if args.bootstrap < 100:
@@ -343,31 +428,73 @@ def main(argv: list[str] | None = None) -> int:
         "order": order,
         "pinning": {"server_cpus": cpus[0], "loadgen_cpus": cpus[1]} if cpus else None,
     }
-    for i, (rep, arm) in enumerate(order, 1):
-        print(
-            f"[{i}/{len(order)}] repetition {rep + 1}, {arm}: serving {args.model}, {args.pattern} load ...",
-            file=sys.stderr,
-            flush=True,
+    meta["cache"] = (
+        "every server starts from an empty CAPS cache folder of its own (no router or learning table "
+        "from an earlier server)"
+        + (
+            "; a server keeps learning over its warm-up and measured runs, as a deployed one would"
+            if args.servers == "per-arm"
+            else ""
         )
+    )
+
+    def caps_of(arm: str, d: Path) -> list[str]:
         run_caps = caps
         if args.step_log:
-            log = raw / f"r{rep}-{arm}" / "steps.jsonl"
+            log = d / "steps.jsonl"
             log.unlink(missing_ok=True)  # the log appends
             run_caps = {**caps, "step_log": str(log.resolve())}
-        runs.append(run_one(arm, rep, arm_args(arm, baseline, run_caps), args, raw, cpus))
-        r = runs[-1]
+        return arm_args(arm, baseline, run_caps)
+
+    def said(i: int, arm: str, r: dict) -> None:
         s = r["summary"]
         print(
             f"[{i}/{len(order)}] {arm}: {r['status']}"
             + (f" ({r['reason']})" if r["reason"] else "")
             + (
                 f", {s['completed']} completed, E2E p99 {s['e2e_s']['p99']:.3f} s, P99 lag {s['lag_s']['p99']:.3f} s"
+                + (f", makespan {s['makespan_s']:.1f} s" if s.get("makespan_s") is not None else "")
                 if s and s["e2e_s"]["p99"] is not None
                 else ""
             ),
             file=sys.stderr,
             flush=True,
         )
+
+    if args.servers == "per-run":
+        for i, (rep, arm) in enumerate(order, 1):
+            print(
+                f"[{i}/{len(order)}] repetition {rep + 1}, {arm}: serving {args.model}, {args.pattern} load ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            runs.append(run_one(arm, rep, caps_of(arm, raw / f"r{rep}-{arm}"), args, raw, cpus))
+            said(i, arm, runs[-1])
+    else:
+        servers: dict[str, VllmServer] = {}
+        try:
+            for arm in arms:
+                d = raw / f"server-{arm}"
+                d.mkdir(parents=True, exist_ok=True)
+                print(f"starting the {arm} server ({args.model}) ...", file=sys.stderr, flush=True)
+                servers[arm] = start_server(arm, caps_of(arm, d), args, d, cpus, pin_late=True)
+            for w in range(args.warmup):
+                for arm in arms:
+                    r = drive(
+                        servers[arm], arm, -1, args.seed + 1000 + w, args, raw / f"server-{arm}" / f"warmup{w}", cpus
+                    )
+                    print(f"warm-up {w + 1}, {arm}: {r['status']}", file=sys.stderr, flush=True)
+            for i, (rep, arm) in enumerate(order, 1):
+                print(f"[{i}/{len(order)}] repetition {rep + 1}, {arm} ...", file=sys.stderr, flush=True)
+                d = raw / f"r{rep}-{arm}"
+                runs.append(drive(servers[arm], arm, rep, args.seed + rep, args, d, cpus))
+                shutil.copy(raw / f"server-{arm}" / "serve.log", d / "serve.log")  # as a per-run folder has it
+                if args.step_log:
+                    step_log_slice(raw / f"server-{arm}" / "steps.jsonl", runs[-1]["window"], d / "steps.jsonl")
+                said(i, arm, runs[-1])
+        finally:
+            for server in servers.values():
+                server.stop()
     return finish(meta, runs, out, args.bootstrap)
 
 

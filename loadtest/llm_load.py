@@ -72,6 +72,7 @@ class Run:
             seed=o.seed,
             trace=o.trace or None,
             speedup=o.speedup,
+            hold=o.hold,
         )
         self.next = 0
         self.in_flight = 0
@@ -304,6 +305,10 @@ def summarize(run: Run, wall_s: float) -> dict:
         "hold": {"seconds": o.hold, "error": run.hold_error},
         "throughput_rps": len(ok) / wall_s if wall_s > 0 else 0.0,
         "throughput_tok_s": sum(r["tokens"] for r in ok) / wall_s if wall_s > 0 else 0.0,
+        # an offline batch's figure: the scheduler's resume to the last answer
+        "makespan_s": max(r["t"] + r["held_s"] + r["lag_s"] + r["e2e_s"] for r in ok) - o.hold
+        if ok and run.pattern == "offline"
+        else None,
         "slo": {"ttft_s": o.slo_ttft, "e2e_s": o.slo_e2e},
         "goodput_rps": len(good) / wall_s if wall_s > 0 else 0.0,
         "goodput_share": len(good) / len(run.results) if run.results else 0.0,

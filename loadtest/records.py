@@ -50,6 +50,7 @@ def run_level(rec: dict) -> dict[str, float | None]:
         "throughput_rps": s["throughput_rps"],
         "throughput_tok_s": s["throughput_tok_s"],
         "goodput_rps": s["goodput_rps"],
+        "makespan_s": s.get("makespan_s"),
         "engine_steps": m["engine_steps"] or None,
         "distinct_experts": m["vllm:caps_actual_distinct_experts"],
         "imbalance": m["vllm:caps_actual_load_max_over_mean"],

@@ -8,8 +8,15 @@ from pathlib import Path
 from loadtest.records import mean_between
 from loadtest.stats import BY_NAME, FIGURES, LEVEL, Interval, RunData, fmt_interval, pooled
 
-#: figures named in the headline, after the first (E2E p99)
-ALSO = ("TTFT p99", "ITL p50", "output tokens/s")
+#: per load pattern, the headline's lead figure and the ones named after it (default: the others)
+LEADS = {
+    "offline": ("makespan", ("TPOT (mean ITL)", "TTFT p99", "E2E p99")),
+    "": ("TPOT (mean ITL)", ("output tokens/s", "TTFT p99", "E2E p99")),
+}
+
+
+def leads(pattern: str) -> tuple[str, tuple[str, ...]]:
+    return LEADS.get(pattern, LEADS[""])
 
 
 def _iv(c: dict) -> str:
@@ -23,6 +30,7 @@ def _iv(c: dict) -> str:
 def headline(results: dict, runs: list[dict], meta: dict) -> list[str]:
     """The verdict of every arm against the baseline in words, then the A/A noise floor."""
     base, aa = meta["baseline"], meta["aa"]
+    lead, also = leads(meta["args"]["pattern"])
     reps = len({r["repeat"] for r in runs})
     lines = []
     for arm in meta["arms"]:
@@ -35,12 +43,12 @@ def headline(results: dict, runs: list[dict], meta: dict) -> list[str]:
             )
             continue
         c = results[arm]
-        n = c["E2E p99"]["runs"]
+        n = c[lead]["runs"]
         lines.append(
-            f"{arm} vs {base} on this machine: E2E p99 {_iv(c['E2E p99'])}: {c['E2E p99']['verdict']} "
+            f"{arm} vs {base} on this machine: {lead} {_iv(c[lead])}: {c[lead]['verdict']} "
             f"({n} of {reps} interleaved repetitions valid)."
         )
-        lines.append("  " + "; ".join(f"{f} {_iv(c[f])}: {c[f]['verdict']}" for f in ALSO) + ".")
+        lines.append("  " + "; ".join(f"{f} {_iv(c[f])}: {c[f]['verdict']}" for f in also) + ".")
         ok = [r for r in runs if r["label"] == arm and r["status"] == "ok"]
         moved = sum(
             (r["metrics"].get("vllm:caps_ranked_requests_total") or 0)
@@ -61,7 +69,7 @@ def headline(results: dict, runs: list[dict], meta: dict) -> list[str]:
         c = results[aa]
         lines.append(
             f"Noise floor, A/A ({base} vs an identical {base} arm): "
-            + "; ".join(f"{f} {_iv(c[f])}" for f in ("E2E p99", *ALSO))
+            + "; ".join(f"{f} {_iv(c[f])}" for f in (lead, *also))
             + "."
         )
     else:
@@ -102,8 +110,15 @@ def report(doc: dict, runs: list[dict], data: dict[tuple[int, str], RunData], ou
         f"…{a['seed'] + a['repeats'] - 1} (one per repetition, the same in every arm), concurrency ≤ "
         f"{a['concurrency']}"
         + (f", scheduler paused for the first {a['hold']:g} s" if a["hold"] else "")
-        + f". {a['repeats']} repetitions, each arm once per repetition in rotated order, a fresh server "
-        f"per run; {pin_text}. CAPS settings of the CAPS arms: `{a['caps_config']}`. Intervals: bootstrap "
+        + f". {a['repeats']} repetitions, each arm once per repetition in rotated order, "
+        + (
+            f"one server per arm for the whole comparison ({a.get('warmup', 0)} unmeasured warm-up run(s) each)"
+            if a.get("servers") == "per-arm"
+            else "a fresh server per run"
+        )
+        + f"; {pin_text}"
+        + (f"; {doc['cache']}" if doc.get("cache") else "")
+        + ". CAPS settings of the CAPS arms: `{a['caps_config']}`. Intervals: bootstrap "
         f"({a['bootstrap']} draws) over repetitions (paired) and requests; a run whose load generator's "
         f"P99 lag exceeded {a['max_lag']:g} s is invalid and left out.",
         "",
@@ -185,9 +200,16 @@ def report(doc: dict, runs: list[dict], data: dict[tuple[int, str], RunData], ou
         "where the A/A control's own interval excludes 1 for a figure, that figure's verdicts are withheld "
         "as inconclusive. Latency ratios < 1 and throughput ratios > 1 are better; distinct experts, "
         "imbalance and engine steps are reported as lower/higher (which is better depends on the "
-        "deployment). On a CPU with a tiny model, a step's time is set by Python and attention overheads, "
-        "not by reading expert weights or by an expert-parallel rank; these runs check CAPS serves "
-        "correctly under load and measure its overhead, not what it is worth on a GPU.",
+        "deployment). "
+        + (
+            "The real-cost model (the tiny model's routing at Qwen1.5-MoE-A2.7B's expert size) makes every expert "
+            "a step reads cost what it costs that model on this CPU; what a CPU cannot show is a GPU's regimes "
+            "(HBM-resident experts, PCIe offload, expert parallelism)."
+            if "real-cost" in str(a["model"])
+            else "On a CPU with a tiny model, a step's time is set by Python and attention overheads, "
+            "not by reading expert weights or by an expert-parallel rank; these runs check CAPS serves "
+            "correctly under load and measure its overhead, not what it is worth on a GPU."
+        ),
         "",
         "Plots: `latency_cdf.png`, `intervals.png`, `imbalance_over_time.png`. Raw per-run files (server "
         "logs, Locust CSVs, per-request samples, /metrics series) in `raw/` (not committed).",

@@ -62,7 +62,9 @@ class VllmServer:
 
     ``cpus``: pin the server's processes to these CPUs, with vLLM's CPU worker threads bound to
     them too (``VLLM_CPU_OMP_THREADS_BIND``; with two or more, the first is left to the API
-    server and engine-core processes, as vLLM's own auto binding reserves one)."""
+    server and engine-core processes, as vLLM's own auto binding reserves one).
+    ``pin_processes=False``: bind only the worker threads at start, and let the caller
+    :meth:`pin` every process once the server is ready (a start on every CPU is faster)."""
 
     def __init__(
         self,
@@ -74,6 +76,7 @@ class VllmServer:
         port: int | None = None,
         cwd: Path | None = None,
         cpus: list[int] | None = None,
+        pin_processes: bool = True,
     ) -> None:
         self.port = port or free_port()
         self.log = log
@@ -103,8 +106,29 @@ class VllmServer:
             start_new_session=True,
             cwd=cwd,
             env={**base, **(env or {})},
-            preexec_fn=pinned(cpus),
+            preexec_fn=pinned(cpus) if pin_processes else None,
         )
+
+    def pids(self) -> list[int]:
+        """The server's processes: its session (it was started in a new one)."""
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            if int(fields[3]) == self.proc.pid:  # the session id, after state, ppid and pgrp
+                out.append(int(stat.parent.name))
+        return out
+
+    def pin(self, cpus: list[int]) -> None:
+        """Every thread of every process of the server to ``cpus`` (as ``pinned`` at start would)."""
+        for pid in self.pids():
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    os.sched_setaffinity(int(task.name), cpus)
+                except OSError:
+                    pass  # a thread that ended meanwhile
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -103,7 +103,7 @@ def quantiles(xs: list[float]) -> dict:
 class Figure:
     name: str
     key: str  # request level: "ttft_s" | "itl_s" | "e2e_s"; run level: a key of RunData.run
-    q: float | None  # the quantile of a request-level figure; None: run level
+    q: float | str | None  # a request-level figure's quantile, or "mean"; None: run level
     better: str | None  # "lower" | "higher" | None (no direction: reported as lower/higher)
     unit: str = ""
 
@@ -112,6 +112,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("TTFT p50", "ttft_s", 0.5, "lower", "s"),
     Figure("TTFT p90", "ttft_s", 0.9, "lower", "s"),
     Figure("TTFT p99", "ttft_s", 0.99, "lower", "s"),
+    Figure("TPOT (mean ITL)", "itl_s", "mean", "lower", "s"),
     Figure("ITL p50", "itl_s", 0.5, "lower", "s"),
     Figure("ITL p99", "itl_s", 0.99, "lower", "s"),
     Figure("E2E p50", "e2e_s", 0.5, "lower", "s"),
@@ -120,6 +121,7 @@ FIGURES: tuple[Figure, ...] = (
     Figure("throughput", "throughput_rps", None, "higher", "req/s"),
     Figure("output tokens/s", "throughput_tok_s", None, "higher", "tok/s"),
     Figure("goodput", "goodput_rps", None, "higher", "req/s"),
+    Figure("makespan", "makespan_s", None, "lower", "s"),
     Figure("engine steps", "engine_steps", None, None),
     Figure("actual distinct experts/layer/step", "distinct_experts", None, None),
     Figure("actual imbalance max/mean", "imbalance", None, None),
@@ -186,14 +188,20 @@ class _Pooled:
         order = np.argsort(v, kind="stable")
         self.values, self.owner = v[order], o[order]
 
-    def quantiles(self, weights: np.ndarray, qs: Sequence[float]) -> list[float | None]:
-        """Nearest-rank quantiles of the values, each counted ``weights[its request]`` times."""
-        cum = np.cumsum(weights[self.owner])
+    def quantiles(self, weights: np.ndarray, qs: Sequence[float | str]) -> list[float | None]:
+        """Nearest-rank quantiles (or, for ``"mean"``, the mean) of the values, each counted
+        ``weights[its request]`` times."""
+        w = weights[self.owner]
+        cum = np.cumsum(w)
         total = cum[-1] if len(cum) else 0
         if total <= 0:
             return [None for _ in qs]
-        ranks = [max(1, math.ceil(q * total)) for q in qs]
-        return [float(self.values[np.searchsorted(cum, k)]) for k in ranks]
+        return [
+            float(np.dot(w, self.values) / total)
+            if q == "mean"
+            else float(self.values[np.searchsorted(cum, max(1, math.ceil(q * total)))])
+            for q in qs
+        ]
 
     def weights(self, rep_counts: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
         """A request weight vector: all ones (rng None), or each run drawn ``rep_counts`` times and

@@ -8,7 +8,10 @@ patterns, as in the simulator:
   one category, then another — semantic hotspots;
 * ``poisson``: Poisson arrivals at ``rate``, every request's topic drawn independently;
 * ``trace``: arrival times and output lengths from a trace CSV (the simulator's formats),
-  prompts from the pool, the one closest to the trace's prompt length (≈ 4 characters a token).
+  prompts from the pool, the one closest to the trace's prompt length (≈ 4 characters a token);
+* ``offline``: a batch of ``max_requests`` requests, topics mixed, sent over the first half of
+  ``hold`` seconds while the server's scheduler is paused (``--hold``), so the whole batch waits
+  in vLLM's queue when it resumes; its figure is the makespan (resume to the last answer).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from loadtest.traces import load_trace
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "caps_vllm" / "data" / "topic_prompts.jsonl"
-PATTERNS = ("bursty", "poisson", "trace")
+PATTERNS = ("bursty", "poisson", "trace", "offline")
 
 
 @dataclass(frozen=True)
@@ -118,8 +121,10 @@ def build(
     seed: int = 0,
     trace: str | Path | None = None,
     speedup: float = 1.0,
+    hold: float = 0.0,
 ) -> list[Arrival]:
-    """The run's requests, bounded by ``duration`` seconds and ``max_requests``."""
+    """The run's requests, bounded by ``duration`` seconds and ``max_requests`` (``offline``: all
+    ``max_requests`` within the first half of ``hold``)."""
     if pattern not in PATTERNS:
         raise ValueError(f"pattern {pattern!r}: valid: {', '.join(PATTERNS)}")
     if rate <= 0 or duration <= 0 or max_requests < 1 or max_tokens < 1 or speedup <= 0:
@@ -144,9 +149,15 @@ def build(
             )
             for i in range(n)
         ]
-    gaps = rng.exponential(1.0 / rate, size=max_requests)
-    times = np.cumsum(gaps) - gaps[0]
-    n = int(np.searchsorted(times, duration, side="right"))
+    if pattern == "offline":
+        if hold <= 0:
+            raise ValueError("pattern 'offline' needs hold > 0: the batch queues while the scheduler is paused")
+        n = max_requests
+        times = np.arange(n) * (hold / 2.0 / n)
+    else:
+        gaps = rng.exponential(1.0 / rate, size=max_requests)
+        times = np.cumsum(gaps) - gaps[0]
+        n = int(np.searchsorted(times, duration, side="right"))
     if pattern == "bursty":
         topic = topic_runs(n, len(cats), burst_len, rng)
     else:

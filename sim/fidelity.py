@@ -151,7 +151,7 @@ def twin_run(args: dict, seed: int, arm: str, profile: MeasuredStep, tokenize: T
         sched,
         VllmStepTime(profile, routing),
         block_size=CPU_BLOCK_SIZE,
-        on_arrival=lambda r, req: routing.bind(r.rid, r.prompt),
+        on_arrival=lambda r, req: routing.bind(r.rid, r.prompt, r.output_tokens),
     ).run(reqs)
     # The twin's clock starts with the schedule; the client counts from the scheduled time.
     out, front = profile.output_s, profile.front_s

@@ -68,6 +68,7 @@ def test_pooled_quantiles_are_nearest_rank_over_all_runs():
         assert pooled(runs, BY_NAME[f"TTFT p{round(q * 100)}"]) == allv[math.ceil(q * len(allv)) - 1]
     gaps = np.sort(np.concatenate([g for r in runs for g in r.itl_s]))
     assert pooled(runs, BY_NAME["ITL p99"]) == gaps[math.ceil(0.99 * len(gaps)) - 1]
+    assert pooled(runs, BY_NAME["TPOT (mean ITL)"]) == pytest.approx(gaps.mean())  # every gap once
     assert pooled(runs, BY_NAME["throughput"]) == 8.0 and pooled(runs, BY_NAME["actual imbalance max/mean"]) is None
 
 
@@ -228,7 +229,7 @@ def test_the_report_leads_with_the_verdict_and_lists_every_run(tmp_path):
     doc = _doc(results, runs)
     text = report(doc, runs, run_data(runs), tmp_path)
     first = text.splitlines()[0]
-    assert first.startswith("step_cost vs fcfs on this machine: E2E p99 ratio ") and ", 95 % CI " in first
+    assert first.startswith("step_cost vs fcfs on this machine: TPOT (mean ITL) ratio ") and ", 95 % CI " in first
     assert first.endswith(
         ": not judged (one run per arm: run-to-run noise not sampled) (1 of 2 interleaved repetitions valid)."
     )
@@ -255,6 +256,12 @@ def test_the_report_leads_with_the_verdict_and_lists_every_run(tmp_path):
         (["--strategies", "fcfs", "fcfs"], "named twice"),
         (["--strategies", "fcfs"], "needs two arms"),
         (["--caps-config", "[1]"], "--caps-config must be a JSON object"),
+        (["--pattern", "offline", "--max-requests", "50"], "--pattern offline needs --hold S"),
+        (
+            ["--pattern", "offline", "--hold", "5", "--max-requests", "50", "--concurrency", "8"],
+            "--concurrency >= --max",
+        ),
+        (["--servers", "per-arm", "--warmup", "-1"], "--warmup must be >= 0"),
     ],
 )
 def test_bad_options_are_named(argv, message):

@@ -95,7 +95,7 @@ def test_captured_routing_replays_the_models_router_for_prompts(tiny_model):
     pytest.importorskip("transformers")
     from sim.captured_routing import CapturedRouting
 
-    r = CapturedRouting(tiny_model, seed=3)
+    r = CapturedRouting(tiny_model, seed=3, decode="uniform")
     prompt = list(range(5, 45))
     r.bind("a", prompt)
     r.bind("b", list(range(300, 310)))
@@ -107,10 +107,32 @@ def test_captured_routing_replays_the_models_router_for_prompts(tiny_model):
     # decode positions: k uniform draws per layer, the same for the same request and position
     d = r.counts([("a", 40, 1), ("b", 12, 1)])
     assert (d.sum(axis=1) == 2 * r.top_k).all()
-    r2 = CapturedRouting(tiny_model, seed=3)
+    r2 = CapturedRouting(tiny_model, seed=3, decode="uniform")
     r2.bind("a", prompt)
     r2.bind("b", [1])
     assert (r2.counts([("a", 40, 1), ("b", 12, 1)]) == d).all()
+
+
+@pytest.mark.vllm
+def test_decode_positions_take_the_routing_of_the_greedy_continuation(tiny_model):
+    """What the engine feeds at a decode position is the token greedy decoding produced there."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from caps_vllm.routing import counts_from_rows
+    from sim.captured_routing import CapturedRouting
+
+    r = CapturedRouting(tiny_model)
+    prompt = list(range(5, 25))
+    r.bind("a", prompt, output_tokens=6)
+    with torch.no_grad():
+        seq = r.model.generate(torch.tensor([prompt]), max_new_tokens=5, min_new_tokens=5, do_sample=False)[0]
+    assert len(seq) == 25
+    fed = r.route(seq.tolist())  # routing of the 20 prompt tokens and the 5 generated ones fed back
+    assert (r.counts([("a", 20, 5)]) == counts_from_rows(fed[20:25], r.experts)).all()
+    assert (r.counts([("a", 0, 20)]) == counts_from_rows(fed[:20], r.experts)).all()  # causal: the prompt's own
+    r.bind("b", prompt, output_tokens=3)  # a shorter continuation of the same prompt is the cached one's head
+    assert (r.counts([("b", 20, 2)]) == counts_from_rows(fed[20:22], r.experts)).all()
 
 
 def test_fidelity_figures_are_computed_alike_on_both_sides():

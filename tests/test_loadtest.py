@@ -39,6 +39,10 @@ def test_schedules_are_seeded_bounded_and_shaped(tmp_path):
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n1.0,30,500\n9.0,5,3\n")
     t = build("trace", prompts, duration=5, max_tokens=64, trace=trace)
     assert [(x.t, x.max_tokens) for x in t] == [(0.0, 5), (1.0, 64)]
+    o = build("offline", prompts, max_requests=50, hold=4.0, seed=3)
+    assert len(o) == 50 and max(x.t for x in o) < 2.0 and len({x.category for x in o}) > 4  # queued while paused
+    with pytest.raises(ValueError, match="needs hold"):
+        build("offline", prompts, max_requests=50)
     with pytest.raises(ValueError, match="pattern"):
         build("burst", prompts)
     bad = tmp_path / "bad.jsonl"

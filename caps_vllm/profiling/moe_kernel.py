@@ -99,9 +99,21 @@ def main(argv: list[str] | None = None) -> None:
         default="cpu",
         help="cpu: vLLM's CPU fused-MoE op; cuda: per-expert torch matmuls on the GPU",
     )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of the op (default: torch's); a server pinned to N cores runs N (vllm serve's "
+        "VLLM_CPU_OMP_THREADS_BIND), so profile with as many, under taskset",
+    )
     args = ap.parse_args(argv)
 
     import torch
+
+    if args.threads is not None:
+        if args.threads < 1:
+            ap.error(f"--threads must be >= 1 (got {args.threads})")
+        torch.set_num_threads(args.threads)
 
     gpu = args.device == "cuda"
     if gpu and not torch.cuda.is_available():
