@@ -229,7 +229,8 @@ class AdmissionPlanner:
         n_new = None
         if any(a is not b for a, b in zip(new, group)):
             (n_new, t_new), (n_fcfs, t_fcfs) = (admitted_tokens((w.need for w in o), cap) for o in (new, group))
-            if n_new != n_fcfs or t_new < t_fcfs:
+            slots_bind = n_fcfs == cap.slots and (cap.tokens is None or max(t_new, t_fcfs) < cap.tokens)
+            if n_new != n_fcfs or (t_new < t_fcfs and not slots_bind):
                 self.stats.kept_fcfs += 1  # CAPS changes which requests vLLM admits, not how many nor how much
                 new, n_new, self._decision = list(group), n_fcfs, None
             elif self.guard is not None and self.guard.tripped:

@@ -59,8 +59,8 @@ def prompt_pool(path: Path | str | None = None) -> list[dict]:
     return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
-def build_tokenizer(corpus: list[str], out: Path):
-    """A byte-level BPE of VOCAB ids trained on ``corpus`` (deterministic), saved to ``out``."""
+def build_tokenizer(corpus: list[str], out: Path, vocab: int = VOCAB):
+    """A byte-level BPE of ``vocab`` ids trained on ``corpus`` (deterministic), saved to ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,7 +68,7 @@ def build_tokenizer(corpus: list[str], out: Path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -87,7 +87,7 @@ def model_config(tok, layers: int = 4, aux_coef: float = 0.01):
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
-        vocab_size=VOCAB,
+        vocab_size=len(tok),
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=layers,

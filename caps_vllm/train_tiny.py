@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caps_vllm.tiny_model import build_tokenizer, model_config, prompt_pool, save_model
+from caps_vllm.tiny_model import VOCAB, build_tokenizer, model_config, prompt_pool, save_model
 
 HELD_OUT_EVERY = 20
 
@@ -86,6 +86,7 @@ def train(
     eval_blocks: int = 64,
     threads: int = 1,
     balance: str = "per_layer",
+    vocab: int = VOCAB,
     log=print,
 ) -> tuple[object, object, dict]:
     """Train from the seeded random init; returns (model, tokenizer, report).
@@ -106,7 +107,7 @@ def train(
     torch.manual_seed(seed)
     train_rows, held_rows = split(prompt_pool(pool))
     with tempfile.TemporaryDirectory() as tmp:
-        tok = build_tokenizer([r["prompt"] for r in train_rows], Path(tmp))
+        tok = build_tokenizer([r["prompt"] for r in train_rows], Path(tmp), vocab)
     cfg = model_config(tok, aux_coef=aux_coef)
     torch.manual_seed(seed)
     model = Qwen2MoeForCausalLM(cfg).float()
@@ -163,6 +164,7 @@ def train(
         "lr": lr,
         "router_aux_loss_coef": aux_coef,
         "balance": balance,
+        "vocab": len(tok),
         "train_prompts": len(train_rows),
         "held_out_prompts": len(held_rows),
         "train_blocks": int(len(data)),
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
         default="per_layer",
         help="load-balancing loss per MoE layer, or pooled over layers as transformers' forward does",
     )
+    ap.add_argument("--vocab", type=int, default=VOCAB, help="byte-level BPE ids (special tokens included)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: bitwise reproducible)")
     a = ap.parse_args(argv)
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         a.eval_every,
         threads=a.threads,
         balance=a.balance,
+        vocab=a.vocab,
     )
     print(a.out)
 

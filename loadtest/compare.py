@@ -115,10 +115,11 @@ def arm_args(arm: str, baseline: str, caps: dict) -> list[str]:
     ]
 
 
-def start_server(arm: str, sched_args: list[str], args, d: Path, cpus, pin_late: bool = False) -> VllmServer:
+def start_server(arm: str, sched_args: list[str], args, d: Path, cpus, wait: bool = True) -> VllmServer:
     """A fresh `vllm serve` for ``arm`` with a CAPS cache folder of its own (``d/cache``, empty: no
-    router or learning table inherited from another server), ready. ``pin_late``: start on every
-    CPU (imports and weight loading go faster), then pin to the server's CPUs once ready."""
+    router or learning table inherited from another server). It starts on every CPU (imports and
+    weight loading go faster; its model's worker threads bound to the server's CPUs from the start)
+    and is pinned to the server's CPUs once ready (``wait``; else the caller calls :func:`ready`)."""
     serve_args = [
         "--max-model-len",
         str(args.max_model_len),
@@ -137,16 +138,22 @@ def start_server(arm: str, sched_args: list[str], args, d: Path, cpus, pin_late:
         env["VLLM_SERVER_DEV_MODE"] = "1"  # /pause and /resume for --hold
     server_cpus = cpus[0] if cpus else None
     server = VllmServer(
-        args.model, serve_args, d / "serve.log", name="served", env=env, cpus=server_cpus, pin_processes=not pin_late
+        args.model, serve_args, d / "serve.log", name="served", env=env, cpus=server_cpus, pin_processes=False
     )
+    if wait:
+        ready(server, args, cpus)
+    return server
+
+
+def ready(server: VllmServer, args, cpus) -> None:
+    """Wait for a started server, then pin all of it to the server's CPUs (stopped if it fails)."""
     try:
         server.wait_ready(args.startup_timeout)
-        if pin_late and server_cpus:
-            server.pin(server_cpus)
+        if cpus:
+            server.pin(cpus[0])
     except BaseException:
         server.stop()
         raise
-    return server
 
 
 def drive(server: VllmServer, arm: str, rep: int, seed: int, args, d: Path, cpus) -> dict:
@@ -473,11 +480,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         servers: dict[str, VllmServer] = {}
         try:
-            for arm in arms:
+            print(f"starting {len(arms)} servers of {args.model} ...", file=sys.stderr, flush=True)
+            for arm in arms:  # all at once: they load side by side, each pinned once ready
                 d = raw / f"server-{arm}"
                 d.mkdir(parents=True, exist_ok=True)
-                print(f"starting the {arm} server ({args.model}) ...", file=sys.stderr, flush=True)
-                servers[arm] = start_server(arm, caps_of(arm, d), args, d, cpus, pin_late=True)
+                servers[arm] = start_server(arm, caps_of(arm, d), args, d, cpus, wait=False)
+            for server in servers.values():
+                ready(server, args, cpus)
             for w in range(args.warmup):
                 for arm in arms:
                     r = drive(

@@ -67,6 +67,7 @@ class Run:
             duration=o.duration,
             max_requests=o.max_requests,
             max_tokens=o.max_tokens,
+            min_tokens=o.min_tokens,
             burst_len=o.burst_len,
             chat_share=o.chat_share,
             seed=o.seed,

@@ -44,6 +44,12 @@ LOAD_OPTIONS: tuple[tuple[str, type, object, str], ...] = (
     ("--duration", float, 60.0, "seconds of arrivals"),
     ("--max-requests", int, 1000, "at most this many requests"),
     ("--max-tokens", int, 32, "tokens generated per request (cap for traces)"),
+    (
+        "--min-tokens",
+        int,
+        0,
+        "0 < N < --max-tokens: each request's output length drawn uniformly in [N, --max-tokens] (seeded)",
+    ),
     ("--burst-len", float, 16.0, "mean run length of one topic (bursty)"),
     ("--chat-share", float, 0.5, "share of chat completions"),
     ("--trace", str, "", "trace CSV (trace pattern)"),
@@ -116,6 +122,7 @@ def build(
     duration: float = 60.0,
     max_requests: int = 1000,
     max_tokens: int = 32,
+    min_tokens: int = 0,
     burst_len: float = 16.0,
     chat_share: float = 0.5,
     seed: int = 0,
@@ -129,6 +136,8 @@ def build(
         raise ValueError(f"pattern {pattern!r}: valid: {', '.join(PATTERNS)}")
     if rate <= 0 or duration <= 0 or max_requests < 1 or max_tokens < 1 or speedup <= 0:
         raise ValueError("rate, duration, speedup must be > 0; max_requests, max_tokens >= 1")
+    if not 0 <= min_tokens <= max_tokens:
+        raise ValueError(f"min_tokens must be in [0, max_tokens] (got {min_tokens})")
     rng = np.random.default_rng(seed)
     cats = sorted({p["category"] for p in prompts})
     by_cat = {c: [p for p in prompts if p["category"] == c] for c in cats}
@@ -162,11 +171,19 @@ def build(
         topic = topic_runs(n, len(cats), burst_len, rng)
     else:
         topic = rng.integers(len(cats), size=n)
+    # output lengths from a stream of their own, so that a fixed length leaves the schedule as it was
+    lengths = (
+        np.random.default_rng([seed, 1]).integers(min_tokens, max_tokens + 1, size=n)
+        if min_tokens
+        else np.full(n, max_tokens)
+    )
     out = []
     for i in range(n):
         pool = by_cat[cats[topic[i]]]
         p = pool[int(rng.integers(len(pool)))]
-        out.append(Arrival(float(times[i]), p["prompt"], p["category"], max_tokens, bool(rng.random() < chat_share)))
+        out.append(
+            Arrival(float(times[i]), p["prompt"], p["category"], int(lengths[i]), bool(rng.random() < chat_share))
+        )
     return out
 
 

@@ -101,6 +101,10 @@ class CapturedRouting:
         else:
             self._seq[rid] = self.route(prompt)
 
+    def rows(self, rid: str) -> np.ndarray:
+        """What ``bind`` captured for a request: [tokens it feeds, layers, top_k]."""
+        return self._seq[rid]
+
     def counts(self, spans: list[tuple[str, int, int]]) -> np.ndarray:
         total = np.zeros((self.layers, self.experts), dtype=np.int64)
         for rid, start, n in spans:

@@ -37,39 +37,23 @@ from pathlib import Path
 import numpy as np
 
 from caps_vllm.step_log import read
-from loadtest.stats import quantiles
 from sim.captured_routing import CapturedRouting
+from sim.cpu_twin import Tokenize, figures, run
 from sim.step_profile import FEATURES, MeasuredStep
-from sim.step_time import VllmStepTime
 
 #: (figure, goal as a relative error)
 GOALS = (
     ("steps", 0.05),
     ("throughput_rps", 0.05),
+    ("tpot", 0.10),
     ("ttft_p50", 0.10),
     ("ttft_p90", 0.20),
     ("e2e_p50", 0.10),
     ("e2e_p90", 0.20),
 )
-CPU_BLOCK_SIZE = 128  # vLLM's CPU backend default (platforms/cpu.py)
-CPU_MAX_BATCHED_TOKENS = 2048  # vllm serve's CPU default (EngineArgs)
 
 
-def figures(ttft: list[float], e2e: list[float], ends: list[float], steps: int) -> dict:
-    """One run's figures; ``ends``: completion times from the schedule's start."""
-    t, e = quantiles(ttft), quantiles(e2e)
-    last = max(ends) if ends else 0.0
-    return {
-        "steps": steps,
-        "throughput_rps": len(ends) / last if last > 0 else None,
-        "ttft_p50": t["p50"],
-        "ttft_p90": t["p90"],
-        "e2e_p50": e["p50"],
-        "e2e_p90": e["p90"],
-    }
-
-
-def live_figures(run_dir: Path, steps: list[dict]) -> dict:
+def live_figures(run_dir: Path, steps: list[dict], hold: float = 0.0) -> dict:
     """A live run's figures from its Locust samples and its engine step log's step lines."""
     from loadtest.records import read_samples
 
@@ -79,6 +63,9 @@ def live_figures(run_dir: Path, steps: list[dict]) -> dict:
         [s["e2e_s"] for s in ok],
         [s["t"] + s["held_s"] + s["lag_s"] + s["e2e_s"] for s in ok],
         len(steps),
+        [g for s in ok for g in s["itl_s"]],
+        sum(s["tokens"] for s in ok),
+        hold,
     )
 
 
@@ -95,75 +82,6 @@ def kv_tokens(serve_log: Path) -> int | None:
     """The KV cache size the server reported (``CPU KV cache size: N tokens``)."""
     m = re.search(r"KV cache size: ([\d,]+) tokens", serve_log.read_text(errors="replace"))
     return int(m.group(1).replace(",", "")) if m else None
-
-
-class Tokenize:
-    """Prompts as the server tokenizes them: completions as they are, chat through the template."""
-
-    def __init__(self, model_dir: str) -> None:
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
-
-    def __call__(self, prompt: str, chat: bool) -> list[int]:
-        if not chat:
-            return list(self.tok(prompt)["input_ids"])
-        ids = self.tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
-
-def twin_run(args: dict, seed: int, arm: str, profile: MeasuredStep, tokenize: Tokenize, kv: int, routing_for) -> dict:
-    """One repetition of one arm through the twin: its figures."""
-    from caps_vllm.scheduler import CapsScheduler
-    from loadtest.workload import build, load_prompts
-    from sim.twin import Deployment, Twin, TwinRequest, build_scheduler
-
-    arrivals = build(
-        args["pattern"],
-        load_prompts(args["prompts"] or None),
-        rate=args["rate"],
-        duration=args["duration"],
-        max_requests=args["max_requests"],
-        max_tokens=args["max_tokens"],
-        burst_len=args["burst_len"],
-        chat_share=args["chat_share"],
-        seed=seed,
-        trace=args["trace"] or None,
-        speedup=args["speedup"],
-    )
-    reqs = [
-        TwinRequest(f"r{i}", a.t + profile.front_s, tokenize(a.prompt, a.chat), a.max_tokens, a.category)
-        for i, a in enumerate(arrivals)
-    ]
-    d = Deployment(
-        args["max_num_seqs"],
-        CPU_MAX_BATCHED_TOKENS,
-        max(1, kv // CPU_BLOCK_SIZE),
-        block_size=CPU_BLOCK_SIZE,
-        max_model_len=args["max_model_len"],
-    )
-    caps = {**json.loads(args["caps_config"]), "strategy": arm, "metrics": False}
-    sched = build_scheduler(args["model"], CapsScheduler, d, caps=caps, dtype="float32")
-    routing = routing_for(args["model"])
-    res = Twin(
-        sched,
-        VllmStepTime(profile, routing),
-        block_size=CPU_BLOCK_SIZE,
-        on_arrival=lambda r, req: routing.bind(r.rid, r.prompt, r.output_tokens),
-    ).run(reqs)
-    # The twin's clock starts with the schedule; the client counts from the scheduled time.
-    out, front = profile.output_s, profile.front_s
-    served = list(res.served.values())
-    f = figures(
-        [s.ttft_s + front + out for s in served],
-        [s.e2e_s + front + out for s in served],
-        [s.finished_s + out for s in served],
-        len(res.steps),
-    )
-    f["out_of_order"] = sum(st.out_of_order for st in res.steps)  # admissions FCFS would not have made
-    return f
 
 
 def interval(xs: list[float]) -> dict:
@@ -196,11 +114,17 @@ def compare_workload(folder: Path, profile: MeasuredStep, tokenize_for, routing_
             if kv is None:
                 raise ValueError(f"{d / 'serve.log'}: no 'KV cache size' line")
             steps, _ = read(d / "steps.jsonl")
-            live[r["repeat"]] = live_figures(d, steps)
+            live[r["repeat"]] = live_figures(d, steps, args.get("hold", 0.0) if args["pattern"] == "offline" else 0.0)
             speed.setdefault(arm, []).append(own_steps(steps, profile))
             t0 = time.perf_counter()
-            twin[r["repeat"]] = twin_run(
-                args, r["seed"], arm.removesuffix("-aa"), profile, tokenize_for(args["model"]), kv, routing_for
+            twin[r["repeat"]] = run(
+                args,
+                r["seed"],
+                arm.removesuffix("-aa"),
+                profile,
+                tokenize_for(args["model"]),
+                kv,
+                routing_for(args["model"]),
             )
             print(
                 f"  {folder.name} {arm} repetition {r['repeat'] + 1}: twin in {time.perf_counter() - t0:.1f} s",

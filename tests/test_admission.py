@@ -92,6 +92,19 @@ def test_the_token_budget_engages_caps_with_free_slots_to_spare():
     assert p.plan(w, vec, np.zeros(D), capacity=Capacity(slots=256, tokens=10_000), now=100.0) is None  # all fit
 
 
+def test_fewer_prompt_tokens_are_taken_only_where_the_slots_bind():
+    """Where the sequence slots stop FCFS and both sets fit whole, a shorter complement is the same
+    work done later; where the token budget stops FCFS, CAPS never admits less of it."""
+    w = [Waiting(n, n, 100.0 - a, need=need) for n, a, need in (("hot1", 5, 300), ("hot2", 4, 300), ("b", 3, 100))]
+    p = planner()
+    order = p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=Capacity(slots=2, tokens=2048), now=100.0)
+    assert order[:2] == ["b", "hot1"] or order[:2] == ["hot1", "b"]
+    assert p.stats.reordered == 1 and p.stats.kept_fcfs == 0
+    p = planner()
+    assert p.plan(w, vec, np.array([8.0, 0, 0, 0]), capacity=Capacity(slots=2, tokens=600), now=100.0) is None
+    assert p.stats.kept_fcfs == 1  # FCFS fills the 600 tokens; hot1 + b would use 400
+
+
 def test_preempted_stay_first_then_overdue_then_pinned_then_strategy():
     p = planner(max_wait_ms=1500)
     w = waiting(("hot9", 0.5, True), ("hot3", 1), ("hot1", 5), ("hot4", 0.7), ("hot2", 1.8), ("b", 0.5))

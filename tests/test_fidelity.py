@@ -136,10 +136,24 @@ def test_decode_positions_take_the_routing_of_the_greedy_continuation(tiny_model
 
 
 def test_fidelity_figures_are_computed_alike_on_both_sides():
-    from sim.fidelity import figures, interval
+    from sim.cpu_twin import figures
+    from sim.fidelity import interval
 
-    f = figures([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 8.0], steps=77)
-    assert f == {"steps": 77, "throughput_rps": 0.5, "ttft_p50": 0.2, "ttft_p90": 0.4, "e2e_p50": 2.0, "e2e_p90": 4.0}
+    f = figures([0.1, 0.2, 0.3, 0.4], [1.0, 2.0, 3.0, 4.0], [2.0, 3.0, 4.0, 8.0], 77, [0.1, 0.3], 40, start=0.0)
+    assert f == {
+        "steps": 77,
+        "throughput_rps": 0.5,
+        "tok_s": 5.0,
+        "tpot": pytest.approx(0.2),
+        "makespan": 8.0,
+        "ttft_p50": 0.2,
+        "ttft_p90": 0.4,
+        "ttft_p99": 0.4,
+        "e2e_p50": 2.0,
+        "e2e_p90": 4.0,
+        "e2e_p99": 4.0,
+    }
+    assert figures([0.1], [1.0], [8.0], 3, [], 4, start=6.0)["makespan"] == 2.0  # an offline batch from its resume
     iv = interval([1.0, 2.0, 3.0])
     assert iv["mean"] == 2.0 and iv["lo"] == pytest.approx(2.0 - 4.303 / 3**0.5) and iv["n"] == 3
     assert interval([5.0])["lo"] is None

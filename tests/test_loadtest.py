@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from caps_vllm.step_log import read
 from loadtest.workload import build, load_prompts
 from tests.servers import ROOT
 
@@ -240,7 +241,7 @@ def test_side_by_side_against_live_servers(tiny_model, tmp_path):
         if c["lo"] is not None:
             assert c["lo"] <= c["ratio"] <= c["hi"], name
     text = (out / "report.md").read_text()
-    assert text.splitlines()[0].startswith("step_cost vs fcfs on this machine: E2E p99 ratio ")
+    assert text.splitlines()[0].startswith("step_cost vs fcfs on this machine: TPOT (mean ITL) ratio ")
     assert proc.stdout.splitlines()[0] == text.splitlines()[0]  # what the user reads first
     for name in ("latency_cdf.png", "intervals.png", "imbalance_over_time.png"):
         assert (out / name).stat().st_size > 0
@@ -263,7 +264,7 @@ def _check_step_logs(doc: dict, out, tiny_model) -> None:
     twin tokenizes them to; a profile fits on them and the twin replays the runs."""
     from caps_vllm.step_log import read
     from loadtest.workload import build, load_prompts
-    from sim.fidelity import Tokenize
+    from sim.cpu_twin import Tokenize
 
     tok = Tokenize(str(tiny_model))
     for r in doc["runs"]:
@@ -303,6 +304,68 @@ def _check_step_logs(doc: dict, out, tiny_model) -> None:
     for arm in ("fcfs", "step_cost"):
         f = cell["arms"][arm]["throughput_rps"]
         assert len(f["live_runs"]) == len(f["twin_runs"]) == 2 and all(x > 0 for x in f["twin_runs"])
+
+
+@pytest.mark.server
+def test_an_offline_batch_on_one_server_per_arm(tiny_model, tmp_path):
+    """`--servers per-arm --pattern offline`: both servers up at once, each warmed up and then run
+    twice, interleaved; a batch of 24 requests of 4-12 tokens queued while the scheduler is paused;
+    every run's figures, its makespan, and its own slice of its server's step log."""
+    out = tmp_path / "off"
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.compare",
+        "--model",
+        str(tiny_model),
+        "--pattern",
+        "offline",
+        "--hold",
+        "2",
+        "--max-requests",
+        "24",
+        "--concurrency",
+        "24",
+        "--max-tokens",
+        "12",
+        "--min-tokens",
+        "4",
+        "--max-num-seqs",
+        "4",
+        "--servers",
+        "per-arm",
+        "--repeats",
+        "2",
+        "--bootstrap",
+        "200",
+        "--poll",
+        "1",
+        "--step-log",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    doc = json.loads((out / "compare.json").read_text())
+    lengths = [
+        a.max_tokens
+        for a in build("offline", load_prompts(), max_requests=24, max_tokens=12, min_tokens=4, hold=2, seed=0)
+    ]
+    assert len(set(lengths)) > 3 and min(lengths) >= 4 and max(lengths) <= 12
+    for r in doc["runs"]:
+        s, m = r["summary"], r["metrics"]
+        assert r["status"] == "ok", r["reason"]
+        assert s["completed"] == s["scheduled"] == 24 and s["failures"] == 0
+        assert 0 < s["makespan_s"] < s["wall_s"]
+        assert m["vllm:caps_admitted_requests_total"] == 24  # this run's, not the server's whole life
+        steps, reqs = read(out / "raw" / f"r{r['repeat']}-{r['label']}" / "steps.jsonl")
+        assert len(reqs) == 24 and steps
+    logs = {arm: (out / "raw" / f"server-{arm}" / "steps.jsonl") for arm in ("fcfs", "step_cost")}
+    assert all(len(read(p)[1]) == 3 * 24 for p in logs.values())  # warm-up + 2 runs, all on one server each
+    assert (out / "raw" / "server-fcfs" / "cache").is_dir() and (out / "raw" / "server-step_cost" / "cache").is_dir()
+    text = (out / "report.md").read_text()
+    assert text.splitlines()[0].startswith("step_cost vs fcfs on this machine: makespan ratio ")
+    assert "one server per arm" in text and "empty CAPS cache" in text
 
 
 @pytest.mark.server
