@@ -105,7 +105,7 @@ class VllmServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=cwd,
-            env={**base, **(env or {})},
+            env={k: v for k, v in {**base, **(env or {})}.items() if v is not None},  # None: unset
             preexec_fn=pinned(cpus) if pin_processes else None,
         )
 

@@ -35,6 +35,15 @@ def tiny_model(caps_cache):
 
 
 @pytest.fixture(scope="session")
+def real_cost_model(caps_cache):
+    """The real-cost model (4.3 GB), built once per session."""
+    pytest.importorskip("torch")
+    from caps_vllm.real_cost import build
+
+    return build(caps_cache / "models" / "tiny-qwen2-moe-real-cost")
+
+
+@pytest.fixture(scope="session")
 def model(tiny_model) -> str:
     return str(tiny_model)
 

@@ -102,17 +102,19 @@ def test_room_names_what_is_missing():
 
 
 @pytest.mark.heavy
-def test_the_real_cost_model_has_qwen15_moe_layers_and_the_shipped_routing(tmp_path):
-    """The full build through the command a user runs, then the same comparison in bf16 (float32
-    would take 18 GB): the same experts for every token, logits within bf16's rounding."""
+def test_the_real_cost_model_has_qwen15_moe_layers_and_the_shipped_routing(real_cost_model):
+    """The full build, found up to date through the command a user runs, then the same comparison
+    in bf16 (float32 would take 18 GB): the same experts for every token, logits within bf16's
+    rounding."""
+    rc = real_cost_model
     out = subprocess.run(
-        [sys.executable, "-m", "caps_vllm.cli", "tiny-model", "--real-cost", str(tmp_path / "rc")],
+        [sys.executable, "-m", "caps_vllm.cli", "tiny-model", "--real-cost", str(rc)],
         capture_output=True,
         text=True,
         check=True,
     ).stdout.strip()
-    assert out == str(tmp_path / "rc")
-    cfg = json.loads((tmp_path / "rc" / "config.json").read_text())
+    assert out == str(rc)
+    cfg = json.loads((rc / "config.json").read_text())
     assert (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (2048, 16, 16)
     assert (cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"], cfg["num_experts"]) == (
         1408,
@@ -121,13 +123,33 @@ def test_the_real_cost_model_has_qwen15_moe_layers_and_the_shipped_routing(tmp_p
     )
     from safetensors import safe_open
 
-    with safe_open(str(tmp_path / "rc" / "model.safetensors"), "pt") as f:
+    with safe_open(str(rc / "model.safetensors"), "pt") as f:
         expert = f.get_slice("model.layers.0.mlp.experts.0.gate_proj.weight").get_shape()
     assert expert == [1408, 2048]  # 3 x 1408 x 2048 x 2 bytes: 17.3 MB an expert
     prompts = _real_prompts(6)
     for (la, ea), (lb, eb) in zip(
-        _forward(shipped_dir(), torch.bfloat16, prompts), _forward(tmp_path / "rc", torch.bfloat16, prompts)
+        _forward(shipped_dir(), torch.bfloat16, prompts), _forward(rc, torch.bfloat16, prompts)
     ):
         assert np.array_equal(ea, eb)
         assert np.abs(la - lb).max() <= 2**-5 * np.abs(la).max()  # a bf16 rounding or two
         assert (la.argmax(-1) == lb.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.server
+def test_a_server_with_too_little_kv_space_refuses_to_start(real_cost_model, tmp_path):
+    """vLLM's own error, not a hang: 32 KB of KV per token is 32 MB for one 1024-token request."""
+    from loadtest.server import VllmServer
+
+    server = VllmServer(
+        real_cost_model,
+        ["--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "4", "--kv-cache-memory-bytes", "8000000"],
+        tmp_path / "serve.log",
+        env={"VLLM_CPU_KVCACHE_SPACE": None},  # unset: the legacy variable would override the flag
+    )
+    try:
+        with pytest.raises(RuntimeError, match="vllm serve exited"):
+            server.wait_ready(300)
+    finally:
+        server.stop()
+    log = (tmp_path / "serve.log").read_text()
+    assert "KV cache is needed, which is larger than the available KV cache memory" in log, log[-3000:]
