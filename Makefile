@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus lint test test-fast bench bench-moe fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,14 @@ bench: setup
 bench-moe: setup
 	$(VENV)/bin/caps-vllm profile-moe --out tests/benchmarks/results/moe_kernel_cpu.csv
 	$(MAKE) fit-step-cost
+
+# The same at the real-cost model's layer (Qwen1.5-MoE-A2.7B's) on one core, as the pinned
+# `vllm serve` of make demo runs it (about 5 minutes): the fit CAPS prices steps with there
+# (tests/benchmarks/results/cpu-1thread/step_cost.json; issue 30).
+bench-moe-1thread: setup
+	taskset -c 0 $(VENV)/bin/caps-vllm profile-moe --threads 1 --shapes qwen1.5-moe \
+		--tokens 1 2 4 8 16 32 64 128 256 --out tests/benchmarks/results/cpu-1thread/moe_kernel_cpu.csv
+	$(VENV)/bin/caps-vllm fit-step-cost --csv tests/benchmarks/results/cpu-1thread/moe_kernel_cpu.csv
 
 # Fit the step-cost model to the measured kernel times (writes caps_vllm/data/step_cost.json).
 fit-step-cost: setup

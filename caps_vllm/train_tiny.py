@@ -38,6 +38,21 @@ def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return train, held
 
 
+def write_held_out(pool: Path, out: Path, min_prompts: int = 20) -> int:
+    """The held-out prompts of the categories with at least ``min_prompts`` of them, as JSON lines
+    (id, source, license, category, prompt): never trained on, shipped for the demo and the studies."""
+    import json
+
+    _, held = split(prompt_pool(pool))
+    counts: dict[str, int] = {}
+    for r in held:
+        counts[r["category"]] = counts.get(r["category"], 0) + 1
+    keep = [r for r in held if counts[r["category"]] >= min_prompts]
+    fields = ("id", "source", "license", "category", "prompt")
+    Path(out).write_text("".join(json.dumps({k: r[k] for k in fields}) + "\n" for r in keep))
+    return len(keep)
+
+
 def pack(tok, rows: list[dict], seq_len: int) -> np.ndarray:
     """Prompts as one token stream separated by <|endoftext|>, cut into [blocks, seq_len]."""
     sep = tok.convert_tokens_to_ids("<|endoftext|>")
@@ -186,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m caps_vllm.train_tiny", description=__doc__.split("\n")[0])
     ap.add_argument("--pool", type=Path, default=Path("../shared/data/prompts/topic_prompts_combined.jsonl"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument(
+        "--held-out-only",
+        action="store_true",
+        help="no training: write the pool's held-out prompts (categories with >= 20) to --out as JSON lines",
+    )
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=16)
@@ -202,6 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: bitwise reproducible)")
     a = ap.parse_args(argv)
+    if a.held_out_only:
+        print(f"{write_held_out(a.pool, a.out)} held-out prompts -> {a.out}")
+        return
     train(
         a.pool,
         a.out,

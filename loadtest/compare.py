@@ -310,7 +310,12 @@ def analyse(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="", help="model path or name (default: the embedded tiny MoE)")
+    ap.add_argument(
+        "--model",
+        default="",
+        help="model path or name; 'real-cost': the embedded model at Qwen1.5-MoE-A2.7B's expert size "
+        "(built on first use, 4.3 GB); default: the embedded tiny MoE",
+    )
     ap.add_argument("--pattern", choices=PATTERNS, default="bursty")
     add_load_options(ap)
     ap.set_defaults(rate=6.0)
@@ -415,7 +420,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--strategies: a comparison needs two arms (or one and --aa)")
     arms = list(args.strategies) + ([f"{baseline}-aa"] if args.aa else [])
     aa = f"{baseline}-aa" if args.aa else None
-    if not args.model:
+    if args.model == "real-cost":
+        from caps_vllm.real_cost import CannotBuild, build
+
+        try:
+            args.model = str(build())
+        except CannotBuild as exc:
+            ap.error(f"--model real-cost: {exc}")
+    elif not args.model:
         from caps_vllm.tiny_model import generate
 
         args.model = str(generate())
