@@ -133,7 +133,8 @@ model: setup
 # engine against the token-id ceiling (sim/results/routing/predictor.{md,json,png}, a few minutes).
 POOL ?= ../shared/data/prompts/topic_prompts_combined.jsonl
 train-model: setup
-	$(PY) -m caps_vllm.train_tiny --pool $(POOL) --out caps_vllm/data/tiny-qwen2-moe --steps 2000
+	$(PY) -m caps_vllm.train_tiny --pool $(POOL) --out caps_vllm/data/tiny-qwen2-moe --steps 2000 --vocab 4096 --aux-coef 0.001
+	$(PY) -m caps_vllm.train_tiny --held-out-only --pool $(POOL) --out caps_vllm/data/held_out_prompts.jsonl
 
 model-study: setup
 	$(PY) -m sim.model_study --pool $(POOL) --out sim/results/routing

@@ -1,7 +1,7 @@
 """The embedded default model: a tiny Qwen2-MoE trained on real text, shipped with the package.
 
-No model hub is needed: ``caps_vllm/data/tiny-qwen2-moe/`` holds bf16 weights (13 MB), a
-byte-level BPE tokenizer and the training record, written by :mod:`caps_vllm.train_tiny`
+No model hub is needed: ``caps_vllm/data/tiny-qwen2-moe/`` holds bf16 weights (15 MB), a
+byte-level BPE tokenizer (4096 ids) and the training record, written by :mod:`caps_vllm.train_tiny`
 (60 routed experts, top-4 and a shared expert like Qwen1.5-MoE, 4 layers of hidden 128).
 Its routers learned from the prompt pool, so expert loads follow topics as in a real MoE;
 ``generate`` copies it into the cache folder where vLLM and the predictor read it. The
@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-VOCAB = 1024
+VOCAB = 4096
 SHIPPED = "data/tiny-qwen2-moe"
 MODEL_FILES = (
     "config.json",
@@ -82,7 +82,7 @@ def build_tokenizer(corpus: list[str], out: Path, vocab: int = VOCAB):
     return hf
 
 
-def model_config(tok, layers: int = 4, aux_coef: float = 0.01):
+def model_config(tok, layers: int = 4, aux_coef: float = 0.001):
     """The embedded model's Qwen2-MoE shape (trained and untrained alike)."""
     from transformers import Qwen2MoeConfig
 

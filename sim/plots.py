@@ -57,9 +57,10 @@ def write_figures(doc: dict, out: Path) -> list[Path]:
 
 
 def model_figure(doc: dict, out: Path) -> list[Path]:
-    """model.png: the training curve and the topic skew per layer, trained vs untrained."""
+    """model.png: the training curve, the topic skew per layer (trained, untrained, the real models'
+    band) and the one-topic-vs-mixed distinct-expert gap against batch size beside the real models'."""
     curve = doc["training"]["curve"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 3.8))
     pts = [p for p in curve if "train_loss" in p]
     a.plot([p["step"] for p in pts], [p["train_loss"] for p in pts], lw=1, label="train loss (LM)")
     ev = [p for p in curve if "held_out_ppl" in p]
@@ -72,11 +73,25 @@ def model_figure(doc: dict, out: Path) -> list[Path]:
     layers = np.arange(len(doc["trained"]["cv"]))
     for name, off in (("trained", -0.2), ("untrained", 0.2)):
         b.bar(layers + off, doc[name]["topic_js_to_pool_bits"], width=0.4, label=name)
+    if "band" in doc:
+        b.axhspan(*doc["band"]["skew"], color="grey", alpha=0.2, label="real models' range")
     b.set_xticks(layers, [str(v) for v in layers])
     b.set_xlabel("MoE layer")
     b.set_ylabel("JS(category ‖ pool), bits")
     b.set_title("topic skew of expert choice")
-    b.legend()
+    b.legend(fontsize=8)
+    if "references" in doc:
+        for name, r in (
+            ("embedded model", doc["trained"]),
+            *((r["model"].split(",")[0], r) for r in doc["references"].values()),
+        ):
+            g = r["one_topic_vs_mixed"]
+            c.plot([x["tokens"] for x in g], [100 * x["gap"] for x in g], "o-", ms=3, label=name)
+        c.set_xscale("log", base=2)
+        c.set_xlabel("tokens in the batch (one per request)")
+        c.set_ylabel("one topic vs mixed, distinct experts (%)")
+        c.set_title("what grouping by topic saves")
+        c.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, out, pdf=False)
 
