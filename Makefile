@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread real-cost-calibrate fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -164,6 +164,25 @@ LOADTEST_ARGS ?= --pattern bursty --rate 10 --duration 60 --repeats 3 --aa
 LOADTEST_OUT ?= loadtest/results/latest
 loadtest: setup
 	@$(PY) -m loadtest.compare $(LOADTEST_ARGS) --out $(LOADTEST_OUT)
+
+# Where expert reads cost (issue 30): the real-cost model (the embedded model's routing at
+# Qwen1.5-MoE-A2.7B's expert size, 4.3 GB) served on one pinned core. Calibration: FCFS offline
+# batches at 4-64 sequences and a Poisson run, with step logs (about 25 minutes); the twin's cpu
+# profile is fitted on them, and the routed experts' share of a decode step read off them.
+RC_OUT ?= loadtest/results/real-cost
+RC_LOAD ?= --model real-cost --prompts caps_vllm/data/held_out_prompts.jsonl --max-tokens 96 --min-tokens 32 --step-log
+RC_MODEL = $$($(PY) -m caps_vllm.tiny_model --real-cost)
+real-cost-calibrate: setup
+	for s in 4 8 16 32 64; do \
+		$(PY) -m loadtest.compare $(RC_LOAD) --pattern offline --hold 8 --max-requests $$((s * 6)) \
+			--concurrency $$((s * 6)) --max-num-seqs $$s --strategies fcfs --aa --servers per-arm --warmup 0 \
+			--repeats 1 --out $(RC_OUT)/calibrate-offline-$$s || exit 1; \
+	done
+	$(PY) -m loadtest.compare $(RC_LOAD) --pattern poisson --rate 0.6 --duration 90 --max-num-seqs 8 \
+		--strategies fcfs --aa --servers per-arm --warmup 0 --repeats 1 --out $(RC_OUT)/calibrate-poisson-8
+	$(PY) -m sim.step_profile --runs $(RC_OUT)/calibrate-* --out sim/profiles/cpu-real-cost.json
+	$(PY) -m sim.moe_share --runs $(RC_OUT)/calibrate-offline-* --model "$(RC_MODEL)" \
+		--fit tests/benchmarks/results/cpu-1thread/step_cost.json --out sim/results/cpu/moe_share
 
 # The README's main job: generate the embedded tiny MoE, serve it with FCFS order and with CAPS
 # under the same short bursty Locust load, three interleaved repetitions each (a fresh server per
