@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread real-cost-calibrate fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread real-cost-calibrate cpu-study fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -183,6 +183,12 @@ real-cost-calibrate: setup
 	$(PY) -m sim.step_profile --runs $(RC_OUT)/calibrate-* --out sim/profiles/cpu-real-cost.json
 	$(PY) -m sim.moe_share --runs $(RC_OUT)/calibrate-offline-* --model "$(RC_MODEL)" \
 		--fit tests/benchmarks/results/cpu-1thread/step_cost.json --out sim/results/cpu/moe_share
+
+# CAPS's rules for this regime, chosen in the twin of the calibrated server before any live run:
+# oracle headroom and every candidate per cell (sim/results/cpu/study.md; about 45 minutes).
+cpu-study: setup
+	$(PY) -m sim.cpu_study --profile sim/profiles/cpu-real-cost.json --prompts caps_vllm/data/held_out_prompts.jsonl \
+		--fit tests/benchmarks/results/cpu-1thread/step_cost.json --out sim/results/cpu
 
 # The README's main job: generate the embedded tiny MoE, serve it with FCFS order and with CAPS
 # under the same short bursty Locust load, three interleaved repetitions each (a fresh server per

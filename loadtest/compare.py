@@ -102,6 +102,15 @@ def plan_runs(arms: list[str], repeats: int) -> list[tuple[int, str]]:
     return [(r, arms[(r + i) % k]) for r in range(repeats) for i in range(k)]
 
 
+def arm_caps(strategy: str, caps: dict) -> dict:
+    """The CAPS settings of an arm running ``strategy``: ``caps`` with the strategy set, its
+    ``strategy_params`` (the compared strategy's) left out for ``fcfs``, which takes none."""
+    out = {**caps, "strategy": strategy}
+    if strategy == "fcfs":
+        out.pop("strategy_params", None)
+    return out
+
+
 def arm_args(arm: str, baseline: str, caps: dict) -> list[str]:
     """``vllm serve`` scheduler arguments of an arm (``<baseline>-aa`` is a copy of the baseline)."""
     name = baseline if arm == f"{baseline}-aa" else arm
@@ -111,7 +120,7 @@ def arm_args(arm: str, baseline: str, caps: dict) -> list[str]:
         "--scheduler-cls",
         "caps_vllm.CapsScheduler",
         "--additional-config",
-        json.dumps({"caps": {**caps, "strategy": name}}),
+        json.dumps({"caps": arm_caps(name, caps)}),
     ]
 
 

@@ -19,7 +19,8 @@ P50/P99, E2E P99 and distinct experts per decode step, each the mean over ``--se
 candidate with the best mean TPOT gain over the cells among those never more than 0.5 %
 throughput or 10 % TTFT P99 worse than FCFS in any cell.
 
-    python -m sim.cpu_study --profile sim/profiles/cpu-real-cost.json --out sim/results/cpu
+    python -m sim.cpu_study --profile sim/profiles/cpu-real-cost.json \\
+        --prompts caps_vllm/data/held_out_prompts.jsonl --out sim/results/cpu      # make cpu-study
 """
 
 from __future__ import annotations
@@ -169,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", required=True, help="the measured cpu profile of the real-cost server")
     ap.add_argument("--model", default="", help="the served model (default: the real-cost model)")
     ap.add_argument("--prompts", default="", help="JSON-lines prompt pool (default: the project's)")
-    ap.add_argument("--cost", type=json.loads, default=None, help="step_cost's coefficients (JSON)")
+    ap.add_argument(
+        "--fit",
+        default="tests/benchmarks/results/cpu-1thread/step_cost.json",
+        help="fit-step-cost's JSON at the server's core count: step_cost's coefficients",
+    )
     ap.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
     ap.add_argument("--patterns", nargs="+", default=["poisson", "offline"])
     ap.add_argument("--load", type=float, default=0.9, help="Poisson rate as a share of FCFS's capacity")
@@ -191,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     from sim.step_profile import MeasuredStep
 
     a.model = a.model or str(build())
+    from caps_vllm.step_cost import StepCostModel
+
+    a.cost = StepCostModel.load(a.fit).as_dict()
     profile = MeasuredStep.load(a.profile)
     tokenize, routing = Tokenize(a.model), CapturedRouting(a.model)
     cands = candidates(a.min_gains, a.max_passes, a.windows)

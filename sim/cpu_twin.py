@@ -103,6 +103,7 @@ def run(
     prediction, what no predictor can know in advance."""
     from caps_vllm.routing import counts_from_rows
     from caps_vllm.scheduler import CapsScheduler
+    from loadtest.compare import arm_caps
     from sim.step_time import VllmStepTime
     from sim.twin import Deployment, Twin, TwinRequest, build_scheduler
 
@@ -120,7 +121,7 @@ def run(
         max_model_len=args["max_model_len"],
         enable_prefix_caching="--no-enable-prefix-caching" not in args.get("serve_arg", []),
     )
-    cfg = {**json.loads(args["caps_config"]), **(caps or {}), "strategy": arm, "metrics": False}
+    cfg = {**arm_caps(arm, {**json.loads(args["caps_config"]), **(caps or {})}), "metrics": False}
     sched = build_scheduler(args["model"], CapsScheduler, d, caps=cfg, dtype="float32")
 
     def on_arrival(r, req) -> None:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from loadtest.compare import plan_runs
+from loadtest.compare import arm_args, plan_runs
 from loadtest.records import classify, run_data
 from loadtest.report import headline, report
 from loadtest.stats import BY_NAME, FIGURES, Interval, RunData, compare, pooled, verdict
@@ -25,6 +25,18 @@ def test_runs_are_interleaved_and_every_arm_runs_once_per_repetition():
         assert sorted(arm for r, arm in order if r == rep) == ["a", "b", "c"]
     positions = {arm: sorted(i % 3 for i, (_, a) in enumerate(order) if a == arm) for arm in "abc"}
     assert all(p == [0, 1, 2] for p in positions.values())  # each arm in each position once
+
+
+def test_the_compared_strategys_params_stay_out_of_the_fcfs_arms():
+    caps = {"strategy_params": {"cost": {"weight_ms": 1.0}}, "min_gain": 0.0}
+
+    def of(arm):
+        args = arm_args(arm, "fcfs", caps)
+        return json.loads(args[args.index("--additional-config") + 1])["caps"] if args else None
+
+    assert of("step_cost") == {**caps, "strategy": "step_cost"}
+    assert of("fcfs") == of("fcfs-aa") == {"min_gain": 0.0, "strategy": "fcfs"}  # fcfs takes no parameters
+    assert of("stock") is None
 
 
 def _run(rng, scale=1.0, n=300, tput=8.0):
