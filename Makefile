@@ -170,7 +170,8 @@ loadtest: setup
 # batches at 4-64 sequences and a Poisson run, with step logs (about 25 minutes); the twin's cpu
 # profile is fitted on them, and the routed experts' share of a decode step read off them.
 RC_OUT ?= loadtest/results/real-cost
-RC_LOAD ?= --model real-cost --prompts caps_vllm/data/held_out_prompts.jsonl --max-tokens 96 --min-tokens 32 --step-log
+RC_LOAD ?= --model real-cost --prompts caps_vllm/data/held_out_prompts.jsonl --max-tokens 96 --min-tokens 32 --step-log \
+	--request-timeout 900
 RC_MODEL = $$($(PY) -m caps_vllm.tiny_model --real-cost)
 real-cost-calibrate: setup
 	for s in 4 8 16 32 64; do \

@@ -84,7 +84,10 @@ class VllmServer:
         vllm = Path(sys.executable).with_name("vllm")
         # The metrics folder is the caller's choice, never inherited from the shell.
         base = {k: v for k, v in os.environ.items() if k.lower() != "prometheus_multiproc_dir"}
-        base.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        if any(a.startswith("--kv-cache-memory-bytes") for a in args):
+            base.pop("VLLM_CPU_KVCACHE_SPACE", None)  # vLLM's legacy variable would override the flag
+        else:
+            base.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         if cpus:
             omp = cpus[1:] if len(cpus) >= 2 else cpus
             base["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, omp))
@@ -105,7 +108,7 @@ class VllmServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,
             cwd=cwd,
-            env={k: v for k, v in {**base, **(env or {})}.items() if v is not None},  # None: unset
+            env={**base, **(env or {})},
             preexec_fn=pinned(cpus) if pin_processes else None,
         )
 

@@ -144,7 +144,6 @@ def test_a_server_with_too_little_kv_space_refuses_to_start(real_cost_model, tmp
         real_cost_model,
         ["--max-model-len", "1024", "--enforce-eager", "--max-num-seqs", "4", "--kv-cache-memory-bytes", "8000000"],
         tmp_path / "serve.log",
-        env={"VLLM_CPU_KVCACHE_SPACE": None},  # unset: the legacy variable would override the flag
     )
     try:
         with pytest.raises(RuntimeError, match="vllm serve exited"):
