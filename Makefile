@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread real-cost-calibrate cpu-study fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread real-cost-calibrate cpu-study real-cost-live fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -188,8 +188,28 @@ real-cost-calibrate: setup
 # CAPS's rules for this regime, chosen in the twin of the calibrated server before any live run:
 # oracle headroom and every candidate per cell (sim/results/cpu/study.md; about 45 minutes).
 cpu-study: setup
-	$(PY) -m sim.cpu_study --profile sim/profiles/cpu-real-cost.json --prompts caps_vllm/data/held_out_prompts.jsonl \
-		--fit tests/benchmarks/results/cpu-1thread/step_cost.json --out sim/results/cpu
+	$(PY) -m sim.cpu_study --profile sim/profiles/cpu-real-cost.json --out sim/results/cpu
+
+# FCFS vs CAPS live on the real-cost model (issue 30): one server per arm (3 with the A/A control,
+# 0.5 GiB of KV each), warmed up, interleaved repetitions; the project's short prompts, 64-192
+# output tokens. Offline batches at 4-32 sequences with the offline rules chosen in the twin,
+# Poisson at 0.97x the twin's capacity at 8 and 16 with the online ones (about 3 hours; the cells
+# as max_num_seqs:batch and max_num_seqs:rate in RC_OFFLINE_CELLS / RC_POISSON_CELLS).
+RC_CAPS_OFFLINE ?= {"strategy_params":{"cost":{"fixed_ms":0.0,"weight_ms":0.5208,"token_ms":0.093,"form":"linear"}},"min_gain":0.0,"max_passes":2,"window_size":128}
+RC_CAPS_ONLINE ?= {"strategy_params":{"cost":{"fixed_ms":0.0,"weight_ms":0.5208,"token_ms":0.093,"form":"linear"}},"min_gain":0.02,"max_passes":2,"window_size":32}
+RC_LIVE ?= --model real-cost --max-tokens 192 --min-tokens 64 --step-log --request-timeout 900 --servers per-arm \
+	--warmup 1 --warmup-requests 16 --strategies fcfs step_cost --aa --serve-arg=--kv-cache-memory-bytes=536870912
+RC_OFFLINE_CELLS ?= 4:48 8:64 16:96 32:128
+RC_POISSON_CELLS ?= 8:0.45 16:0.61
+real-cost-live: setup
+	for sb in $(RC_OFFLINE_CELLS); do s=$${sb%:*}; b=$${sb#*:}; \
+		$(PY) -m loadtest.compare $(RC_LIVE) --pattern offline --hold 10 --max-requests $$b --concurrency $$b \
+			--max-num-seqs $$s --repeats 3 --caps-config '$(RC_CAPS_OFFLINE)' --out $(RC_OUT)/offline-$$s || exit 1; \
+	done
+	for sr in $(RC_POISSON_CELLS); do s=$${sr%:*}; r=$${sr#*:}; \
+		$(PY) -m loadtest.compare $(RC_LIVE) --pattern poisson --rate $$r --duration 150 --max-num-seqs $$s \
+			--repeats 3 --caps-config '$(RC_CAPS_ONLINE)' --out $(RC_OUT)/poisson-$$s || exit 1; \
+	done
 
 # The README's main job: generate the embedded tiny MoE, serve it with FCFS order and with CAPS
 # under the same short bursty Locust load, three interleaved repetitions each (a fresh server per

@@ -373,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=int, default=1, help="per-arm: unmeasured runs of each server first (another seed)"
     )
     ap.add_argument(
+        "--warmup-requests",
+        type=int,
+        default=None,
+        help="per-arm: at most this many requests in a warm-up run (default: as many as a measured run)",
+    )
+    ap.add_argument(
         "--serve-arg",
         action="append",
         default=[],
@@ -508,10 +514,13 @@ def main(argv: list[str] | None = None) -> int:
                 servers[arm] = start_server(arm, caps_of(arm, d), args, d, cpus, wait=False)
             for server in servers.values():
                 ready(server, args, cpus)
+            warm = argparse.Namespace(
+                **{**vars(args), "max_requests": min(args.max_requests, args.warmup_requests or args.max_requests)}
+            )
             for w in range(args.warmup):
                 for arm in arms:
                     r = drive(
-                        servers[arm], arm, -1, args.seed + 1000 + w, args, raw / f"server-{arm}" / f"warmup{w}", cpus
+                        servers[arm], arm, -1, args.seed + 1000 + w, warm, raw / f"server-{arm}" / f"warmup{w}", cpus
                     )
                     print(f"warm-up {w + 1}, {arm}: {r['status']}", file=sys.stderr, flush=True)
             for i, (rep, arm) in enumerate(order, 1):

@@ -40,6 +40,8 @@ def test_the_rules_chosen_gain_most_within_the_bounds():
     assert c["chosen"] == "modest"
     assert c["scores"]["fast but late"] == {"mean_tpot_gain": pytest.approx(0.2), "within_bounds": False}
     assert not c["scores"]["slower"]["within_bounds"]
+    offline = choose({"offline 8": cells["offline 8"]}, ["fast but late", "modest", "slower"])
+    assert offline["chosen"] == "fast but late"  # an offline batch's TTFT is not a bound
 
 
 def test_the_routed_experts_share_of_a_decode_step(tmp_path):
