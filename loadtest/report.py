@@ -10,7 +10,7 @@ from loadtest.stats import BY_NAME, FIGURES, LEVEL, Interval, RunData, fmt_inter
 
 #: per load pattern, the headline's lead figure and the ones named after it (default: the others)
 LEADS = {
-    "offline": ("makespan", ("TPOT (mean ITL)", "TTFT p99", "E2E p99")),
+    "offline": ("makespan", ("TPOT (mean ITL)", "output tokens/s", "actual distinct experts/layer/step")),
     "": ("TPOT (mean ITL)", ("output tokens/s", "TTFT p99", "E2E p99")),
 }
 
@@ -105,8 +105,18 @@ def report(doc: dict, runs: list[dict], data: dict[tuple[int, str], RunData], ou
         "",
         f"Command: `{doc['command']}`",
         "",
-        f"Model `{a['model']}`, max_num_seqs {a['max_num_seqs']}, {a['max_tokens']} output tokens/request, "
-        f"rate {a['rate']}/s for {a['duration']:g} s (≤ {a['max_requests']} requests), seeds {a['seed']}"
+        f"Model `{a['model']}`, max_num_seqs {a['max_num_seqs']}, "
+        + (
+            f"{a['min_tokens']}–{a['max_tokens']} output tokens/request (uniform)"
+            if a.get("min_tokens")
+            else f"{a['max_tokens']} output tokens/request"
+        )
+        + (
+            f", an offline batch of {a['max_requests']} requests"
+            if a["pattern"] == "offline"
+            else f", rate {a['rate']}/s for {a['duration']:g} s (≤ {a['max_requests']} requests)"
+        )
+        + f", seeds {a['seed']}"
         f"…{a['seed'] + a['repeats'] - 1} (one per repetition, the same in every arm), concurrency ≤ "
         f"{a['concurrency']}"
         + (f", scheduler paused for the first {a['hold']:g} s" if a["hold"] else "")
@@ -118,7 +128,7 @@ def report(doc: dict, runs: list[dict], data: dict[tuple[int, str], RunData], ou
         )
         + f"; {pin_text}"
         + (f"; {doc['cache']}" if doc.get("cache") else "")
-        + ". CAPS settings of the CAPS arms: `{a['caps_config']}`. Intervals: bootstrap "
+        + f". CAPS settings of the CAPS arms: `{a['caps_config']}`. Intervals: bootstrap "
         f"({a['bootstrap']} draws) over repetitions (paired) and requests; a run whose load generator's "
         f"P99 lag exceeded {a['max_lag']:g} s is invalid and left out.",
         "",

@@ -84,6 +84,14 @@ def arrivals_of(args: dict, seed: int):
     )
 
 
+def arrival_times(sent: list[float], front_s: float, hold: float) -> list[float]:
+    """When each request reaches the scheduler: ``front_s`` after it was sent, and an offline
+    batch, queued while the scheduler is paused, at the resume in the order it was sent, a
+    microsecond apart (CAPS's starvation bound counts who was passed over by a younger request;
+    live, no two arrivals tie)."""
+    return [max(t + front_s, hold + i * 1e-6) for i, t in enumerate(sent)]
+
+
 def run(
     args: dict,
     seed: int,
@@ -108,10 +116,10 @@ def run(
     from sim.twin import Deployment, Twin, TwinRequest, build_scheduler
 
     hold = float(args.get("hold", 0.0)) if args["pattern"] == "offline" else 0.0
+    arrivals = arrivals_of(args, seed)
     reqs = [
-        # an offline batch queues while the scheduler is paused: everything is there at the resume
-        TwinRequest(f"r{i}", max(a.t + profile.front_s, hold), tokenize(a.prompt, a.chat), a.max_tokens, a.category)
-        for i, a in enumerate(arrivals_of(args, seed))
+        TwinRequest(f"r{i}", t, tokenize(a.prompt, a.chat), a.max_tokens, a.category)
+        for i, (a, t) in enumerate(zip(arrivals, arrival_times([a.t for a in arrivals], profile.front_s, hold)))
     ]
     d = Deployment(
         args["max_num_seqs"],

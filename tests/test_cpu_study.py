@@ -8,6 +8,7 @@ import pytest
 
 from caps_vllm.step_cost import StepCostModel
 from sim.cpu_study import choose
+from sim.cpu_twin import arrival_times
 from sim.moe_share import shares
 
 
@@ -58,3 +59,10 @@ def test_the_routed_experts_share_of_a_decode_step(tmp_path):
     assert row["running"] == 8 and row["steps"] == 30 and row["distinct_per_layer"] == 20.0
     assert row["moe_ms"] == pytest.approx(4 * 0.5 + 80 * 1.0 + 8 * 4 * 4 * 0.25)  # 114 ms of a 200 ms step
     assert row["moe_share"] == pytest.approx(0.57) and row["read_share"] == pytest.approx(0.4)
+
+
+def test_an_offline_batch_reaches_the_twin_in_the_order_it_was_sent():
+    # sent during a 5 s hold: all there at the resume, none tied (the starvation bound needs an order)
+    t = arrival_times([0.0, 0.01, 0.02, 4.5], front_s=0.002, hold=5.0)
+    assert all(5.0 <= x < 5.001 for x in t) and t == sorted(t) and len(set(t)) == 4
+    assert arrival_times([1.0, 2.0], front_s=0.002, hold=0.0) == [1.002, 2.002]  # online: as sent
