@@ -212,8 +212,10 @@ def report(doc: dict) -> str:
                 )
         lines.append("")
     lines += [
-        "What a CPU run cannot show: the tiny model's steps are Python- and overhead-bound, so this checks the "
-        "twin's scheduling, clock and measured profile against vLLM's, not the GPU roofline profiles.",
+        "What a CPU run cannot show: a GPU's step; this checks the twin's scheduling, clock and measured CPU "
+        "profile against vLLM's, not the GPU roofline profiles. Where the profile prices a run's own steps "
+        "below 1, this shared machine ran slower than when it was profiled, and the twin, which has one "
+        "machine speed, is fast by as much.",
         "",
     ]
     return "\n".join(lines)
