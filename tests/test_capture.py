@@ -51,7 +51,7 @@ def test_capture_switches_off_with_one_warning_for_a_dense_model(tmp_path, tiny_
     import transformers
 
     cfg = transformers.Qwen2Config(
-        vocab_size=1024,
+        vocab_size=transformers.AutoConfig.from_pretrained(tiny_model).vocab_size,  # the embedded tokenizer's ids
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=2,
