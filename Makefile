@@ -6,7 +6,7 @@ EXTRAS ?= cpu,sim,test,loadtest
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread real-cost-calibrate cpu-study real-cost-live fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
+.PHONY: setup prometheus lint test test-fast bench bench-moe bench-moe-1thread real-cost-calibrate cpu-study real-cost-live fit-step-cost sim-step-cost twin-study twin-fidelity-live twin-fidelity headroom train-model model-study predictor-study regime-map gpu-expert-reads sim-paper sim-trace model serve monitor loadtest demo vllm-invariants clean
 
 setup: $(STAMP)
 
@@ -109,6 +109,22 @@ twin-fidelity: setup
 # sim/results/routing/headroom.md (needs ../shared; a few minutes).
 headroom: setup
 	$(PY) -m sim.headroom --routing ../shared/data/routing --out sim/results/routing
+
+# The regime map (issue 31): FCFS / CAPS / oracle on offloaded, cached, CPU-computed and resident
+# experts, five model shapes, 4-256 sequences, offline / Poisson 0.5-1.2x / bursty / Azure trace;
+# the dispatch bound beside it; report, heat maps (sim/results/regime; two processes, about an hour).
+regime-map: setup
+	{ $(PY) -m sim.regime_map --models qwen3-30b-a3b olmoe-1b-7b --out sim/results/regime && \
+	  $(PY) -m sim.dispatch_bound --out sim/results/regime/dispatch_bound.json; } & a=$$!; \
+	{ $(PY) -m sim.regime_map --models deepseek-v2-lite qwen1.5-moe-a2.7b --out sim/results/regime && \
+	  $(PY) -m sim.regime_map --models deepseek-v3-like --seqs 4 16 64 --traffic offline poisson@1.2 bursty@0.9 \
+		--out sim/results/regime; } & b=$$!; wait $$a && wait $$b
+	$(PY) -m sim.regime_map --report --out sim/results/regime
+
+# What a distinct expert costs on a GPU (pinned-host reads, in-place UVA reads, HBM, grouped GEMM):
+# the PCIe figure the regime map assumes, measured. Torch and Triton only; for a lent GPU.
+gpu-expert-reads:
+	$(PYTHON) tests/benchmarks/gpu_expert_reads.py --out $${OUT:-.}/gpu_expert_reads.json
 
 # The prototype's full sweep; writes sim/results/paper (and the equal-mass variant).
 sim-paper: setup

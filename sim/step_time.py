@@ -66,6 +66,8 @@ class ModelShape:
         p = Path(path)
         cfg = json.loads((p / "config.json" if p.is_dir() else p).read_text())
         mt = cfg.get("model_type", "")
+        if not (cfg.get("num_experts") or cfg.get("n_routed_experts")):
+            raise ValueError(f"{p}: no MoE layers (model_type {mt!r}: no num_experts or n_routed_experts)")
         h, layers, vocab = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
         heads = cfg["num_attention_heads"]
         kv_heads = cfg.get("num_key_value_heads", heads)
@@ -86,7 +88,7 @@ class ModelShape:
             per_token = layers * attn + len(moe) * shared + (layers - len(moe)) * dense_mlp
             kv = (lora + rope) * layers * 2  # MLA caches the compressed latent and the rope key
             inter = cfg["moe_intermediate_size"]
-        else:  # qwen2_moe, qwen3_moe
+        else:  # qwen2_moe, qwen3_moe, olmoe (no shared experts, every layer MoE)
             experts, top_k = cfg["num_experts"], cfg["num_experts_per_tok"]
             step = cfg.get("decoder_sparse_step", 1)
             skip = set(cfg.get("mlp_only_layers", []) or [])
@@ -97,7 +99,8 @@ class ModelShape:
             dense_mlp = 3 * h * cfg["intermediate_size"]
             per_token = layers * attn + len(moe) * shared + (layers - len(moe)) * dense_mlp
             kv = 2 * layers * kv_heads * head_dim * 2
-            inter = cfg["moe_intermediate_size"]
+            # OLMoE's config names its expert width intermediate_size (no dense MLPs there)
+            inter = cfg.get("moe_intermediate_size", cfg["intermediate_size"])
         per_token += h * vocab  # lm head
         return cls(name or p.name, layers, moe, experts, top_k, h, inter, float(per_token), float(kv))
 
