@@ -112,14 +112,21 @@ headroom: setup
 
 # The regime map (issue 31): FCFS / CAPS / oracle on offloaded, cached, CPU-computed and resident
 # experts, five model shapes, 4-256 sequences, offline / Poisson 0.5-1.2x / bursty / Azure trace;
-# the dispatch bound beside it; report, heat maps (sim/results/regime; two processes, about an hour).
+# the dispatch bound and a dispatch study with load beside it; report, heat maps (sim/results/regime; two processes, about an hour),
+# then stricter and eager online rules on a subset (sim/results/regime/online-rules, ~20 minutes).
 regime-map: setup
 	{ $(PY) -m sim.regime_map --models qwen3-30b-a3b olmoe-1b-7b --out sim/results/regime && \
-	  $(PY) -m sim.dispatch_bound --out sim/results/regime/dispatch_bound.json; } & a=$$!; \
+	  $(PY) -m sim.dispatch_bound --out sim/results/regime/dispatch_bound.json && \
+	  $(PY) -m sim.dispatch_study --out sim/results/regime/dispatch; } & a=$$!; \
 	{ $(PY) -m sim.regime_map --models deepseek-v2-lite qwen1.5-moe-a2.7b --out sim/results/regime && \
 	  $(PY) -m sim.regime_map --models deepseek-v3-like --seqs 4 16 64 --traffic offline poisson@1.2 bursty@0.9 \
 		--out sim/results/regime; } & b=$$!; wait $$a && wait $$b
 	$(PY) -m sim.regime_map --report --out sim/results/regime
+	@# online rules beside the shipped ones, where the oracle finds headroom online
+	$(PY) -m sim.regime_map --models deepseek-v2-lite qwen3-30b-a3b --kinds offload cache-lru --seqs 4 8 16 \
+		--traffic offline poisson@0.9 poisson@1.2 azure@0.9 --out sim/results/regime/online-rules \
+		--extra-arms '{"caps-strict": {"min_gain": 0.05, "max_passes": 1}, "caps-eager": {"min_gain": 0.0}}'
+	$(PY) -m sim.regime_map --report --out sim/results/regime/online-rules
 
 # What a distinct expert costs on a GPU (pinned-host reads, in-place UVA reads, HBM, grouped GEMM):
 # the PCIe figure the regime map assumes, measured. Torch and Triton only; for a lent GPU.

@@ -124,8 +124,11 @@ def workload(routing, traffic: str, n: int, rate: float, seed: int, lengths, voc
     return Workload(reqs, "offline" if traffic == "offline" else "online")
 
 
-def run_arm(arm: str, w: Workload, model_dir: Path, step, deployment: Deployment, routing) -> dict:
-    """One arm over the workload on a fresh scheduler and a fresh step model."""
+def run_arm(
+    arm: str, w: Workload, model_dir: Path, step, deployment: Deployment, routing, extra: dict | None = None
+) -> dict:
+    """One arm over the workload on a fresh scheduler and a fresh step model. ``extra``: further
+    CAPS arms by name, each CAPS's rules (told the prompt routing) with these settings over them."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
     from caps_vllm.scheduler import CapsScheduler
@@ -136,7 +139,7 @@ def run_arm(arm: str, w: Workload, model_dir: Path, step, deployment: Deployment
         cls, caps = Scheduler, None
     else:
         cls = with_vectors(CapsScheduler, VectorSpace(routing.layers, routing.experts, routing.top_k))
-        rules = ORACLE if arm == "oracle" else RULES[w.pattern]
+        rules = ORACLE if arm == "oracle" else {**RULES[w.pattern], **(extra or {}).get(arm, {})}
         caps = {"metrics": False, "strategy": "step_cost", "strategy_params": {"cost": step.moe.as_dict()}, **rules}
 
     def on_arrival(r: TwinRequest, req) -> None:
@@ -177,7 +180,15 @@ def kv_bytes(shape: ModelShape, seqs: int) -> float:
 
 
 def run_model(
-    model: str, seqs_list, traffic, seed: int, out: Path, log=print, kinds=None, requests: int | None = None
+    model: str,
+    seqs_list,
+    traffic,
+    seed: int,
+    out: Path,
+    log=print,
+    kinds=None,
+    requests: int | None = None,
+    extra: dict | None = None,
 ) -> dict:
     model_dir = ROOT / "sim" / "models" / model
     shape = ModelShape.from_config(model_dir)
@@ -223,9 +234,9 @@ def run_model(
                 rate = 0.0 if pattern == "offline" else load * capacity
                 w = workload(routing, pattern, n, rate, seed, lengths, vocab)
                 arms = {}
-                for arm in ARMS:
+                for arm in (*ARMS, *(extra or {})):
                     fresh = build(kind, step.card.name, shape, vocab, kv)
-                    arms[arm] = run_arm(arm, w, model_dir, fresh, d, routing)
+                    arms[arm] = run_arm(arm, w, model_dir, fresh, d, routing, extra)
                 if pattern == "offline":
                     capacity = len(w.requests) / arms["fcfs"]["makespan_s"]
                 cell = {
@@ -261,6 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     ap.add_argument("--seqs", nargs="+", type=int, default=list(SEQS))
     ap.add_argument("--traffic", nargs="+", default=[f"{p}@{x:g}" for p, x in TRAFFIC], help="pattern@load")
+    ap.add_argument("--kinds", nargs="+", choices=[k for k, _ in DEPLOYMENTS], help="default: every deployment")
+    ap.add_argument(
+        "--extra-arms",
+        default="{}",
+        help='further CAPS arms, JSON {"name": {caps settings over the shipped rules}}, e.g. '
+        '\'{"caps-eager": {"min_gain": 0}}\'',
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report", action="store_true", help="merge the parts in --out into map.json, report.md, figure")
     ap.add_argument("--out", default="sim/results/regime")
@@ -279,8 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         traffic.append((p, float(x or 0)))
     if traffic[0][0] != "offline":
         ap.error("--traffic: the offline batch comes first (it gives the capacity the loads scale)")
+    extra = json.loads(a.extra_arms)
+    if not isinstance(extra, dict) or any(k in ARMS or not isinstance(v, dict) for k, v in extra.items()):
+        ap.error(f"--extra-arms: a JSON object of new arm names ({', '.join(ARMS)} taken) to CAPS settings")
     for m in a.models:
-        run_model(m, a.seqs, traffic, a.seed, out, log=lambda s: print(s, file=sys.stderr, flush=True))
+        log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+        run_model(m, a.seqs, traffic, a.seed, out, log=log, kinds=a.kinds, extra=extra)
     return 0
 
 

@@ -198,3 +198,32 @@ def test_the_gpu_measurement_script_dry_runs_on_the_cpu(tmp_path):
     assert [r["distinct"] for r in doc["rows"]] == [1, 2, 4]
     assert all(r["bytes"] == r["distinct"] * 3 * 64 * 32 * 2 and "gemm_t2_s" in r for r in doc["rows"])
     assert doc["fit_h2d"] is not None and doc["fit_uva"] is None  # no GPU: no in-place reads
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not OLMOE_STATS.exists(), reason="../shared routing statistics not present")
+def test_dispatch_policies_serve_every_request_once_across_replicas_each_with_its_own_cache():
+    pytest.importorskip("vllm")
+    from sim.dispatch_study import run_policy
+    from sim.regime_map import ROOT as SIM_ROOT
+    from sim.regime_map import kv_bytes, prompt_lengths, routing_for, workload
+    from sim.twin import Deployment
+
+    model_dir = SIM_ROOT / "sim" / "models" / "olmoe-1b-7b"
+    shape = ModelShape.from_config(model_dir)
+    routing = routing_for("olmoe-1b-7b", shape, 0)
+    w = workload(routing, "poisson", 24, 2.0, 0, prompt_lengths(routing.domains), 50304)
+    kv = kv_bytes(shape, 4)
+    d = Deployment(4, 2048, int(kv // (shape.kv_bytes_per_token * 16)), max_model_len=4096)
+    made = []
+
+    def make():
+        made.append(ExpertCache(CARDS["l4"], shape, 16))
+        return made[-1]
+
+    for policy in ("least_loaded", "domain_oracle_tight"):
+        made.clear()
+        r = run_policy(policy, w.requests, routing, make, d, model_dir, 2)
+        assert r["requests"] == 24 and sum(r["per_replica_requests"]) == 24
+        assert len(made) == 2 and all(m.lookups > 0 for m in made)  # each replica stepped its own cache
+        assert 0 < r["cache_hit_rate"] < 1
