@@ -224,10 +224,12 @@ class ExpertAffinity(Dispatch):
 
     name = "expert_affinity"
 
-    def __init__(self, engines: int, d: int, cost, vector_of: Callable, margin: int = 8) -> None:
+    def __init__(
+        self, engines: int, d: int, cost, vector_of: Callable, margin: int = 8, objective: str = "step"
+    ) -> None:
         from caps_vllm.dispatch import AffinityDispatcher
 
-        self.policy = AffinityDispatcher(engines, d, cost, margin)
+        self.policy = AffinityDispatcher(engines, d, cost, margin, objective=objective)
         self.vector_of = vector_of
         self._released = [0] * engines  # per engine: finished requests already taken off
 

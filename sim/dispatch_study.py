@@ -8,7 +8,9 @@ throughput, measured first), dispatched by
 
 * ``least_loaded``: vLLM's rule (100 ms snapshots);
 * ``expert_affinity``: CAPS's dispatcher scored on the prompt's routing, load guard 8 in flight;
-* ``expert_affinity_oracle``: the same scored on the request's decode routing (the headroom);
+* ``expert_affinity_oracle``: the same scored on the request's decode routing;
+* ``expert_affinity_tpot``: CAPS's dispatcher with the TPOT objective (prompt routing), guard 8;
+  ``expert_affinity_tpot_tight``: with the tight guard below;
 * ``domain_oracle``: each topic to its home replica, same guard; ``domain_oracle_tight``: with a
   guard of a quarter of a replica's ``max_num_seqs`` (at least 1).
 
@@ -34,7 +36,15 @@ from sim.regime_map import MAX_MODEL_LEN, ROOT, kv_bytes, prompt_lengths, routin
 from sim.step_time import ModelShape, VllmStepTime
 from sim.twin import HARDWARE_DEFAULTS, Deployment, Engine, build_scheduler
 
-POLICIES = ("least_loaded", "expert_affinity", "expert_affinity_oracle", "domain_oracle", "domain_oracle_tight")
+POLICIES = (
+    "least_loaded",
+    "expert_affinity",
+    "expert_affinity_oracle",
+    "expert_affinity_tpot",
+    "expert_affinity_tpot_tight",
+    "domain_oracle",
+    "domain_oracle_tight",
+)
 CELLS = (("offload", "rtx4090"), ("cache-lru", "l4"), ("cpu-experts", "rtx4090"))
 
 
@@ -53,12 +63,14 @@ def run_policy(policy: str, reqs, routing, make_step, deployment: Deployment, mo
         dispatch = DomainOracle(routing.domains, margin, 0.1)
     else:
         oracle = policy.endswith("_oracle")
+        tight = max(1, deployment.max_num_seqs // 4)
         dispatch = ExpertAffinity(
             replicas,
             routing.layers * routing.experts,
             steps[0].moe,
             lambda r: routing.vector(r.rid, oracle, outputs[r.rid]),
-            8,
+            tight if policy.endswith("_tight") else 8,
+            "tpot" if "_tpot" in policy else "step",
         )
     engines = [
         Engine(build_scheduler(str(model_dir), Scheduler, deployment), deployment.block_size, name=str(k))
@@ -97,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seqs", nargs="+", type=int, default=[8, 16, 32], help="max_num_seqs per replica")
     ap.add_argument("--replicas", type=int, default=4)
     ap.add_argument("--load", type=float, default=0.9)
+    ap.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="sim/results/regime/dispatch")
     a = ap.parse_args(argv)
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                     p: run_policy(
                         p, w.requests, routing, lambda: build(kind, card, shape, vocab, kv), d, model_dir, a.replicas
                     )
-                    for p in POLICIES
+                    for p in dict.fromkeys(("least_loaded", *a.policies))
                 }
                 base = pol["least_loaded"]["tpot_s"]
                 cells.append(
@@ -146,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(
                     f"{model} {kind}@{card} {a.replicas}x{seqs}: "
-                    + ", ".join(f"{p} {pol[p]['tpot_s'] / base - 1:+.1%}" for p in POLICIES[1:])
+                    + ", ".join(f"{p} {pol[p]['tpot_s'] / base - 1:+.1%}" for p in pol if p != "least_loaded")
                     + f" TPOT vs least-loaded ({time.perf_counter() - t0:.0f} s)",
                     file=sys.stderr,
                     flush=True,

@@ -53,3 +53,22 @@ def test_bad_input():
     d.finished("never-started")  # ignored: nothing to release
     assert d.in_flight.tolist() == [1, 0]
     np.testing.assert_allclose(d.distinct_experts(1), [-2 * np.expm1(-2.0), 0.0])
+
+
+def test_the_tpot_objective_prices_the_requests_already_there_and_does_not_herd():
+    step = AffinityDispatcher(2, 4, COST, margin=100, balance_ms=0.0)  # the marginal step cost alone
+    tpot = AffinityDispatcher(2, 4, COST, margin=100, objective="tpot")
+    for d in (step, tpot):
+        for i in range(4):
+            d.started(f"a{i}", 0, A)
+    # the marginal step cost is lowest where A's experts are already read, however busy that is;
+    # the TPOT objective sees the four requests there that every extra expert read slows down
+    assert step.choose(A).replica == 0 and tpot.choose(A).replica == 1
+    tpot.started("b0", 1, B)
+    tpot.started("b1", 1, B)
+    tpot.finished("a3")
+    tpot.finished("a2")  # two of each kind on each side: each kind goes home
+    assert tpot.choose(A).replica == 0 and tpot.choose(B).replica == 1
+    assert tpot.balance_ms == 0.0 and AffinityDispatcher(2, 4, COST).balance_ms == COST.weight_ms
+    with pytest.raises(ValueError, match="objective"):
+        AffinityDispatcher(2, 4, COST, objective="latency")
