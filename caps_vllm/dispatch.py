@@ -17,9 +17,9 @@ request does to the requests' mean TPOT instead, each request's TPOT being its r
     score(r) = (n_r + 1) x cost(load_r + v) - n_r x cost(load_r)      (n_r: in flight on r)
 
 which prices the slower steps of everyone already there. Both run under a load guard: a replica
-with more than ``margin`` requests in flight above the least loaded one is not a candidate (vLLM's own DP front end balances on those counts alone). Ties
-go to the replica with fewer in flight. Pure numpy, no vLLM: the twin's dispatch study and a
-front end use this class.
+with more than ``margin`` requests in flight above the least loaded one is not a candidate
+(vLLM's own DP front end balances on those counts alone). Ties go to the replica with fewer in
+flight. Pure numpy, no vLLM: the twin's dispatch study and a front end use this class.
 """
 
 from __future__ import annotations

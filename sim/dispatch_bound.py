@@ -24,8 +24,8 @@ import numpy as np
 
 from caps_vllm.routing import counts_from_rows
 from sim.deployments import build
-from sim.regime_map import DEPLOYMENTS, MODELS, ROOT, kv_bytes, routing_for
-from sim.step_time import ModelShape, StepBatch
+from sim.regime_map import DEPLOYMENTS, MODELS, kv_bytes, load_model, pick_step
+from sim.step_time import StepBatch
 
 BATCHES = (4, 8, 16, 32, 64)
 
@@ -60,23 +60,12 @@ def steady_step(step, pool: dict, b: int, home: str | None, steps: int, rng) -> 
 def bound(models=MODELS, batches=BATCHES, steps: int = 200, seed: int = 0) -> list[dict]:
     rows = []
     for model in models:
-        model_dir = ROOT / "sim" / "models" / model
-        shape = ModelShape.from_config(model_dir)
-        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        routing = routing_for(model, shape, seed)
-        pool = token_pool(routing)
+        m = load_model(model, seed)
+        shape, vocab = m.shape, m.vocab
+        pool = token_pool(m.routing)
         for kind, cards in DEPLOYMENTS:
             for b in batches:
-                step = None
-                for card in cards:
-                    try:
-                        step = build(kind, card, shape, vocab, kv_bytes(shape, b))
-                    except ValueError:
-                        continue
-                    if getattr(step, "offload_share", 1.0) == 0.0:
-                        step = None
-                        continue
-                    break
+                step, _ = pick_step(kind, cards, m, kv_bytes(shape, b))
                 if step is None:
                     continue
                 out = {"deployment": kind, "card": step.card.name, "model": model, "batch": b}

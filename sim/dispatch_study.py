@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 
 from sim.deployments import build
-from sim.regime_map import MAX_MODEL_LEN, ROOT, kv_bytes, prompt_lengths, routing_for, run_arm, workload
-from sim.step_time import ModelShape, VllmStepTime
-from sim.twin import HARDWARE_DEFAULTS, Deployment, Engine, build_scheduler
+from sim.regime_map import budgets, kv_bytes, load_model, run_arm, workload
+from sim.step_time import VllmStepTime
+from sim.twin import Deployment, Engine, build_scheduler
 
 POLICIES = (
     "least_loaded",
@@ -116,23 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for model in a.models:
-        model_dir = ROOT / "sim" / "models" / model
-        shape = ModelShape.from_config(model_dir)
-        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        routing = routing_for(model, shape, a.seed)
-        lengths = None if model == "deepseek-v2-lite" else prompt_lengths(routing.domains)
+        m = load_model(model, a.seed)
+        shape, vocab, routing, lengths, model_dir = m.shape, m.vocab, m.routing, m.lengths, m.dir
         cells = []
         for kind, card in CELLS:
             for seqs in a.seqs:
                 kv = kv_bytes(shape, seqs)
-                step = build(kind, card, shape, vocab, kv)
-                hw = "h100" if step.card.memory >= 70e9 else "gpu"
-                d = Deployment(
-                    seqs,
-                    HARDWARE_DEFAULTS[hw][1],
-                    int(kv // (shape.kv_bytes_per_token * 16)),
-                    max_model_len=MAX_MODEL_LEN,
-                )
+                d = budgets(build(kind, card, shape, vocab, kv), shape, seqs, kv)
                 t0 = time.perf_counter()
                 one = workload(routing, "offline", 6 * seqs, 0.0, a.seed, lengths, vocab)
                 fcfs = run_arm("fcfs", one, model_dir, build(kind, card, shape, vocab, kv), d, routing)

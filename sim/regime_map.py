@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from sim.deployments import GIB, build
+from sim.regime_report import _p, rel
 from sim.step_time import ModelShape, VllmStepTime
 from sim.twin import HARDWARE_DEFAULTS, Deployment, Twin, TwinRequest, VectorSpace, build_scheduler, with_vectors
 
@@ -58,6 +59,51 @@ RULES = {
 }
 ORACLE = {"min_gain": 0.0, "window_size": 4096, "max_passes": 1000}
 ARMS = ("fcfs", "caps", "oracle")
+
+
+@dataclass
+class MapModel:
+    """One model shape as every study here reads it: its config, shape, routing and prompt lengths."""
+
+    name: str
+    dir: Path
+    shape: ModelShape
+    vocab: int
+    routing: object
+    lengths: dict[str, np.ndarray] | None  # None: the routing gives each request its prompt length
+
+
+def load_model(name: str, seed: int) -> MapModel:
+    model_dir = ROOT / "sim" / "models" / name
+    shape = ModelShape.from_config(model_dir)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    routing = routing_for(name, shape, seed)
+    lengths = None if name == "deepseek-v2-lite" else prompt_lengths(routing.domains)
+    return MapModel(name, model_dir, shape, vocab, routing, lengths)
+
+
+def pick_step(kind: str, cards, m: MapModel, kv: float):
+    """The step model of ``kind`` on the first of ``cards`` where ``m`` runs and needs it (an
+    offload of nothing is the hbm row), and the refusals met on the way."""
+    refusals = []
+    for card in cards:
+        try:
+            step = build(kind, card, m.shape, m.vocab, kv)
+        except ValueError as exc:
+            refusals.append(str(exc))
+            continue
+        if getattr(step, "offload_share", 1.0) == 0.0:
+            refusals.append(f"{m.name} fits on {card}: nothing to offload (the hbm row applies)")
+            continue
+        return step, refusals
+    return None, refusals
+
+
+def budgets(step, shape: ModelShape, seqs: int, kv: float) -> Deployment:
+    """vLLM's budgets for the card (its token budget by memory class), KV blocks from ``kv``."""
+    hw = "h100" if step.card.memory >= 70e9 else "gpu"
+    blocks = max(1, int(kv // (shape.kv_bytes_per_token * 16)))
+    return Deployment(seqs, HARDWARE_DEFAULTS[hw][1], blocks, max_model_len=MAX_MODEL_LEN)
 
 
 def routing_for(model: str, shape: ModelShape, seed: int):
@@ -190,41 +236,21 @@ def run_model(
     requests: int | None = None,
     extra: dict | None = None,
 ) -> dict:
-    model_dir = ROOT / "sim" / "models" / model
-    shape = ModelShape.from_config(model_dir)
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    routing = routing_for(model, shape, seed)
-    lengths = None if model == "deepseek-v2-lite" else prompt_lengths(routing.domains)
+    m = load_model(model, seed)
+    shape, vocab, routing = m.shape, m.vocab, m.routing
     doc = {"model": model, "routing": type(routing).__name__, "cells": []}
     for kind, cards in DEPLOYMENTS:
         if kinds is not None and kind not in kinds:
             continue
         for seqs in seqs_list:
             kv = kv_bytes(shape, seqs)
-            step, refusals = None, []
-            for card in cards:
-                try:
-                    cand = build(kind, card, shape, vocab, kv)
-                except ValueError as exc:
-                    refusals.append(str(exc))
-                    continue
-                if getattr(cand, "offload_share", 1.0) == 0.0:
-                    refusals.append(f"{model} fits on {card}: nothing to offload (the hbm row applies)")
-                    continue
-                step = cand
-                break
+            step, refusals = pick_step(kind, cards, m, kv)
             base = {"deployment": kind, "model": model, "max_num_seqs": seqs}
             if step is None:
                 doc["cells"].append({**base, "refused": refusals})
                 log(f"{model} {kind} seqs={seqs}: not priced ({refusals[-1]})")
                 continue
-            hw = "h100" if step.card.memory >= 70e9 else "gpu"
-            d = Deployment(
-                seqs,
-                HARDWARE_DEFAULTS[hw][1],
-                max(1, int(kv // (shape.kv_bytes_per_token * 16))),
-                max_model_len=MAX_MODEL_LEN,
-            )
+            d = budgets(step, shape, seqs, kv)
             n = requests or requests_for(seqs)
             capacity = None
             for pattern, load in traffic:
@@ -232,11 +258,11 @@ def run_model(
                 if pattern != "offline" and capacity is None:
                     continue  # capacity comes from the offline cell
                 rate = 0.0 if pattern == "offline" else load * capacity
-                w = workload(routing, pattern, n, rate, seed, lengths, vocab)
+                w = workload(routing, pattern, n, rate, seed, m.lengths, vocab)
                 arms = {}
                 for arm in (*ARMS, *(extra or {})):
                     fresh = build(kind, step.card.name, shape, vocab, kv)
-                    arms[arm] = run_arm(arm, w, model_dir, fresh, d, routing, extra)
+                    arms[arm] = run_arm(arm, w, m.dir, fresh, d, routing, extra)
                 if pattern == "offline":
                     capacity = len(w.requests) / arms["fcfs"]["makespan_s"]
                 cell = {
@@ -252,19 +278,13 @@ def run_model(
                 doc["cells"].append(cell)
                 log(
                     f"{model} {kind}@{step.card.name} seqs={seqs} {pattern}@{load}: oracle TPOT "
-                    f"{gain(arms, 'oracle'):+.1%}, caps {gain(arms, 'caps'):+.1%} ({time.perf_counter() - t0:.0f} s)"
+                    f"{_p(rel(arms, 'oracle', 'tpot_s'))}, caps {_p(rel(arms, 'caps', 'tpot_s'))} "
+                    f"({time.perf_counter() - t0:.0f} s)"
                 )
-            for r in routing.bound.copy():
-                routing.bound.pop(r)
+            routing.bound.clear()
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{model}.json").write_text(json.dumps(doc, indent=1, default=float))
     return doc
-
-
-def gain(arms: dict, arm: str, key: str = "tpot_s") -> float:
-    """Relative change against FCFS (negative: lower)."""
-    b, x = arms["fcfs"][key], arms[arm][key]
-    return x / b - 1.0 if b and x is not None else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:

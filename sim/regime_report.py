@@ -190,8 +190,7 @@ def extra_arms_section(cells: list[dict]) -> list[str]:
         "| deployment | model | seqs | traffic | oracle TPOT | " + " | ".join(["caps", *names]) + " |",
         "|---|---|---|---|---|" + "---|" * (len(names) + 1),
     ]
-    for c in sorted(cells, key=lambda c: -summarize_cell(c)["headroom"]):
-        head = summarize_cell(c)["headroom"]
+    for head, c in sorted(((summarize_cell(c)["headroom"], c) for c in cells), key=lambda hc: -hc[0]):
         vals = []
         for n in ("caps", *names):
             g = -rel(c["arms"], n, "tpot_s")

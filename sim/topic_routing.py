@@ -87,7 +87,7 @@ class TopicTokens(RequestRouting):
 
     def __init__(self, path: str | Path, layers: int, experts: int, top_k: int, seed: int = 0) -> None:
         super().__init__()
-        if top_k > min(experts, 64 * max(1, experts // 64)):
+        if top_k > experts:
             raise ValueError(f"top_k {top_k} > experts {experts}")
         if experts > 64 and experts % 64:
             raise ValueError(f"experts {experts}: the mapping needs fewer than 64 or a multiple of 64")
@@ -145,12 +145,13 @@ class EsftRequests(RequestRouting):
         self.domains = self.replay.domains
         self.seed = seed
 
-    def prompt_len(self, domain: str, key: int) -> int:
+    def _sequence(self, domain: str, key: int) -> np.ndarray:
+        """The recorded sequence request ``key`` of ``domain`` replays (seeded)."""
         pool = self.replay.seqs[domain]
-        seq = pool[int(np.random.default_rng([self.seed, key]).integers(len(pool)))]
-        return max(1, len(seq) // 2)
+        return pool[int(np.random.default_rng([self.seed, key]).integers(len(pool)))]
+
+    def prompt_len(self, domain: str, key: int) -> int:
+        return max(1, len(self._sequence(domain, key)) // 2)
 
     def bind(self, rid: str, domain: str, prompt_len: int, output_tokens: int, key: int) -> None:
-        pool = self.replay.seqs[domain]
-        seq = pool[int(np.random.default_rng([self.seed, key]).integers(len(pool)))]
-        self.bound[rid] = (seq, prompt_len)
+        self.bound[rid] = (self._sequence(domain, key), prompt_len)
